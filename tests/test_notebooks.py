@@ -1,0 +1,72 @@
+"""Structure of the course notebooks and their nbval references.
+
+The references in ``tests/notebooks/`` are the notebooks executed by papermill in quick mode
+(``make refs``); pytest re-executes them with nbval and compares every result cell, so a change
+in cirlib that shifts a number fails the suite. These tests make sure the references cannot
+silently drift from the notebooks they stand for.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+REFS = ROOT / "tests" / "notebooks"
+
+
+def _read(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(path, as_version=4)
+
+
+def _tags(cell: nbformat.NotebookNode) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def test_notebooks_exist_in_sequence() -> None:
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers and numbers == list(range(1, len(numbers) + 1)), numbers
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_shape(path: Path) -> None:
+    nb = _read(path)
+    first, last = nb.cells[0], nb.cells[-1]
+    assert first.cell_type == "markdown" and "you will learn" in first.source.lower()
+    assert re.search(r"(Table|Fig\.|§)", first.source), "say which paper tables/figures it mirrors"
+    params = [c for c in nb.cells if "parameters" in _tags(c)]
+    assert len(params) == 1 and re.search(r"^quick\s*=", params[0].source, re.M)
+    assert last.cell_type == "code" and "What we saw" in last.source
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not re.search(r"^\s*(def|class)\s", cell.source, re.M), (
+                f"{path.name}: logic belongs in cirlib, not in a cell:\n{cell.source[:200]}"
+            )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_reference_matches_notebook(path: Path) -> None:
+    ref_path = REFS / path.name
+    assert ref_path.exists(), f"missing nbval reference {ref_path}: run `make refs`"
+    nb, ref = _read(path), _read(ref_path)
+    injected = [c for c in ref.cells if "injected-parameters" in _tags(c)]
+    assert len(injected) == 1 and re.search(r"^quick = True$", injected[0].source, re.M)
+    ref_cells = [c for c in ref.cells if "injected-parameters" not in _tags(c)]
+    assert [(c.cell_type, c.source) for c in ref_cells] == [(c.cell_type, c.source) for c in nb.cells], (
+        f"{ref_path.name} is stale: run `make refs` after editing {path.name}"
+    )
+    errors = [o for c in ref.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+
+
+def test_figure_names_are_unique_across_notebooks() -> None:
+    seen: dict[str, str] = {}
+    for path in NOTEBOOKS:
+        for cell in _read(path).cells:
+            for name in re.findall(r"save_(?:figure|table)\([^,]+,\s*\"([^\"]+)\"", cell.source):
+                assert name not in seen, f"{name} saved by both {seen[name]} and {path.name}"
+                seen[name] = path.name
