@@ -28,7 +28,7 @@ env: $(STAMP)
 # Fashion-MNIST: the Debian package when present or installable, else the official files
 # (SHA256-checked); cirlib.fashion_mnist names both options when neither works.
 fashion-mnist: env
-	@$(PY) -m cirlib.fashion_mnist --check >/dev/null 2>&1 || { \
+	@$(PY) -m cirlib.fashion_mnist >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "Installing Debian package dataset-fashion-mnist"; \
 	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \

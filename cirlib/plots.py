@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+import matplotlib.figure
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -126,5 +126,16 @@ def curves(history: pd.DataFrame, x: str, ys: Sequence[str], title: str = "") ->
         ax.set_xlabel(x)
         ax.set_title(y, fontsize=9)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def histogram(values: np.ndarray, xlabel: str, bins=20, title: str = "") -> matplotlib.figure.Figure:
+    """A single labelled histogram (counts per bin)."""
+    fig, ax = plt.subplots(figsize=(4, 2.8))
+    ax.hist(values, bins=bins, color="#4c72b0", align="left" if not isinstance(bins, int) else "mid")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -1,0 +1,141 @@
+"""Zero-shot CIR baselines and modality redundancy from cached CLIP features.
+
+The baselines of iSEARLE Tables II–IV (image-only, text-only, image+text sum) and the
+modality-redundancy curves of iSEARLE Fig. 7 all need the same three feature sets per split:
+gallery images, reference images and query texts. ``encode_split`` computes them once (reference
+rows are taken from the gallery features whenever the reference is a gallery image).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from cirlib.backbone import Backbone
+from cirlib.combiner import combine_sum, merge_metrics
+from cirlib.datasets import CIRSplit, query_text
+from cirlib.evaluate import evaluate_split
+from cirlib.features import image_features, text_features
+from cirlib.metrics import indices_of, name_index, recall_at_k
+from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    """Unnormalised features of one split: gallery ``[G,D]`` (in ``split.gallery`` order),
+    reference images ``[Q,D]`` and query texts ``[Q,D]`` (deterministic captions)."""
+
+    gallery: Tensor
+    reference: Tensor
+    text: Tensor
+
+
+def encode_split(
+    backbone: Backbone,
+    split: CIRSplit,
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+) -> SplitFeatures:
+    """Encode a split's gallery once; references outside the gallery are encoded separately."""
+    kw = dict(transform_kind=transform_kind, target_ratio=target_ratio, cache_dir=cache_dir, progress=progress)
+    gallery = image_features(backbone, [split.image_paths[n] for n in split.gallery], **kw)
+    index = name_index(split.gallery)
+    outside = sorted({q.reference for q in split.queries if q.reference not in index})
+    extra = image_features(backbone, [split.image_paths[n] for n in outside], **kw) if outside else None
+    extra_index = {n: i for i, n in enumerate(outside)}
+    reference = torch.stack([
+        gallery[index[q.reference]] if q.reference in index else extra[extra_index[q.reference]]
+        for q in split.queries
+    ]) if split.queries else gallery.new_zeros(0, gallery.shape[1])
+    text = text_features(backbone, [query_text(q) for q in split.queries], progress=progress)
+    return SplitFeatures(gallery, reference, text)
+
+
+# The zero-shot combining functions of iSEARLE's baseline rows.
+BASELINES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "image": lambda image, text: image,
+    "text": lambda image, text: text,
+    "sum": combine_sum,
+}
+
+
+def evaluate_features(
+    splits: Mapping[str, CIRSplit],
+    features: Mapping[str, SplitFeatures],
+    combine: Callable[[Tensor, Tensor], Tensor],
+) -> dict[str, float]:
+    """``{"<benchmark> <metric>": value}`` for every split, FashionIQ categories averaged.
+
+    Keys look like ``"fashioniq R@10"``, ``"cirr Rsubset@1"``, ``"circo mAP@10"``; per-category and
+    per-aspect entries are dropped here (``evaluate_split`` gives them when needed).
+    """
+    by_dataset: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for name, split in splits.items():
+        f = features[name]
+        by_dataset[split.dataset][name] = evaluate_split(split, combine(f.reference, f.text), f.gallery)
+    out: dict[str, float] = {}
+    for dataset, per_split in by_dataset.items():
+        merged = merge_metrics(per_split, dataset)
+        out |= {f"{dataset} {k}": v for k, v in merged.items() if "/" not in k}
+    return out
+
+
+def evaluate_baselines(
+    backbone: Backbone,
+    splits: Mapping[str, CIRSplit],
+    methods: Sequence[str] = tuple(BASELINES),
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    cache_dir: Path | str | None = None,
+) -> pd.DataFrame:
+    """Rows = zero-shot methods, columns = ``"<benchmark> <metric>"`` (percent)."""
+    unknown = set(methods) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; choose from {list(BASELINES)}")
+    features = {n: encode_split(backbone, s, transform_kind, target_ratio, cache_dir) for n, s in splits.items()}
+    rows = {m: evaluate_features(splits, features, BASELINES[m]) for m in methods}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "method"
+    return frame
+
+
+def stack_results(results: Mapping[str, pd.DataFrame], level: str) -> pd.DataFrame:
+    """Stack tables that share columns under a new outer index level (e.g. one per preprocessing)."""
+    return pd.concat(results, names=[level])
+
+
+def redundancy_curves(
+    splits: Mapping[str, CIRSplit],
+    features: Mapping[str, SplitFeatures],
+    ks: Sequence[int] = (1, 5, 10, 25, 50),
+) -> pd.DataFrame:
+    """iSEARLE Fig. 7: Recall@K of text-to-image (T2I) and image-to-image (I2I) retrieval.
+
+    High T2I means captions are really absolute descriptions; high I2I means references and targets
+    look alike — either way one modality is redundant, so lower is better. As in iSEARLE, CIRCO uses
+    its single annotated target; the reference image itself is removed from every ranking (it would
+    otherwise trivially win I2I). FashionIQ categories are averaged.
+    """
+    rows = []
+    for name, split in splits.items():
+        f = features[name]
+        index = name_index(split.gallery)
+        targets = indices_of([q.target for q in split.queries], index)
+        references = indices_of([q.reference for q in split.queries], index)
+        gallery = torch.nn.functional.normalize(f.gallery.float(), dim=-1)
+        for modality, query in (("T2I", f.text), ("I2I", f.reference)):
+            scores = torch.nn.functional.normalize(query.float(), dim=-1) @ gallery.T
+            recalls = recall_at_k(scores, targets, ks, exclude_idx=references)
+            benchmark = split.dataset
+            rows += [{"benchmark": benchmark, "split": name, "modality": modality, "K": k,
+                      "recall": recalls[f"R@{k}"]} for k in ks]
+    frame = pd.DataFrame(rows)
+    return frame.groupby(["benchmark", "modality", "K"], as_index=False)["recall"].mean()

@@ -1,0 +1,58 @@
+"""paths, io and device: the small helpers everything else relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cirlib import device, io, paths
+
+
+def test_project_root_from_env_and_from_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(paths.ROOT_ENV, str(tmp_path))
+    assert paths.project_root() == tmp_path.resolve()
+    assert paths.data_dir(quick=True) == tmp_path.resolve() / "data" / "quick"
+    assert paths.figures_dir(quick=False) == tmp_path.resolve() / "figures"
+    assert paths.figures_dir(quick=True).is_dir() and paths.figures_dir(quick=True).parent.name == "quick"
+    monkeypatch.delenv(paths.ROOT_ENV)
+    assert (paths.project_root() / "cirlib" / "paths.py").is_file()
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "a.json"
+    io.write_json(target, {"x": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half-written")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["a.json"], "no temporary file may be left behind"
+
+
+def test_fingerprint_is_order_independent_for_keys_and_sensitive_to_values(tmp_path: Path) -> None:
+    assert io.fingerprint({"a": 1, "b": 2}) == io.fingerprint({"b": 2, "a": 1})
+    assert io.fingerprint({"a": 1}) != io.fingerprint({"a": 2})
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"abc")
+    assert io.file_sha256(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_device_selection_and_cpu_autocast_is_a_no_op() -> None:
+    assert device.get_device("cpu") == torch.device("cpu")
+    auto = device.get_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    x = torch.ones(2, 2)
+    with device.autocast(torch.device("cpu")):
+        assert (x @ x).dtype == torch.float32
+    assert not device.grad_scaler(torch.device("cpu")).is_enabled()
+
+
+def test_seed_everything_reproduces() -> None:
+    device.seed_everything(3)
+    a = torch.rand(3)
+    g = device.seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
+    assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=torch.Generator().manual_seed(3)))

@@ -1,0 +1,65 @@
+"""Dataset statistics and the figure/table writers of the notebooks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from cirlib import plots, stats
+from cirlib.datasets import CIRSplit, Query
+
+
+def test_split_statistics_counts_fixture_splits(fixture_splits) -> None:
+    table = stats.split_statistics(fixture_splits.items())
+    dress = table.loc[("fashioniq/dress", "val")]
+    assert dress["queries"] == 3 and dress["gallery"] == 5 and dress["missing files"] == 1
+    assert dress["captions per query"] == 2.0
+    circo = table.loc[("circo", "val")]
+    gts = [len(q.ground_truths) for q in fixture_splits["circo"].queries]
+    assert math.isclose(circo["GT per query"], np.mean(gts))
+
+
+def test_aspect_coverage_counts_and_rejects_unknown(fixture_splits) -> None:
+    cov = stats.aspect_coverage({"c": fixture_splits["circo"]})
+    q0 = fixture_splits["circo"].queries[0]
+    for aspect in q0.semantic_aspects:
+        assert cov.loc[aspect, ("c", "queries")] >= 1
+    n = len(fixture_splits["circo"].queries)
+    assert np.allclose(cov[("c", "%")], 100 * cov[("c", "queries")] / n)
+    bad = CIRSplit("circo", "val", Path("."), [Query("1", ("x",), "2", ("2",), semantic_aspects=("colour",))],
+                   ["1", "2"], {}, 0)
+    with pytest.raises(ValueError, match="colour"):
+        stats.aspect_coverage({"bad": bad})
+
+
+def test_markdown_table_is_exact() -> None:
+    df = pd.DataFrame({"R@10": [1.234, 50.0]}, index=pd.Index(["sum", "image"], name="method"))
+    assert plots.to_markdown(df) == "| method | R@10 |\n|---|---|\n| sum | 1.23 |\n| image | 50.00 |\n"
+
+
+def test_save_table_and_figure_write_stable_names(tmp_path: Path) -> None:
+    df = pd.DataFrame({"a": [1.0]})
+    plots.save_table(df, "t", tmp_path)
+    assert pd.read_csv(tmp_path / "t.csv", index_col=0)["a"].tolist() == [1.0]
+    fig = plots.histogram(np.array([1, 2, 2, 3]), "x", bins=range(1, 5))
+    path = plots.save_figure(fig, "h", tmp_path)
+    plt.close(fig)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "t.csv", "t.md"]
+
+
+def test_triplet_grid_frames_target_and_aspect_ratios(fixture_splits) -> None:
+    split = fixture_splits["fashioniq/dress"]
+    fig = plots.triplet_grid(split, n=2, seed=0)
+    axes = fig.axes
+    assert len(axes) == 6
+    target_ax = axes[2]
+    assert target_ax.spines["left"].get_edgecolor()[:3] == pytest.approx((0x2C / 255, 0xA0 / 255, 0x2C / 255))
+    plt.close(fig)
+    ratios = plots.aspect_ratios(split)
+    assert len(ratios) == len(split.gallery) and (ratios > 0).all()
