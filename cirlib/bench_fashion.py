@@ -1,0 +1,524 @@
+"""The embedded ``fashion`` benchmark, written exactly in the FashionIQ layout (SPEC §2.1).
+
+Items are real Fashion-MNIST product photos (dress, shirt, T-shirt/top -> ``dress``, ``shirt``,
+``toptee``). Every gallery image is one *rendering* of an item: colour x pattern x chest print,
+on a canvas whose aspect ratio depends on the category (dresses tall, as in CLIP4Cir's Fig. 5).
+
+A triplet is (reference rendering, two relative captions, target rendering) where the target is
+the same item with one or two attributes changed. Both modalities are needed by construction:
+
+- image-only retrieval is hard because the gallery holds many renderings of the same item,
+  including *near misses* (only one of two changes applied, or the right attribute changed to the
+  wrong value);
+- text-only retrieval is hard because the captions are relative (they name only what changes)
+  and the target's exact attributes are also rendered on other items (*text distractors*).
+
+With two changes the captions split them (c1 one, c2 the other), so both captions are needed;
+with one change both captions describe it in different words, as FashionIQ's annotators did.
+
+Layout (a FashionIQ root)::
+
+    captions/cap.<category>.<split>.json        [{"target", "candidate", "captions": [c1, c2]}]
+    image_splits/split.<category>.<split>.json  [name, ...]  (the split/category gallery)
+    images/<name>.png
+    cirlib_meta.json                            generator, seed, sizes, fingerprint, attributes
+
+``test`` captions have no "target" (FashionIQ convention). ``cirlib_meta.json`` is ours: it gives
+every image's attributes (absolute captions for pretraining, zero-shot labels, analyses); the
+attribute ``item`` indexes the Fashion-MNIST train set for the ``train`` split and the test set
+for ``val``/``test``, so items are disjoint across splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cirlib import fashion_mnist, paths, render
+from cirlib.io import fingerprint, write_json
+
+GENERATOR = "cirlib.bench_fashion/1"
+CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+CLASS_OF: dict[str, int] = {cat: label for label, cat in fashion_mnist.FASHIONIQ_CATEGORIES.items()}
+# Width / height ranges per category (CLIP4Cir Fig. 5: dresses are tall, tops nearly square).
+ASPECT_RANGES: dict[str, tuple[float, float]] = {
+    "dress": (0.55, 0.8),
+    "shirt": (0.8, 1.0),
+    "toptee": (0.85, 1.15),
+}
+ATTRIBUTES: tuple[str, ...] = ("colour", "pattern", "logo")
+CATEGORY_NOUNS: dict[str, str] = {"dress": "dress", "shirt": "shirt", "toptee": "top"}
+META_FILE = "cirlib_meta.json"
+CHUNK_SIZE = 500  # images per worker task
+PARALLEL_FROM = 3000  # images; smaller benchmarks render in-process by default
+PNG_COMPRESS_LEVEL = 1  # twice as fast to encode as the default 6, files ~10 % larger
+
+Combo = tuple[str, str, str]  # (colour, pattern, logo)
+VOCAB: dict[str, tuple[str, ...]] = {
+    "colour": tuple(render.COLOURS),
+    "pattern": render.PATTERNS,
+    "logo": render.LOGOS,
+}
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    """Sizes of one split, per category."""
+
+    items: int  # Fashion-MNIST items
+    triplets_per_item: int
+    renderings_per_item: int  # each item's gallery renderings are topped up to at least this many
+    near_misses: int = 0  # per triplet: same item, partly right attributes (defeats image-only)
+    text_distractors: int = 0  # per triplet: the target's attributes on other items (defeats text-only)
+
+
+@dataclass(frozen=True)
+class FashionBenchConfig:
+    """Everything that determines the generated benchmark (it is part of the fingerprint)."""
+
+    train: SplitSizes = SplitSizes(items=1100, triplets_per_item=3, renderings_per_item=6)
+    val: SplitSizes = SplitSizes(
+        items=100, triplets_per_item=3, renderings_per_item=30, near_misses=2, text_distractors=3
+    )
+    test: SplitSizes = SplitSizes(
+        items=60, triplets_per_item=3, renderings_per_item=30, near_misses=2, text_distractors=3
+    )
+    seed: int = 0
+    long_side: int = 128
+    two_change_prob: float = 0.5  # share of triplets whose target differs in two attributes
+
+    @classmethod
+    def quick(cls) -> FashionBenchConfig:
+        """Tiny sizes for tests and quick notebook runs (a few seconds); same code paths."""
+        return cls(
+            train=SplitSizes(items=24, triplets_per_item=2, renderings_per_item=5),
+            val=SplitSizes(10, triplets_per_item=2, renderings_per_item=10, near_misses=2, text_distractors=2),
+            test=SplitSizes(6, triplets_per_item=2, renderings_per_item=10, near_misses=2, text_distractors=2),
+        )
+
+    def sizes(self, split: str) -> SplitSizes:
+        return getattr(self, split)
+
+
+# ------------------------------------------------------------------------------------ captions
+_PATTERN_NOUNS = {
+    "stripes": "stripes",
+    "dots": "polka dots",
+    "checks": "checks",
+    "zigzag": "zigzag pattern",
+    "diamonds": "diamond pattern",
+}
+
+
+def _indefinite(noun: str) -> str:
+    """``"a zigzag pattern"`` but ``"stripes"``: plural nouns take no article."""
+    return noun if noun.endswith("s") else f"a {noun}"
+
+
+_PATTERN_PHRASES = {
+    "stripes": ("has stripes", "is striped", "has horizontal stripes", "make it striped"),
+    "dots": ("has polka dots", "is polka-dotted", "has dots all over", "make it polka dot"),
+    "checks": ("has a check pattern", "is checkered", "is gingham", "make it checked"),
+    "zigzag": ("has a zigzag pattern", "has zigzags", "is zigzag patterned", "make it zigzag"),
+    "diamonds": (
+        "has a diamond pattern",
+        "is covered in small diamonds",
+        "has diamonds all over",
+        "make it diamond patterned",
+    ),
+    "plain": ("is plain", "has no pattern", "is a solid color", "is plain without any pattern"),
+}
+
+
+# Phrasings of one attribute change ``ref -> tgt``; each names the new value (or the removal), so
+# a caption is never ambiguous about the target. US spelling, lower case, no full stop: FashionIQ.
+def _colour_phrases(ref: str, tgt: str) -> list[str]:
+    out = [
+        f"is {tgt}",
+        f"is {tgt} instead of {ref}",
+        f"make it {tgt}",
+        f"change the color to {tgt}",
+        f"comes in {tgt}",
+        f"is {tgt} in color",
+    ]
+    lum_ref, lum_tgt = (render.luminance(render.COLOURS[c]) for c in (ref, tgt))
+    if lum_tgt < lum_ref - 60:  # comparatives only where they are true
+        out.append(f"is darker, {tgt} rather than {ref}")
+    elif lum_tgt > lum_ref + 60:
+        out.append(f"is lighter, {tgt} rather than {ref}")
+    return out
+
+
+def _pattern_phrases(ref: str, tgt: str) -> list[str]:
+    out = list(_PATTERN_PHRASES[tgt])
+    if tgt == "plain":
+        out += [f"remove the {_PATTERN_NOUNS[ref]}", f"is without the {_PATTERN_NOUNS[ref]}"]
+    elif ref == "plain":
+        out.append(f"add {_indefinite(_PATTERN_NOUNS[tgt])}")
+    else:
+        out.append(f"has {_indefinite(_PATTERN_NOUNS[tgt])} instead of the {_PATTERN_NOUNS[ref]}")
+    return out
+
+
+def _logo_phrases(ref: str, tgt: str) -> list[str]:
+    if tgt == "none":
+        return ["has no print", "has no logo", f"remove the {ref} print", f"is without the {ref} graphic"]
+    out = [
+        f"has a {tgt} print",
+        f"has a {tgt} on the chest",
+        f"with a small {tgt} graphic",
+        f"has a {tgt} printed on the front",
+    ]
+    if ref == "none":
+        out.append(f"add a {tgt} logo")
+    else:
+        out += [f"has a {tgt} instead of a {ref}", f"replace the {ref} with a {tgt}"]
+    return out
+
+
+_PHRASERS = {"colour": _colour_phrases, "pattern": _pattern_phrases, "logo": _logo_phrases}
+
+
+def relative_captions(ref: dict[str, str], tgt: dict[str, str], rng: np.random.Generator) -> list[str]:
+    """Two FashionIQ-style captions for a change of one or two of colour/pattern/logo.
+
+    Two changes: one caption each (in random order), so both captions are needed. One change:
+    two different phrasings of it. Every caption names the target's new value or the removal.
+    """
+    changed = [a for a in ATTRIBUTES if ref[a] != tgt[a]]
+    if not 1 <= len(changed) <= 2:
+        raise ValueError(f"a triplet changes one or two attributes, got {changed}")
+    if len(changed) == 2:
+        order = rng.permutation(2)
+        return [str(rng.choice(_PHRASERS[changed[i]](ref[changed[i]], tgt[changed[i]]))) for i in order]
+    phrases = _PHRASERS[changed[0]](ref[changed[0]], tgt[changed[0]])
+    return [phrases[i] for i in rng.choice(len(phrases), 2, replace=False)]
+
+
+def absolute_caption(attrs: dict) -> str:
+    """Plain description of one rendering, e.g. ``"a red striped dress with a star print"``."""
+    noun = CATEGORY_NOUNS[attrs["category"]]
+    if attrs["pattern"] == "plain":
+        text = f"a plain {attrs['colour']} {noun}"
+    else:
+        text = f"a {attrs['colour']} {render.PATTERN_ADJECTIVES[attrs['pattern']]} {noun}"
+    if attrs["logo"] != "none":
+        text += f" with a {attrs['logo']} print"
+    return text
+
+
+# -------------------------------------------------------------------------------------- planning
+@dataclass
+class _ItemRenderings:
+    """The attribute combinations rendered for one item, in first-seen order (names follow it)."""
+
+    index: int
+    combos: dict[Combo, None] = field(default_factory=dict)
+
+    def add(self, combo: Combo) -> None:
+        self.combos.setdefault(combo, None)
+
+
+def _random_combo(rng: np.random.Generator) -> Combo:
+    return tuple(str(VOCAB[a][rng.integers(len(VOCAB[a]))]) for a in ATTRIBUTES)  # type: ignore[return-value]
+
+
+def _change(combo: Combo, attr: str, rng: np.random.Generator, avoid: tuple[str, ...] = ()) -> Combo:
+    """``combo`` with ``attr`` set to a random different value (also different from ``avoid``)."""
+    i = ATTRIBUTES.index(attr)
+    choices = [v for v in VOCAB[attr] if v != combo[i] and v not in avoid]
+    out = list(combo)
+    out[i] = choices[rng.integers(len(choices))]
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _plan_category(
+    split: str, category: str, item_indices: np.ndarray, sizes: SplitSizes, config: FashionBenchConfig
+) -> tuple[list[dict], dict[str, dict], dict[str, int]]:
+    """Triplets (with combos), per-image attributes and per-image texture seeds of one split/category."""
+    rng = np.random.default_rng([config.seed, SPLITS.index(split), CATEGORIES.index(category)])
+    items = [_ItemRenderings(int(i)) for i in item_indices]
+    plans: list[tuple[int, Combo, Combo]] = []
+    for pos, item in enumerate(items):
+        used_pairs: set[tuple[Combo, Combo]] = set()
+        while len(used_pairs) < sizes.triplets_per_item:
+            existing = list(item.combos)
+            reuse = existing and rng.random() < 0.5  # FashionIQ references recur across triplets
+            ref = existing[rng.integers(len(existing))] if reuse else _random_combo(rng)
+            n_changes = 2 if rng.random() < config.two_change_prob else 1
+            changed = [ATTRIBUTES[i] for i in sorted(rng.choice(3, n_changes, replace=False))]
+            tgt = ref
+            for attr in changed:
+                tgt = _change(tgt, attr, rng)
+            if (ref, tgt) in used_pairs:
+                continue
+            used_pairs.add((ref, tgt))
+            item.add(ref)
+            item.add(tgt)
+            plans.append((pos, ref, tgt))
+            near = _near_misses(ref, tgt, changed, rng)
+            for k in rng.permutation(len(near))[: sizes.near_misses]:
+                item.add(near[k])
+            if len(items) > 1:
+                others = rng.choice(len(items) - 1, min(sizes.text_distractors, len(items) - 1), replace=False)
+                for o in others:
+                    items[o + (o >= pos)].add(tgt)
+    for item in items:
+        while len(item.combos) < sizes.renderings_per_item:
+            item.add(_random_combo(rng))
+
+    lo, hi = ASPECT_RANGES[category]
+    attributes: dict[str, dict] = {}
+    seeds: dict[str, int] = {}
+    names: dict[tuple[int, Combo], str] = {}
+    for pos, item in enumerate(items):
+        for k, combo in enumerate(item.combos):
+            name = f"{category}-{split}-{item.index:05d}-{k:02d}"
+            names[(pos, combo)] = name
+            ratio = float(rng.uniform(lo, hi))  # width / height, per image
+            long = config.long_side
+            w, h = (round(long * ratio), long) if ratio <= 1 else (long, round(long / ratio))
+            attributes[name] = {
+                "item": item.index,
+                "category": category,
+                "colour": combo[0],
+                "pattern": combo[1],
+                "logo": combo[2],
+                "split": split,
+                "width": w,
+                "height": h,
+            }
+            seeds[name] = int(rng.integers(2**31))
+
+    triplets = []
+    for pos, ref, tgt in plans:
+        ref_name, tgt_name = names[(pos, ref)], names[(pos, tgt)]
+        captions = relative_captions(attributes[ref_name], attributes[tgt_name], rng)
+        entry = {"target": tgt_name, "candidate": ref_name, "captions": captions}
+        if split == "test":
+            del entry["target"]
+        triplets.append(entry)
+    return triplets, attributes, seeds
+
+
+def _near_misses(ref: Combo, tgt: Combo, changed: list[str], rng: np.random.Generator) -> list[Combo]:
+    """Same-item renderings that a model ignoring (part of) the captions would confuse with the target."""
+    out = []
+    if len(changed) == 2:  # only one of the two requested changes applied
+        for attr in changed:
+            i = ATTRIBUTES.index(attr)
+            partial = list(ref)
+            partial[i] = tgt[i]
+            out.append(tuple(partial))
+    for attr in changed:  # the right attribute changed to the wrong value
+        i = ATTRIBUTES.index(attr)
+        out.append(_change(tgt, attr, rng, avoid=(ref[i],)))
+    unchanged = [a for a in ATTRIBUTES if a not in changed]
+    out.append(_change(tgt, unchanged[rng.integers(len(unchanged))], rng))  # an extra, unrequested change
+    return out
+
+
+def _select_items(config: FashionBenchConfig, labels: dict[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+    """Item indices per (split, category): train from the FMNIST train set, val/test disjoint from its test set."""
+    out = {}
+    for category in CATEGORIES:
+        rng = np.random.default_rng([config.seed, 99, CATEGORIES.index(category)])
+        train_pool = rng.permutation(np.nonzero(labels["train"] == CLASS_OF[category])[0])
+        test_pool = rng.permutation(np.nonzero(labels["test"] == CLASS_OF[category])[0])
+        n_val, n_test = config.val.items, config.test.items
+        if config.train.items > len(train_pool) or n_val + n_test > len(test_pool):
+            raise ValueError(
+                f"{category}: asked for {config.train.items} train and {n_val}+{n_test} val+test items; "
+                f"Fashion-MNIST has {len(train_pool)} and {len(test_pool)}"
+            )
+        out[("train", category)] = np.sort(train_pool[: config.train.items])
+        out[("val", category)] = np.sort(test_pool[:n_val])
+        out[("test", category)] = np.sort(test_pool[n_val : n_val + n_test])
+    return out
+
+
+# ------------------------------------------------------------------------------------- rendering
+def _render_chunk(images_dir: str, jobs: list[tuple]) -> int:
+    """Worker entry point: render and save ``jobs`` = [(name, item28, w, h, colour, pattern, logo, seed)]."""
+    for name, item28, w, h, colour, pattern, logo, seed in jobs:
+        img = render.render_item(item28, (w, h), colour, pattern, logo, seed=seed)
+        img.save(os.path.join(images_dir, f"{name}.png"), format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return len(jobs)
+
+
+def _render_all(images_dir: Path, jobs: list[tuple], workers: int) -> None:
+    """Render every image; with several workers, chunks go to spawned processes (the result is identical).
+
+    Spawn rather than fork: a notebook calling this may hold torch threads, which fork can deadlock.
+    """
+    chunks = [jobs[i : i + CHUNK_SIZE] for i in range(0, len(jobs), CHUNK_SIZE)]
+    with tqdm(total=len(jobs), desc="fashion images", unit="img") as bar:
+        if workers <= 1 or len(chunks) <= 1:
+            for chunk in chunks:
+                bar.update(_render_chunk(str(images_dir), chunk))
+            return
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_render_chunk, str(images_dir), chunk) for chunk in chunks]
+            for fut in futures:
+                bar.update(fut.result())
+
+
+# ------------------------------------------------------------------------------------ generation
+def _file_lists(root: Path) -> list[Path]:
+    """The caption and image-split files of a complete root."""
+    files = [root / "captions" / f"cap.{c}.{s}.json" for c in CATEGORIES for s in SPLITS]
+    files += [root / "image_splits" / f"split.{c}.{s}.json" for c in CATEGORIES for s in SPLITS]
+    return files
+
+
+def _is_complete(root: Path, fp: str) -> bool:
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    if meta.get("fingerprint") != fp or meta.get("generator") != GENERATOR:
+        return False
+    if not all(p.is_file() for p in _file_lists(root)):
+        return False
+    on_disk = set(os.listdir(root / "images")) if (root / "images").is_dir() else set()
+    return all(f"{name}.png" in on_disk for name in meta["attributes"])
+
+
+def generate_fashion(
+    root: str | os.PathLike, config: FashionBenchConfig | None = None, workers: int | None = None
+) -> Path:
+    """Write the benchmark under ``root`` and return it; returns at once if it is already there.
+
+    Deterministic in ``config``; ``workers`` (default: all cores for large benchmarks, else 1)
+    only changes speed. Regeneration (a new seed or size) first removes the images of the
+    previous generation, so the folder holds one benchmark.
+    """
+    root = Path(root)
+    config = config or FashionBenchConfig()
+    images = {s: fashion_mnist.load_split(s)[0] for s in ("train", "test")}
+    labels = {s: fashion_mnist.load_split(s)[1] for s in ("train", "test")}
+    selected = _select_items(config, labels)
+    pixels = hashlib.sha256()
+    for (split, _), idx in sorted(selected.items()):
+        pixels.update(images["train" if split == "train" else "test"][idx].tobytes())
+    fp = fingerprint({"generator": GENERATOR, "config": asdict(config), "items": pixels.hexdigest()})
+    if _is_complete(root, fp):
+        return root
+
+    captions: dict[tuple[str, str], list[dict]] = {}
+    attributes: dict[str, dict] = {}
+    seeds: dict[str, int] = {}
+    for split in SPLITS:
+        for category in CATEGORIES:
+            trip, attrs, sd = _plan_category(
+                split, category, selected[(split, category)], config.sizes(split), config
+            )
+            captions[(split, category)] = trip
+            attributes.update(attrs)
+            seeds.update(sd)
+
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    if (root / META_FILE).is_file():  # a previous generation: drop its images
+        (root / META_FILE).unlink()
+        for stale in images_dir.glob("*.png"):
+            stale.unlink()
+    jobs = [
+        (name, images["train" if a["split"] == "train" else "test"][a["item"]], a["width"], a["height"])
+        + (a["colour"], a["pattern"], a["logo"], seeds[name])
+        for name, a in attributes.items()
+    ]
+    if workers is None:  # starting processes costs seconds: worth it for the full benchmark only
+        workers = min(len(os.sched_getaffinity(0)), 8) if len(jobs) >= PARALLEL_FROM else 1
+    _render_all(images_dir, jobs, workers)
+
+    for (split, category), trip in captions.items():
+        write_json(root / "captions" / f"cap.{category}.{split}.json", trip)
+        gallery = [n for n, a in attributes.items() if a["split"] == split and a["category"] == category]
+        write_json(root / "image_splits" / f"split.{category}.{split}.json", gallery)
+    meta = {
+        "generator": GENERATOR,
+        "seed": config.seed,
+        "sizes": asdict(config),
+        "fingerprint": fp,
+        "attributes": attributes,
+    }
+    write_json(root / META_FILE, meta, indent=None)  # last: its presence marks a complete benchmark
+    return root
+
+
+def load_meta(root: str | os.PathLike) -> dict:
+    """``cirlib_meta.json`` of a generated root (attributes of every image)."""
+    path = Path(root) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a generated fashion benchmark (run generate_fashion first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_json(path: Path) -> list:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def summary(root: str | os.PathLike) -> pd.DataFrame:
+    """Per split/category counts: queries, one/two-attribute changes, gallery images, items, mean w/h."""
+    root = Path(root)
+    attributes = load_meta(root)["attributes"]
+    rows = []
+    for split in SPLITS:
+        for category in CATEGORIES:
+            trip = _read_json(root / "captions" / f"cap.{category}.{split}.json")
+            gallery = _read_json(root / "image_splits" / f"split.{category}.{split}.json")
+            n_changes = [
+                sum(attributes[t["candidate"]][a] != attributes[t["target"]][a] for a in ATTRIBUTES)
+                for t in trip
+                if "target" in t
+            ]
+            aspects = [attributes[n]["width"] / attributes[n]["height"] for n in gallery]
+            rows.append(
+                {
+                    "split": split,
+                    "category": category,
+                    "queries": len(trip),
+                    "one_change": n_changes.count(1) if n_changes else None,
+                    "two_changes": n_changes.count(2) if n_changes else None,
+                    "gallery": len(gallery),
+                    "items": len({attributes[n]["item"] for n in gallery}),
+                    "mean_aspect": float(np.mean(aspects)),
+                }
+            )
+    return pd.DataFrame(rows).astype({"one_change": "Int64", "two_changes": "Int64"})  # <NA> on test
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate the embedded FashionIQ-format benchmark.")
+    parser.add_argument("--root", type=Path, default=None, help="default: data/fashion (data/quick/fashion)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    config = FashionBenchConfig.quick() if args.quick else FashionBenchConfig()
+    config = replace(config, seed=args.seed)
+    root = args.root or paths.data_dir(args.quick) / "fashion"
+    start = time.perf_counter()
+    generate_fashion(root, config, workers=args.workers)
+    print(f"{root} ready in {time.perf_counter() - start:.1f} s")
+    print(summary(root).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

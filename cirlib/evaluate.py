@@ -1,0 +1,219 @@
+"""Protocol-aware evaluation of a CIR split from precomputed features.
+
+One call turns (split, query features, gallery features) into the numbers each benchmark
+reports, so notebooks never re-implement a protocol: FashionIQ R@10/R@50 (one split per
+category; average them with ``metrics.fashioniq_average``), CIRR R@1/5/10/50 + Rsubset@1/2/3 +
+``avg``, CIRCO mAP@5/10/25/50 + R@K + per-aspect mAP@10. Scores are cosine similarities computed
+chunk by chunk on the features' device, so large galleries fit in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cirlib import metrics
+from cirlib.metrics import (
+    IndexLike,
+    average_precision,
+    index_lists,
+    indices_of,
+    mask_excluded,
+    name_index,
+    per_aspect,
+    per_query_hits,
+    rank_of,
+    subset_rank,
+    summarise,
+    with_cirr_average,
+)
+
+if TYPE_CHECKING:
+    from cirlib.datasets import CIRSplit
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one benchmark is scored."""
+
+    ks: tuple[int, ...]
+    subset_ks: tuple[int, ...] = ()  # CIRR Recall_subset inside the query's image set
+    average_precision: bool = False  # CIRCO mAP@K over every ground truth, at the same ks
+    exclude_reference: bool = False  # drop the reference image from the ranking
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # CLIP4Cir / SEARLE: plain recall over the category gallery, reference kept.
+    "fashioniq": Protocol(ks=(10, 50)),
+    # CIRR's official protocol removes the reference from both rankings.
+    "cirr": Protocol(ks=(1, 5, 10, 50), subset_ks=(1, 2, 3), exclude_reference=True),
+    # The reference is never a ground truth; SEARLE's script keeps it in the ranking (where it
+    # often comes first for zero-shot methods), this course removes it as CIRR does.
+    "circo": Protocol(ks=(5, 10, 25, 50), average_precision=True, exclude_reference=True),
+}
+ASPECT_METRIC = "mAP@10"  # what iSEARLE Table V and CIRCO's server report per semantic aspect
+
+
+def _protocol(split: CIRSplit, ks: Sequence[int] | None, exclude_reference: bool | None) -> Protocol:
+    if split.dataset not in PROTOCOLS:
+        raise ValueError(f"unknown dataset {split.dataset!r} in split.dataset; expected one of {sorted(PROTOCOLS)}")
+    protocol = PROTOCOLS[split.dataset]
+    if ks is not None:
+        protocol = dataclasses.replace(protocol, ks=tuple(ks))
+    if exclude_reference is not None:
+        protocol = dataclasses.replace(protocol, exclude_reference=exclude_reference)
+    return protocol
+
+
+def _normalised_features(split: CIRSplit, query_features: Tensor, gallery_features: Tensor) -> tuple[Tensor, Tensor]:
+    """Check the split is evaluable and the features align with it; return unit-norm float32 features."""
+    name = f"{split.dataset}/{split.split}"
+    if not split.queries:
+        raise ValueError(f"{name} has no queries to evaluate")
+    if any(query.target is None for query in split.queries):
+        raise ValueError(
+            f"{name} has no ground-truth targets (a test split): its results can only be computed by "
+            "submitting the rankings to the dataset's official evaluation server"
+        )
+    for what, features, rows, of in (
+        ("query_features", query_features, len(split.queries), "queries"),
+        ("gallery_features", gallery_features, len(split.gallery), "gallery images"),
+    ):
+        if features.dim() != 2 or features.shape[0] != rows:
+            raise ValueError(f"{what} has shape {tuple(features.shape)}; expected [{rows}, D], one row per {name} {of}")
+    if query_features.shape[1] != gallery_features.shape[1]:
+        raise ValueError(
+            f"query_features have dimension {query_features.shape[1]} but gallery_features {gallery_features.shape[1]}"
+        )
+    queries = F.normalize(query_features.float(), dim=-1)
+    gallery = F.normalize(gallery_features.to(queries.device).float(), dim=-1)
+    return queries, gallery
+
+
+def per_query_metrics(
+    split: CIRSplit,
+    query_features: Tensor,
+    gallery_features: Tensor,
+    ks: Sequence[int] | None = None,
+    exclude_reference: bool | None = None,
+) -> dict[str, Tensor]:
+    """Every metric of the split's protocol per query (CPU ``[Q]`` tensors in percent).
+
+    Their means are ``evaluate_split``'s numbers; kept per query for per-aspect tables and for
+    before/after comparisons. ``ks`` and ``exclude_reference`` override the protocol defaults.
+    """
+    protocol = _protocol(split, ks, exclude_reference)
+    queries, gallery = _normalised_features(split, query_features, gallery_features)
+    index = name_index(split.gallery)
+    targets = indices_of([query.target for query in split.queries], index)
+    missing = (targets < 0).nonzero().flatten().tolist()
+    if missing:
+        warnings.warn(
+            f"{len(missing)} of {len(targets)} queries of {split.dataset}/{split.split} have a target "
+            f"that is not in the gallery (e.g. {split.queries[missing[0]].target!r}); they count as misses",
+            stacklevel=2,
+        )
+    references = indices_of([query.reference for query in split.queries], index) if protocol.exclude_reference else None
+    groups = index_lists([query.group for query in split.queries], index) if protocol.subset_ks else None
+    gts = n_gt = None
+    if protocol.average_precision:  # the annotated target stands in where no GT list was given
+        truths = [query.ground_truths or (query.target,) for query in split.queries]
+        gts, n_gt = index_lists(truths, index), torch.tensor([len(set(t)) for t in truths])
+
+    parts: dict[str, list[Tensor]] = {}
+    step = max(1, metrics.CHUNK_ELEMENTS // max(1, len(gallery)))
+    for start in range(0, len(queries), step):
+        rows = slice(start, start + step)
+        scores = queries[rows] @ gallery.T
+        exclude = None if references is None else references[rows]
+        chunk: dict[str, Tensor] = {}
+        if gts is not None and n_gt is not None:
+            ap = average_precision(scores, gts[rows], protocol.ks, n_gt[rows], exclude)
+            chunk |= {f"mAP@{k}": ap[:, col] * 100.0 for col, k in enumerate(protocol.ks)}
+        chunk |= per_query_hits(rank_of(scores, targets[rows], exclude), protocol.ks)
+        if groups is not None:
+            ranks = subset_rank(scores, targets[rows], groups[rows], exclude)
+            chunk |= per_query_hits(ranks, protocol.subset_ks, prefix="Rsubset")
+        for name, values in chunk.items():
+            parts.setdefault(name, []).append(values.cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def evaluate_split(
+    split: CIRSplit,
+    query_features: Tensor,
+    gallery_features: Tensor,
+    ks: Sequence[int] | None = None,
+    exclude_reference: bool | None = None,
+) -> dict[str, float]:
+    """The split's protocol metrics in percent (see ``PROTOCOLS``).
+
+    ``gallery_features`` rows align with ``split.gallery``; features are L2-normalised here.
+    Queries whose target is absent from the gallery count as misses (one warning with the count).
+    CIRCO-format splits with semantic aspects also get ``"mAP@10/<aspect>"`` entries.
+    Test splits (no targets) raise ``ValueError``: only the official servers can score them.
+    """
+    per_query = per_query_metrics(split, query_features, gallery_features, ks, exclude_reference)
+    results = with_cirr_average(summarise(per_query))
+    aspects = [query.semantic_aspects for query in split.queries]
+    if ASPECT_METRIC in per_query and any(aspects):
+        table = per_aspect(per_query[ASPECT_METRIC], aspects)
+        results |= {f"{ASPECT_METRIC}/{aspect}": value for aspect, value in table["value"].items()}
+    return results
+
+
+def evaluate_per_aspect(
+    split: CIRSplit, query_features: Tensor, gallery_features: Tensor, metric: str = ASPECT_METRIC
+) -> pd.DataFrame:
+    """Per-semantic-aspect table (iSEARLE Table V) of one per-query metric, e.g. ``"mAP@10"``."""
+    aspects = [query.semantic_aspects for query in split.queries]
+    if not any(aspects):
+        raise ValueError(f"{split.dataset}/{split.split} has no semantic aspects (only CIRCO-format splits do)")
+    per_query = per_query_metrics(split, query_features, gallery_features)
+    if metric not in per_query:
+        raise ValueError(f"metric {metric!r} is not computed for {split.dataset}; choose one of {list(per_query)}")
+    return per_aspect({metric: per_query[metric]}, aspects)
+
+
+def topk(scores: Tensor, k: int, exclude_idx: IndexLike | None = None) -> tuple[Tensor, Tensor]:
+    """Best ``k`` gallery items per query as ``(scores [Q, k], indices [Q, k])``, best first.
+
+    A display / candidate order (qualitative figures, re-ranking): ties keep gallery order, so it
+    is deterministic on any device. ``exclude_idx`` (``[Q]`` or ``[Q, E]``, ``-1`` = none) sends
+    items to the end with score ``-inf``; ``k`` is clipped to the gallery size.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be a [queries, gallery] matrix, got shape {tuple(scores.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    n_queries, n_gallery = scores.shape
+    k = min(k, n_gallery)
+    exclude = None
+    if exclude_idx is not None:
+        exclude = torch.as_tensor(exclude_idx, dtype=torch.long, device=scores.device).reshape(n_queries, -1)
+    values = torch.empty((n_queries, k), dtype=scores.dtype, device=scores.device)
+    indices = torch.empty((n_queries, k), dtype=torch.long, device=scores.device)
+    step = max(1, metrics.CHUNK_ELEMENTS // max(1, n_gallery))
+    for start in range(0, n_queries, step):
+        rows = slice(start, start + step)
+        chunk = mask_excluded(scores[rows], None if exclude is None else exclude[rows])
+        # torch.topk picks the k best fast but orders ties arbitrarily: re-sort them by
+        # gallery index, and fully sort the rare rows where a tie straddles the k-th place.
+        best, best_idx = torch.topk(chunk, k, dim=1)
+        best_idx, by_index = best_idx.sort(dim=1)
+        best, by_score = torch.sort(best.gather(1, by_index), dim=1, descending=True, stable=True)
+        best_idx = best_idx.gather(1, by_score)
+        straddle = ((chunk >= best[:, -1:]).sum(1) > k).nonzero().flatten()
+        if len(straddle):
+            full, full_idx = torch.sort(chunk[straddle], dim=1, descending=True, stable=True)
+            best[straddle], best_idx[straddle] = full[:, :k], full_idx[:, :k]
+        values[rows], indices[rows] = best, best_idx
+    return values, indices

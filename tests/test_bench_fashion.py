@@ -1,0 +1,235 @@
+"""The embedded fashion benchmark: exact FashionIQ layout, triplet semantics, determinism, idempotence."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cirlib import bench_fashion as bf
+from cirlib.bench_fashion import FashionBenchConfig, SplitSizes
+
+pytestmark = pytest.mark.skipif(
+    not bf.fashion_mnist.DEBIAN_DIR.is_dir(), reason="needs Fashion-MNIST (Debian dataset-fashion-mnist)"
+)
+
+# A smaller config for tests that generate several copies.
+TINY = replace(
+    FashionBenchConfig.quick(),
+    train=SplitSizes(items=6, triplets_per_item=1, renderings_per_item=3),
+    val=SplitSizes(items=4, triplets_per_item=2, renderings_per_item=6, near_misses=1, text_distractors=1),
+    test=SplitSizes(items=3, triplets_per_item=1, renderings_per_item=4, near_misses=1, text_distractors=1),
+    long_side=64,
+)
+TARGET_WORDS = {
+    "pattern": {
+        "stripes": ("stripe",),
+        "dots": ("dot",),
+        "checks": ("check", "gingham"),
+        "zigzag": ("zigzag",),
+        "diamonds": ("diamond",),
+        "plain": ("plain", "no pattern", "solid", "remove", "without"),
+    },
+    "logo": {"none": ("no print", "no logo", "remove", "without")},
+}
+
+
+def mentions(caption: str, attr: str, value: str) -> bool:
+    """Does ``caption`` name ``value`` (the target's new ``attr``) or its removal?"""
+    words = TARGET_WORDS.get(attr, {}).get(value, (value,))
+    return any(w in caption for w in words)
+
+
+def read(root: Path, kind: str, category: str, split: str) -> list:
+    folder, prefix = ("captions", "cap") if kind == "captions" else ("image_splits", "split")
+    return json.loads((root / folder / f"{prefix}.{category}.{split}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bf.generate_fashion(tmp_path_factory.mktemp("fashion"), FashionBenchConfig.quick(), workers=1)
+
+
+@pytest.fixture(scope="module")
+def meta(quick_root: Path) -> dict:
+    return bf.load_meta(quick_root)
+
+
+def test_exact_fashioniq_layout(quick_root: Path, meta: dict) -> None:
+    expected = {f"captions/cap.{c}.{s}.json" for c in bf.CATEGORIES for s in bf.SPLITS}
+    expected |= {f"image_splits/split.{c}.{s}.json" for c in bf.CATEGORIES for s in bf.SPLITS}
+    json_files = {str(p.relative_to(quick_root)) for p in quick_root.rglob("*.json")}
+    assert json_files == expected | {bf.META_FILE}
+    for category in bf.CATEGORIES:
+        for split in bf.SPLITS:
+            captions = read(quick_root, "captions", category, split)
+            keys = ["candidate", "captions"] if split == "test" else ["target", "candidate", "captions"]
+            assert captions and all(list(t) == keys for t in captions), (category, split)
+            for t in captions:
+                assert len(t["captions"]) == 2 and all(isinstance(c, str) and c == c.strip() and c for c in t["captions"])
+            gallery = read(quick_root, "image_splits", category, split)
+            assert isinstance(gallery, list) and len(gallery) == len(set(gallery))
+            assert all(isinstance(n, str) for n in gallery)
+    assert set(meta) == {"generator", "seed", "sizes", "fingerprint", "attributes"}
+    assert meta["seed"] == 0 and meta["sizes"]["val"]["items"] == FashionBenchConfig.quick().val.items
+    names = {p.stem for p in (quick_root / "images").iterdir()}
+    assert {p.suffix for p in (quick_root / "images").iterdir()} == {".png"}
+    assert names == set(meta["attributes"])
+
+
+def test_attributes_and_images_agree(quick_root: Path, meta: dict) -> None:
+    keys = {"item", "category", "colour", "pattern", "logo", "split", "width", "height"}
+    for name, attrs in list(meta["attributes"].items())[::17]:
+        assert set(attrs) == keys
+        with Image.open(quick_root / "images" / f"{name}.png") as img:
+            assert img.format == "PNG" and img.mode == "RGB" and img.size == (attrs["width"], attrs["height"])
+        assert max(attrs["width"], attrs["height"]) == 128
+    for category in bf.CATEGORIES:
+        for split in bf.SPLITS:
+            gallery = read(quick_root, "image_splits", category, split)
+            assert {(meta["attributes"][n]["split"], meta["attributes"][n]["category"]) for n in gallery} == {(split, category)}
+
+
+def test_triplets_are_in_gallery_and_on_disk(quick_root: Path) -> None:
+    for category in bf.CATEGORIES:
+        for split in bf.SPLITS:
+            gallery = set(read(quick_root, "image_splits", category, split))
+            for t in read(quick_root, "captions", category, split):
+                for name in (t["candidate"], t.get("target", t["candidate"])):
+                    assert name in gallery and (quick_root / "images" / f"{name}.png").is_file()
+
+
+def test_items_disjoint_across_splits(meta: dict) -> None:
+    items = {s: {(a["category"], a["item"]) for a in meta["attributes"].values() if a["split"] == s} for s in bf.SPLITS}
+    # val and test both draw from the Fashion-MNIST test set: they must not share an item;
+    # train draws from the Fashion-MNIST train set (a different set of photos)
+    assert not items["val"] & items["test"]
+    cfg = FashionBenchConfig.quick()
+    for split in bf.SPLITS:
+        assert len(items[split]) == 3 * cfg.sizes(split).items
+
+
+def test_target_is_same_item_with_one_or_two_changes(quick_root: Path, meta: dict) -> None:
+    attrs = meta["attributes"]
+    counts = {1: 0, 2: 0}
+    for category in bf.CATEGORIES:
+        for split in ("train", "val"):
+            for t in read(quick_root, "captions", category, split):
+                ref, tgt = attrs[t["candidate"]], attrs[t["target"]]
+                assert ref["item"] == tgt["item"] and ref["category"] == tgt["category"] == category
+                changed = [a for a in bf.ATTRIBUTES if ref[a] != tgt[a]]
+                counts[len(changed)] += 1
+                c1, c2 = t["captions"]
+                if len(changed) == 1:
+                    (a,) = changed
+                    assert c1 != c2 and mentions(c1, a, tgt[a]) and mentions(c2, a, tgt[a]), t
+                else:  # each caption carries one of the two changes: both are needed
+                    a, b = changed
+                    assert (mentions(c1, a, tgt[a]) and mentions(c2, b, tgt[b])) or (
+                        mentions(c1, b, tgt[b]) and mentions(c2, a, tgt[a])
+                    ), t
+    assert counts[1] > 10 and counts[2] > 10
+
+
+def test_gallery_defeats_single_modalities(quick_root: Path, meta: dict) -> None:
+    """Several renderings of each target's item (image-only) and its attributes on other items (text-only)."""
+    attrs = meta["attributes"]
+    cfg = FashionBenchConfig.quick().val
+    for category in bf.CATEGORIES:
+        gallery = read(quick_root, "image_splits", category, "val")
+        for t in read(quick_root, "captions", category, "val"):
+            tgt = attrs[t["target"]]
+            same_item = [n for n in gallery if attrs[n]["item"] == tgt["item"]]
+            same_look = [
+                n for n in gallery if attrs[n]["item"] != tgt["item"] and all(attrs[n][a] == tgt[a] for a in bf.ATTRIBUTES)
+            ]
+            assert len(same_item) >= cfg.renderings_per_item
+            assert len(same_look) >= cfg.text_distractors
+
+
+def test_aspect_ratio_by_category(quick_root: Path) -> None:
+    table = bf.summary(quick_root).groupby("category")["mean_aspect"].mean()
+    assert table["dress"] < table["shirt"] < table["toptee"]
+    assert 0.55 <= table["dress"] <= 0.8 and 0.85 <= table["toptee"] <= 1.15
+
+
+def test_summary_counts(quick_root: Path) -> None:
+    cfg = FashionBenchConfig.quick()
+    df = bf.summary(quick_root).set_index(["split", "category"])
+    assert len(df) == 9
+    for split in bf.SPLITS:
+        for category in bf.CATEGORIES:
+            row = df.loc[(split, category)]
+            sizes = cfg.sizes(split)
+            assert row["queries"] == sizes.items * sizes.triplets_per_item
+            assert row["items"] == sizes.items
+            assert row["gallery"] == len(read(quick_root, "image_splits", category, split))
+            assert row["gallery"] >= sizes.items * sizes.renderings_per_item
+            if split != "test":
+                assert row["one_change"] + row["two_changes"] == row["queries"]
+
+
+def test_idempotent(quick_root: Path) -> None:
+    files = sorted(quick_root.rglob("*"))
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    start = time.perf_counter()
+    assert bf.generate_fashion(quick_root, FashionBenchConfig.quick(), workers=1) == quick_root
+    assert time.perf_counter() - start < 3.0
+    assert sorted(quick_root.rglob("*")) == files and [p.stat().st_mtime_ns for p in files] == mtimes
+
+
+def test_deterministic_and_seeded(tmp_path: Path) -> None:
+    a = bf.generate_fashion(tmp_path / "a", TINY, workers=1)
+    b = bf.generate_fashion(tmp_path / "b", TINY, workers=1)
+    for rel in [p.relative_to(a) for p in sorted(a.rglob("*")) if p.is_file()]:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    c = bf.generate_fashion(tmp_path / "c", replace(TINY, seed=1), workers=1)
+    assert read(a, "captions", "dress", "val") != read(c, "captions", "dress", "val")
+    assert bf.load_meta(a)["fingerprint"] != bf.load_meta(c)["fingerprint"]
+    # regenerating another seed into a root replaces the old benchmark, images included
+    bf.generate_fashion(a, replace(TINY, seed=1), workers=1)
+    assert (a / bf.META_FILE).read_bytes() == (c / bf.META_FILE).read_bytes()
+    assert sorted(p.name for p in (a / "images").iterdir()) == sorted(p.name for p in (c / "images").iterdir())
+
+
+def test_workers_do_not_change_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = bf.generate_fashion(tmp_path / "one", TINY, workers=1)
+    monkeypatch.setattr(bf, "CHUNK_SIZE", 60)  # several chunks, so the process pool is used
+    two = bf.generate_fashion(tmp_path / "two", TINY, workers=2)
+    names = sorted(p.name for p in (one / "images").iterdir())
+    assert names == sorted(p.name for p in (two / "images").iterdir())
+    for name in names:
+        assert (one / "images" / name).read_bytes() == (two / "images" / name).read_bytes()
+
+
+def test_absolute_caption() -> None:
+    attrs = {"item": 3, "category": "dress", "colour": "red", "pattern": "stripes", "logo": "star", "split": "val"}
+    assert bf.absolute_caption(attrs) == "a red striped dress with a star print"
+    plain = {**attrs, "category": "toptee", "colour": "navy blue", "pattern": "plain", "logo": "none"}
+    assert bf.absolute_caption(plain) == "a plain navy blue top"
+    assert bf.absolute_caption({**attrs, "pattern": "dots", "category": "shirt"}) == "a red polka-dot shirt with a star print"
+
+
+def test_relative_captions() -> None:
+    rng = np.random.default_rng(0)
+    ref = {"colour": "black", "pattern": "plain", "logo": "none"}
+    for _ in range(20):
+        c1, c2 = bf.relative_captions(ref, {**ref, "colour": "yellow", "logo": "heart"}, rng)
+        assert {("yellow" in c1, "heart" in c2), ("heart" in c1, "yellow" in c2)} & {(True, True)}
+        assert "darker" not in c1 + c2  # yellow is lighter than black: only true comparatives
+        one = bf.relative_captions({**ref, "pattern": "dots"}, ref, rng)  # remove the dots
+        assert one[0] != one[1] and all(mentions(c, "pattern", "plain") for c in one)
+    with pytest.raises(ValueError, match="one or two"):
+        bf.relative_captions(ref, ref, rng)
+    with pytest.raises(ValueError, match="one or two"):
+        bf.relative_captions(ref, {"colour": "red", "pattern": "dots", "logo": "star"}, rng)
+
+
+def test_too_many_items_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dress: asked for .* Fashion-MNIST has 6000"):
+        bf.generate_fashion(tmp_path, replace(TINY, train=SplitSizes(7000, 1, 2)), workers=1)
