@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from cirlib import paths
 from cirlib.backbone import TINY_MODEL, Backbone, load_backbone
+from cirlib.io import atomic_path
 
 
 def checkpoints_dir(quick: bool) -> Path:
@@ -41,3 +44,50 @@ def course_backbone(
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt} does not exist: run notebooks/02_backbone.ipynb first (quick={quick})")
     return load_backbone(model, ckpt, device)
+
+
+def stage1_dir(quick: bool, benchmark: str, encoders: str) -> Path:
+    """Where notebook 04 fine-tunes ``encoders`` ("image" / "text" / "both") on ``benchmark``."""
+    return checkpoints_dir(quick) / "stage1" / benchmark / encoders
+
+
+def stage1_backbone(quick: bool, benchmark: str, encoders: str, model: str = TINY_MODEL, device: str = "auto") -> Backbone:
+    """A stage-1 fine-tuned backbone exported by notebook 04."""
+    ckpt = stage1_dir(quick, benchmark, encoders) / "backbone.safetensors"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} does not exist: run notebooks/04_stage1_finetuning.ipynb first (quick={quick})")
+    return load_backbone(model, ckpt, device)
+
+
+def combiner_checkpoint(quick: bool, benchmark: str, stage1: str) -> Path:
+    """The Combiner notebook 05 trains on the features of a stage-1 variant (or "zero-shot")."""
+    return checkpoints_dir(quick) / "combiner" / benchmark / f"{stage1}.pt"
+
+
+def ablation_dir(quick: bool, benchmark: str, name: str) -> Path:
+    return checkpoints_dir(quick) / "ablations" / benchmark / name
+
+
+def ablation_checkpoint(quick: bool, benchmark: str, variant: str) -> Path:
+    return ablation_dir(quick, benchmark, "combiner_variants") / f"{variant}.pt"
+
+
+def results_dir(quick: bool) -> Path:
+    d = paths.data_dir(quick) / "results"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def save_result(quick: bool, name: str, table: pd.DataFrame) -> Path:
+    """Hand a result table to later notebooks (pickle keeps the index levels and dtypes exact)."""
+    path = results_dir(quick) / f"{name}.pkl"
+    with atomic_path(path) as tmp:
+        table.to_pickle(tmp)
+    return path
+
+
+def load_result(quick: bool, name: str) -> pd.DataFrame:
+    path = results_dir(quick) / f"{name}.pkl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the notebook that writes {name!r} first (quick={quick})")
+    return pd.read_pickle(path)

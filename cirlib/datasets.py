@@ -291,7 +291,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return _to_rgb(im)
+            return to_rgb(im)
     except Image.DecompressionBombError as err:
         raise ImageLoadError(
             f"{path}: refusing to decode a suspiciously large image ({err}); if you trust the file, "
@@ -391,7 +391,7 @@ def _warn_empty(empty: list[str], path: Path) -> None:
 _WHITE = (255, 255, 255, 255)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale PNGs
         grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")

@@ -1,0 +1,208 @@
+"""Batched CLIP feature extraction for images and texts, with an on-disk cache for image galleries.
+
+Every evaluation and analysis notebook encodes the same galleries again and again with the same
+frozen backbone, at seconds (tiny model, CPU) to hours (RN50x4 on real galleries) a time.
+``image_features`` therefore stores its result as one safetensors file per (weights, transform,
+ordered file list) and reuses it until any of those changes: other weights (``backbone.fingerprint``),
+another pipeline or target ratio, or an image file whose size or mtime differs. Cache files are
+written atomically; an unreadable one is recomputed with a warning rather than trusted.
+
+Features are returned unnormalised, float32, on the CPU, one row per input in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from cirlib.datasets import open_image
+from cirlib.device import autocast
+from cirlib.io import atomic_path, fingerprint
+from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, kind_ratio, transform_for
+
+if TYPE_CHECKING:
+    from cirlib.backbone import Backbone
+
+# Bump when the extraction itself changes in a way that alters numbers, to orphan old caches.
+CACHE_VERSION = 1
+
+
+class ImageFileDataset(Dataset):
+    """Open + preprocess one image per item; the unit of work DataLoader workers parallelise."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(open_image(self.paths[index]))  # its errors name the file
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
+    """Encode in eval mode (dropout off, frozen BN) and give the caller its training flag back."""
+    if module is None:
+        yield
+        return
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def encode_in_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    device: torch.device,
+    *,
+    module: torch.nn.Module | None = None,
+    total: int | None = None,
+    desc: str | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Apply an encoder to ready-made input batches; concatenate float32 CPU outputs.
+
+    Runs under ``torch.inference_mode`` and CUDA autocast, with ``module`` in eval mode. An empty
+    iterable gives a ``[0, 0]`` tensor.
+    """
+    outputs: list[torch.Tensor] = []
+    non_blocking = device.type == "cuda"
+    with _eval_mode(module), torch.inference_mode(), autocast(device):
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            outputs.append(fn(batch.to(device, non_blocking=non_blocking)).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
+def _file_list(paths: Sequence[Path]) -> list[tuple[str, int, int]]:
+    """(absolute path, size, mtime_ns) per image: what makes a cached gallery stale."""
+    entries = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {p}") from None
+        entries.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+    return entries
+
+
+def image_cache_key(
+    backbone: "Backbone",
+    paths: Sequence[Path],
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+) -> str:
+    """Fingerprint of everything an image feature matrix depends on."""
+    return fingerprint(
+        {
+            "version": CACHE_VERSION,
+            "backbone": backbone.fingerprint,
+            "precision": backbone.device.type,  # CUDA runs under autocast: different numbers
+            "transform": {
+                "kind": transform_kind,
+                "target_ratio": kind_ratio(transform_kind, target_ratio),
+                "image_size": int(backbone.image_size),
+                "mean": [float(m) for m in backbone.mean],
+                "std": [float(s) for s in backbone.std],
+            },
+            "files": _file_list(paths),
+        }
+    )
+
+
+def _load_cache(file: Path, key: str, n: int) -> torch.Tensor | None:
+    """The cached matrix, or None (with a warning) when the file cannot be trusted."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                raise ValueError("its key does not match its inputs")
+            feats = f.get_tensor("features")
+        if feats.shape[0] != n or feats.dtype != torch.float32:
+            raise ValueError(f"holds {tuple(feats.shape)} {feats.dtype}, expected {n} float32 rows")
+        return feats
+    except Exception as err:  # any failure to read means: recompute, never crash on a cache
+        warnings.warn(f"feature cache {file} is unreadable ({err}); recomputing", stacklevel=3)
+        return None
+
+
+def image_features(
+    backbone: "Backbone",
+    paths: Sequence[Path | str],
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    batch_size: int = 64,
+    cache_dir: Path | str | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Image embeddings ``[len(paths), D]`` (float32, CPU, unnormalised), cached under ``cache_dir``.
+
+    ``num_workers`` DataLoader processes decode images while the model runs; on a 2-core CPU one
+    worker at most pays off (see tests/benchmarks/bench_features.py).
+    """
+    paths = [Path(p) for p in paths]
+    cache_file = None
+    if cache_dir is not None:
+        key = image_cache_key(backbone, paths, transform_kind, target_ratio)
+        cache_file = Path(cache_dir) / f"images-{key}.safetensors"
+        if cache_file.exists() and (cached := _load_cache(cache_file, key, len(paths))) is not None:
+            return cached
+    if not paths:
+        return torch.empty(0, backbone.embed_dim)
+
+    dataset = ImageFileDataset(paths, transform_for(backbone, transform_kind, target_ratio))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=backbone.device.type == "cuda",
+    )
+    feats = encode_in_batches(
+        backbone.encode_image,
+        loader,
+        backbone.device,
+        module=backbone.model,
+        total=len(loader),
+        desc=f"image features ({transform_kind})",
+        progress=progress,
+    )
+    if cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            save_file({"features": feats.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(paths))})
+    return feats
+
+
+def text_features(
+    backbone: "Backbone", texts: Sequence[str], batch_size: int = 256, progress: bool = True
+) -> torch.Tensor:
+    """Text embeddings ``[len(texts), D]`` (float32, CPU, unnormalised); not cached (cheap)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    texts = list(texts)
+    if not texts:
+        return torch.empty(0, backbone.embed_dim)
+    batches = (backbone.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size))
+    return encode_in_batches(
+        backbone.encode_text,
+        batches,
+        backbone.device,
+        module=backbone.model,
+        total=-(-len(texts) // batch_size),
+        desc="text features",
+        progress=progress,
+    )

@@ -1,0 +1,242 @@
+"""Batched feature extraction and its on-disk cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cirlib.features import encode_in_batches, image_cache_key, image_features, text_features
+from cirlib.preprocess import transform_for
+
+
+class CountingBackbone:
+    """The Backbone API subset features.py uses, with a cheap deterministic encoder that counts calls."""
+
+    image_size = 24
+    mean = (0.5, 0.4, 0.3)
+    std = (0.2, 0.25, 0.3)
+    embed_dim = 6
+    device = torch.device("cpu")
+
+    def __init__(self, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.fingerprint = f"counting-{seed}"
+        self.model = torch.nn.ModuleDict(
+            {
+                "image": torch.nn.Linear(3 * 4 * 4, self.embed_dim),
+                "text": torch.nn.EmbeddingBag(97, self.embed_dim),
+            }
+        )
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        self.image_calls = 0
+        self.text_calls = 0
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert not self.model.training
+        self.image_calls += 1
+        return self.model["image"](torch.nn.functional.adaptive_avg_pool2d(pixels, 4).flatten(1))
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[ord(c) % 97 for c in t.ljust(12)[:12]] for t in texts])
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.text_calls += 1
+        return self.model["text"](tokens)
+
+
+def _write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(10, 90, 2))
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    return _write_images(tmp_path / "images", 11)
+
+
+def _direct(backbone: CountingBackbone, paths: list[Path], kind: str = "targetpad") -> torch.Tensor:
+    transform = transform_for(backbone, kind)
+    pixels = torch.stack([transform(Image.open(p)) for p in paths])
+    with torch.no_grad():
+        return backbone.model["image"](torch.nn.functional.adaptive_avg_pool2d(pixels, 4).flatten(1))
+
+
+def test_image_features_match_direct_encoding(images):
+    backbone = CountingBackbone()
+    feats = image_features(backbone, images, batch_size=4, progress=False)
+    assert feats.shape == (11, 6) and feats.dtype == torch.float32 and feats.device.type == "cpu"
+    assert backbone.image_calls == 3  # 4 + 4 + 3
+    torch.testing.assert_close(feats, _direct(backbone, images))
+    reversed_feats = image_features(backbone, images[::-1], batch_size=4, progress=False)
+    torch.testing.assert_close(reversed_feats, feats.flip(0))
+
+
+def test_batch_size_and_workers_do_not_change_results(images):
+    backbone = CountingBackbone()
+    reference = image_features(backbone, images, batch_size=64, progress=False)
+    for batch_size in (1, 3):
+        torch.testing.assert_close(image_features(backbone, images, batch_size=batch_size, progress=False), reference)
+    torch.testing.assert_close(image_features(backbone, images, batch_size=5, num_workers=1, progress=False), reference)
+
+
+def test_training_flag_is_restored(images):
+    backbone = CountingBackbone()
+    backbone.model.train()
+    image_features(backbone, images[:2], progress=False)
+    text_features(backbone, ["a"], progress=False)
+    assert backbone.model.training
+
+
+def test_cache_hit_skips_the_encoder(images, tmp_path):
+    backbone = CountingBackbone()
+    cache = tmp_path / "cache"
+    first = image_features(backbone, images, batch_size=4, cache_dir=cache, progress=False)
+    calls = backbone.image_calls
+    second = image_features(backbone, images, batch_size=7, cache_dir=cache, progress=False)
+    assert backbone.image_calls == calls
+    assert torch.equal(first, second)
+    assert [p.suffix for p in cache.iterdir()] == [".safetensors"]  # one file, no temp leftovers
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"transform_kind": "clip"},
+        {"transform_kind": "squarepad"},
+        {"target_ratio": 1.5},
+        {"backbone": CountingBackbone(seed=1)},
+        {"paths": "subset"},
+    ],
+    ids=["clip", "squarepad", "ratio", "weights", "file-list"],
+)
+def test_cache_invalidation(images, tmp_path, change):
+    cache = tmp_path / "cache"
+    base = CountingBackbone()
+    image_features(base, images, cache_dir=cache, progress=False)
+    change = dict(change)
+    backbone = change.pop("backbone", base)
+    paths = images[:-1] if change.pop("paths", None) else images
+    calls = backbone.image_calls
+    feats = image_features(backbone, paths, cache_dir=cache, progress=False, **change)
+    assert backbone.image_calls > calls
+    assert feats.shape[0] == len(paths)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+def test_changed_image_file_is_recomputed(images, tmp_path):
+    backbone = CountingBackbone()
+    cache = tmp_path / "cache"
+    before = image_features(backbone, images, cache_dir=cache, progress=False)
+    key = image_cache_key(backbone, images)
+    Image.new("RGB", (40, 40), "red").save(images[5])
+    os.utime(images[5], ns=(1_000_000_000, 1_000_000_000))  # differ from the original even on coarse clocks
+    assert image_cache_key(backbone, images) != key
+    calls = backbone.image_calls
+    after = image_features(backbone, images, cache_dir=cache, progress=False)
+    assert backbone.image_calls > calls
+    assert torch.equal(after[:5], before[:5]) and torch.equal(after[6:], before[6:])
+    assert not torch.allclose(after[5], before[5])
+
+
+def test_cache_key_ignores_batching_but_not_file_order(images):
+    backbone = CountingBackbone()
+    assert image_cache_key(backbone, images) == image_cache_key(backbone, [str(p) for p in images])
+    assert image_cache_key(backbone, images) != image_cache_key(backbone, images[::-1])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-key"])
+def test_corrupt_cache_is_recomputed_with_a_warning(images, tmp_path, damage):
+    backbone = CountingBackbone()
+    cache = tmp_path / "cache"
+    first = image_features(backbone, images, cache_dir=cache, progress=False)
+    (cache_file,) = cache.iterdir()
+    if damage == "garbage":
+        cache_file.write_bytes(b"not a safetensors file")
+    elif damage == "truncated":
+        cache_file.write_bytes(cache_file.read_bytes()[:-10])
+    else:  # a valid file made for other inputs, renamed onto this key
+        other = tmp_path / "other"
+        image_features(backbone, images[:-1], cache_dir=other, progress=False)
+        (other_file,) = other.iterdir()
+        other_file.replace(cache_file)
+    calls = backbone.image_calls
+    with pytest.warns(UserWarning, match="unreadable.*recomputing"):
+        again = image_features(backbone, images, cache_dir=cache, progress=False)
+    assert backbone.image_calls > calls
+    torch.testing.assert_close(again, first)
+    calls = backbone.image_calls
+    image_features(backbone, images, cache_dir=cache, progress=False)  # the rewritten file is good
+    assert backbone.image_calls == calls
+
+
+def test_failed_extraction_leaves_no_cache_file(images, tmp_path):
+    backbone = CountingBackbone()
+    cache = tmp_path / "cache"
+    images[7].write_bytes(b"\x89PNG but not really")
+    with pytest.raises(OSError, match="img007.png"):
+        image_features(backbone, images, batch_size=2, cache_dir=cache, progress=False)
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_missing_image_names_the_file(images, tmp_path, cached):
+    cache_dir = tmp_path if cached else None
+    with pytest.raises(OSError, match="nope.png"):
+        image_features(CountingBackbone(), images + [tmp_path / "nope.png"], cache_dir=cache_dir, progress=False)
+
+
+def test_empty_inputs():
+    backbone = CountingBackbone()
+    assert image_features(backbone, [], progress=False).shape == (0, 6)
+    assert text_features(backbone, [], progress=False).shape == (0, 6)
+    assert encode_in_batches(backbone.encode_image, [], backbone.device).shape == (0, 0)
+
+
+def test_text_features():
+    backbone = CountingBackbone()
+    texts = [f"a {c} striped dress number {i}" for i, c in enumerate(["red", "blue", "navy"] * 5)]
+    feats = text_features(backbone, texts, batch_size=4, progress=False)
+    assert feats.shape == (15, 6) and feats.dtype == torch.float32
+    assert backbone.text_calls == 4
+    torch.testing.assert_close(text_features(backbone, texts, batch_size=256, progress=False), feats)
+    torch.testing.assert_close(text_features(backbone, texts[3:4], progress=False), feats[3:4])
+    with pytest.raises(TypeError, match="single string"):
+        text_features(backbone, "a red dress")
+
+
+def test_with_the_real_tiny_backbone(images, tmp_path):
+    from cirlib.backbone import load_backbone
+
+    backbone = load_backbone()
+    feats = image_features(backbone, images, batch_size=4, cache_dir=tmp_path, progress=False)
+    assert feats.shape == (len(images), backbone.embed_dim) and feats.dtype == torch.float32
+    transform = transform_for(backbone, "targetpad")
+    with torch.no_grad():
+        direct = backbone.model.encode_image(torch.stack([transform(Image.open(p)) for p in images[:3]]))
+    torch.testing.assert_close(feats[:3], direct, atol=1e-5, rtol=1e-4)
+
+    texts = ["a red dress", "a navy blue shirt with stripes", "is longer"]
+    text = text_features(backbone, texts, batch_size=2, progress=False)
+    assert text.shape == (3, backbone.embed_dim)
+    torch.testing.assert_close(text, backbone.encode_text(texts).detach())
+
+    key = image_cache_key(backbone, images)
+    with torch.no_grad():
+        backbone.model.visual.proj.mul_(2)  # "training" changed the weights
+    backbone.refresh_fingerprint()
+    assert image_cache_key(backbone, images) != key
+    torch.testing.assert_close(image_features(backbone, images, cache_dir=tmp_path, progress=False), 2 * feats)
