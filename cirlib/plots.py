@@ -139,3 +139,262 @@ def histogram(values: np.ndarray, xlabel: str, bins=20, title: str = "") -> matp
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def confusion_matrices(frames: Mapping[str, pd.DataFrame]) -> matplotlib.figure.Figure:
+    """Row-normalised confusion matrices (rows = true class), one panel per attribute."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(frames), figsize=(4.2 * len(frames), 3.8), squeeze=False)
+    for ax, (name, frame) in zip(axes[0], frames.items()):
+        norm = frame.div(frame.sum(axis=1).clip(lower=1), axis=0)
+        sns.heatmap(norm, ax=ax, vmin=0, vmax=1, cmap="Blues", cbar=False, square=True,
+                    annot=len(frame) <= 6, fmt=".2f", annot_kws={"fontsize": 7})
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def redundancy_plot(curves_frame: pd.DataFrame) -> matplotlib.figure.Figure:
+    """iSEARLE Fig. 7: Recall@K of unimodal queries per benchmark (lower = less redundant)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), sharey=True)
+    for ax, modality in zip(axes, ("T2I", "I2I")):
+        part = curves_frame[curves_frame["modality"] == modality]
+        for benchmark, d in part.groupby("benchmark"):
+            ax.plot(d["K"], d["recall"], marker="o", label=benchmark)
+        ax.set_title(f"{modality} ({'caption only' if modality == 'T2I' else 'reference only'})", fontsize=10)
+        ax.set_xlabel("K")
+        ax.set_xscale("log")
+    axes[0].set_ylabel("Recall@K (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def extreme_aspect_examples(splits: Mapping[str, CIRSplit], n: int = 3) -> list[Path]:
+    """The tallest and widest gallery images across ``splits`` (what Fig. 6 of CLIP4Cir shows)."""
+    ranked = sorted((r, split.image_paths[name]) for split in splits.values()
+                    for name, r in zip(split.gallery, aspect_ratios(split)))
+    n_tall = (n + 1) // 2
+    return [p for _, p in ranked[:n_tall]] + [p for _, p in ranked[len(ranked) - (n - n_tall):]]
+
+
+def preprocessing_comparison(
+    images: Sequence[Path], kinds: Sequence[str], image_size: int, target_ratio: float
+) -> matplotlib.figure.Figure:
+    """CLIP4Cir Fig. 6: each image as stored and as each pipeline hands it to the encoder."""
+    from cirlib.preprocess import build_transform, visible_fraction
+
+    transforms = {k: build_transform(k, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), target_ratio) for k in kinds}
+    fig, axes = plt.subplots(len(images), len(kinds) + 1, figsize=(2.2 * (len(kinds) + 1), 2.3 * len(images)),
+                             squeeze=False)
+    for row, path in zip(axes, images):
+        img = open_image(path)
+        _show(row[0], path, f"original {img.width}×{img.height}")
+        for ax, kind in zip(row[1:], kinds):
+            ax.imshow(transforms[kind](img).permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(f"{kind}: {100 * visible_fraction(img.size, kind, target_ratio, image_size):.0f}% kept",
+                          fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def visible_area_table(
+    aspect_ratios_wh: Sequence[float], kinds: Sequence[str], target_ratio: float, image_size: int = 224
+) -> pd.DataFrame:
+    """Fraction of the image area each pipeline keeps, per aspect ratio (w/h), from exact geometry."""
+    from cirlib.preprocess import visible_fraction
+
+    base = 1000
+    rows = {}
+    for r in aspect_ratios_wh:
+        size = (base, round(base / r)) if r >= 1 else (round(base * r), base)
+        rows[r] = {k: visible_fraction(size, k, target_ratio, image_size) for k in kinds}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "aspect ratio (w/h)"
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP4Cir analysis figures (Figs. 7-12); the numbers come from cirlib.analysis
+# --------------------------------------------------------------------------------------------
+
+from typing import TYPE_CHECKING  # noqa: E402  (this section was appended as a unit)
+
+if TYPE_CHECKING:
+    from cirlib.analysis import GapStats
+
+TARGET_VIOLET = "#8e44ad"
+GAP_RED = "#d62728"
+OVERLAP_GREEN = "#0b5d1e"
+
+
+def _image_axis(ax: plt.Axes, image: Image.Image | np.ndarray, label: str) -> None:
+    ax.imshow(np.asarray(image))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(label, fontsize=8)
+
+
+def _caption_axis(ax: plt.Axes, caption: str, width: int = 28) -> None:
+    ax.axis("off")
+    ax.text(0.5, 0.5, "“" + "\n".join(textwrap.wrap(caption, width)) + "”", ha="center", va="center", fontsize=9)
+
+
+def similarity_histograms(
+    groups: Mapping[str, Mapping[str, np.ndarray]], bins: int = 60, title: str = ""
+) -> matplotlib.figure.Figure:
+    """CLIP4Cir Fig. 7: density histograms of pairwise cosine similarities, mean marked.
+
+    ``groups`` maps a row label (e.g. "out-of-the-box", "fine-tuned") to ``{kind: similarities}``
+    (e.g. "image", "text" from :func:`cirlib.analysis.pairwise_similarities`); columns are kinds and
+    share their bins, so a column compares the models directly. Lower means = less cone effect.
+    """
+    kinds = list(dict.fromkeys(kind for per_kind in groups.values() for kind in per_kind))
+    fig, axes = plt.subplots(len(groups), len(kinds), figsize=(3.6 * len(kinds), 2.5 * len(groups)),
+                             squeeze=False, sharex="col")
+    for col, kind in enumerate(kinds):
+        values = [np.asarray(per_kind[kind]) for per_kind in groups.values() if kind in per_kind]
+        edges = np.histogram_bin_edges(np.concatenate(values), bins=bins)
+        for row, (label, per_kind) in enumerate(groups.items()):
+            ax = axes[row][col]
+            if kind not in per_kind:
+                ax.axis("off")
+                continue
+            sims = np.asarray(per_kind[kind])
+            ax.hist(sims, bins=edges, density=True, color="#4c72b0", alpha=0.8)
+            ax.axvline(sims.mean(), color=GAP_RED, ls="--", lw=1.2)
+            ax.text(0.02, 0.92, f"mean {sims.mean():.3f}", transform=ax.transAxes, fontsize=8, color=GAP_RED,
+                    va="top")
+            ax.set_title(f"{label}: {kind} features", fontsize=9)
+            if col == 0:
+                ax.set_ylabel("density")
+            if row == len(groups) - 1:
+                ax.set_xlabel("cosine similarity of random pairs")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def gap_histograms(stats: Mapping[str, "GapStats"], ncols: int = 2, title: str = "") -> matplotlib.figure.Figure:
+    """CLIP4Cir Fig. 8: query-target (violet) vs query-non-target (green) similarity densities.
+
+    The red arrow spans the gap between the two means; the dark-green area is the histograms'
+    intersection, its intersection-over-union printed in the corner (smaller = fewer errors).
+    """
+    ncols = max(1, min(ncols, len(stats)))
+    nrows = -(-len(stats) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.9 * nrows), squeeze=False)
+    for ax, (label, s) in zip(axes.flat, stats.items()):
+        target, other = s.densities()
+        ax.stairs(other, s.bin_edges, fill=True, color=GREEN, alpha=0.45, label="non-target")
+        ax.stairs(target, s.bin_edges, fill=True, color=TARGET_VIOLET, alpha=0.45, label="target")
+        ax.stairs(np.minimum(target, other), s.bin_edges, fill=True, color=OVERLAP_GREEN, alpha=0.85,
+                  label="intersection")
+        top = 1.05 * max(target.max(), other.max())
+        ax.set_ylim(0, 1.25 * top)
+        for mean, colour in ((s.non_target_mean, GREEN), (s.target_mean, TARGET_VIOLET)):
+            ax.axvline(mean, color=colour, ls="--", lw=1)
+        ax.annotate("", xy=(s.target_mean, top), xytext=(s.non_target_mean, top),
+                    arrowprops={"arrowstyle": "<->", "color": GAP_RED, "lw": 1.8})
+        ax.text((s.target_mean + s.non_target_mean) / 2, 1.03 * top, f"gap {s.mean_gap:.3f}", color=GAP_RED,
+                ha="center", va="bottom", fontsize=8)
+        ax.text(0.02, 0.97, f"IoU {s.overlap:.3f}", transform=ax.transAxes, color=OVERLAP_GREEN, fontsize=8,
+                va="top")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("cosine similarity to the combined query")
+        ax.set_ylabel("density")
+    for ax in list(axes.flat)[len(stats):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def gradcam_grid(
+    rows: Sequence[tuple[Image.Image, str, np.ndarray]], layer: str, alpha: float = 0.5
+) -> matplotlib.figure.Figure:
+    """CLIP4Cir Figs. 9-10: reference | caption | Grad-CAM over the reference, one query per row.
+
+    Each row is ``(preprocessed reference, caption, cam)`` as from
+    :func:`cirlib.analysis.reference_input` and :func:`cirlib.analysis.gradcam`; ``layer`` names
+    where the map was read (:func:`cirlib.analysis.gradcam_layer`) and goes into the title.
+    """
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.2, 2.3 * len(rows)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.4, 1]})
+    for row_axes, (image, caption, cam) in zip(axes, rows):
+        _image_axis(row_axes[0], image, "reference (as encoded)")
+        _caption_axis(row_axes[1], caption)
+        _image_axis(row_axes[2], image, "Grad-CAM")
+        width, height = image.size
+        row_axes[2].imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1,
+                           extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+    fig.suptitle(f"{layer}\n(gradients of the combined query features)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def retrieval_grid(
+    split: CIRSplit,
+    query_indices: Sequence[int],
+    ranked_names: Sequence[Sequence[str]],
+    k: int = 5,
+    title: str | None = None,
+) -> matplotlib.figure.Figure:
+    """CLIP4Cir Figs. 11-12: reference | caption | top-``k`` results, ground truths framed green.
+
+    ``ranked_names[i]`` ranks the gallery for query ``query_indices[i]`` (e.g. from
+    :func:`cirlib.analysis.top_k_names`). A result is a ground truth if it is in the query's
+    ``ground_truths`` (CIRCO: every annotated target) or is its ``target``.
+    """
+    if len(ranked_names) != len(query_indices):
+        raise ValueError(f"{len(ranked_names)} rankings for {len(query_indices)} queries")
+    fig, axes = plt.subplots(len(query_indices), k + 2, figsize=(1.7 * (k + 2) + 0.8, 2.0 * len(query_indices)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 1.5] + [1] * k})
+    for row_axes, qi, names in zip(axes, query_indices, ranked_names):
+        q = split.queries[qi]
+        truths = set(q.ground_truths) | ({q.target} if q.target is not None else set())
+        _show(row_axes[0], split.image_paths[q.reference], "reference")
+        _caption_axis(row_axes[1], query_text(q), width=22)
+        for rank, ax in enumerate(row_axes[2:], 1):
+            if rank > len(names):
+                ax.axis("off")
+                continue
+            name = names[rank - 1]
+            _show(ax, split.image_paths[name], f"{rank}", frame=GREEN if name in truths else None)
+    fig.suptitle(title or f"{split.dataset} / {split.split}: top-{k} results (green = ground truth)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def run_curves(
+    histories: Mapping[tuple[str, str], Sequence[Mapping[str, float]]],
+    main_metrics: Mapping[str, str],
+    title: str = "",
+) -> matplotlib.figure.Figure:
+    """Per-epoch training loss and validation main metric of several runs keyed (benchmark, variant)."""
+    benches = list(dict.fromkeys(b for b, _ in histories))
+    fig, axes = plt.subplots(1, 1 + len(benches), figsize=(3.8 * (1 + len(benches)), 3), squeeze=False)
+    for (bench, variant), history in histories.items():
+        frame = pd.DataFrame(list(history))
+        axes[0][0].plot(frame["epoch"], frame["loss"], marker=".", label=f"{bench} / {variant}")
+        ax = axes[0][1 + benches.index(bench)]
+        ax.plot(frame["epoch"], frame[main_metrics[bench]], marker=".", label=variant)
+    axes[0][0].set_title("training loss", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    for bench, ax in zip(benches, axes[0][1:]):
+        ax.set_title(f"{bench}: validation {main_metrics[bench]}", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

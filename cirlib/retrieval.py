@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cirlib.backbone import Backbone
-from cirlib.combiner import combine_sum, merge_metrics
+from cirlib.combiner import apply_combine, combine_sum, merge_metrics
 from cirlib.datasets import CIRSplit, query_text
 from cirlib.evaluate import evaluate_split
 from cirlib.features import image_features, text_features
@@ -80,7 +80,7 @@ def evaluate_features(
     by_dataset: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     for name, split in splits.items():
         f = features[name]
-        by_dataset[split.dataset][name] = evaluate_split(split, combine(f.reference, f.text), f.gallery)
+        by_dataset[split.dataset][name] = evaluate_split(split, apply_combine(combine, f.reference, f.text), f.gallery)
     out: dict[str, float] = {}
     for dataset, per_split in by_dataset.items():
         merged = merge_metrics(per_split, dataset)

@@ -1,0 +1,250 @@
+"""CLIP4Cir analysis numerics (cirlib.analysis) and their figures (cirlib.plots, Figs. 7-12)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import open_clip
+import pytest
+import torch
+from matplotlib.colors import to_rgba
+
+from cirlib import analysis, plots
+from cirlib.backbone import load_backbone
+from cirlib.combiner import Combiner, combine_sum
+
+TINY_RN = "cirlib-test-tiny-RN"
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return load_backbone(pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """A ResNet CLIP small enough for CPU tests (RN50 random init alone takes ~10 s here)."""
+    if TINY_RN not in open_clip.list_models():
+        folder = tmp_path_factory.mktemp("rn_config")
+        config = {
+            "embed_dim": 64,
+            "vision_cfg": {"image_size": 128, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+        }
+        (folder / f"{TINY_RN}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder)
+    return load_backbone(TINY_RN, pretrained=None)
+
+
+def _pixels(backbone, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, backbone.image_size, backbone.image_size, generator=gen)
+
+
+# ------------------------------------------------------------------------ pairwise similarities
+
+
+def test_pairwise_similarities_hand_checked() -> None:
+    assert analysis.pairwise_similarities(np.eye(4)).tolist() == [0.0] * 6  # orthogonal: all 6 pairs
+    same = np.array([[1.0, 2.0], [2.0, 4.0], [-3.0, -6.0]])  # cosine ignores the norm, not the sign
+    assert analysis.pairwise_similarities(same) == pytest.approx([1.0, -1.0, -1.0])
+    mixed = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    assert analysis.pairwise_similarities(mixed) == pytest.approx([1.0, 2 ** -0.5, 2 ** -0.5])
+    with pytest.raises(ValueError, match="at least 2"):
+        analysis.pairwise_similarities(np.ones((1, 3)))
+
+
+def test_pairwise_sampling_is_seeded_and_uses_distinct_pairs() -> None:
+    feats = np.random.default_rng(1).normal(size=(60, 8))
+    a = analysis.pairwise_similarities(feats, n_pairs=200, seed=3)
+    assert a.shape == (200,) and a.dtype == np.float64
+    assert np.array_equal(a, analysis.pairwise_similarities(feats, n_pairs=200, seed=3))
+    assert not np.array_equal(a, analysis.pairwise_similarities(feats, n_pairs=200, seed=4))
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    i, j = np.triu_indices(60, 1)
+    all_sims = np.sort((unit[i] * unit[j]).sum(1))
+    pos = np.searchsorted(all_sims, a)  # every sample is one of the i < j pairs: no self-pairs (sim 1)
+    near = np.minimum(np.abs(all_sims[np.clip(pos, 0, len(all_sims) - 1)] - a),
+                      np.abs(all_sims[np.clip(pos - 1, 0, len(all_sims) - 1)] - a))
+    assert near.max() < 1e-6 and a.max() < 1 - 1e-6
+
+
+def test_linear_pair_index_inverts_row_major_enumeration() -> None:
+    for n in (2, 3, 7, 120):
+        i, j = np.triu_indices(n, 1)
+        a, b = analysis._pair_from_linear(np.arange(len(i)), n)
+        assert np.array_equal(a, i) and np.array_equal(b, j)
+
+
+# ------------------------------------------------------------------------------ similarity gap
+
+
+def test_gap_stats_identical_disjoint_and_partial() -> None:
+    same = analysis.gap_stats([0.1, 0.5, 0.9], [0.1, 0.5, 0.9], n_bins=10)
+    assert same.overlap == 1.0 and same.mean_gap == 0.0
+    apart = analysis.gap_stats([0.8, 0.85, 0.9], [0.1, 0.2], n_bins=20)
+    assert apart.overlap == 0.0 and apart.mean_gap == pytest.approx(0.85 - 0.15)
+    # bins [0,1) and [1,2]: target masses (.5, .5), non-target (0, 1) -> IoU = .5 / 1.5
+    part = analysis.gap_stats([0, 0, 1, 1], [1, 1, 2, 2], n_bins=2)
+    assert part.overlap == pytest.approx(1 / 3) and part.mean_gap == -1.0
+    for density in part.densities():
+        assert (density * np.diff(part.bin_edges)).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="non-target"):
+        analysis.gap_stats([0.5], [])
+
+
+def test_similarity_gap_hand_made_features() -> None:
+    gallery = torch.eye(4)
+    query = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    stats = analysis.similarity_gap(query, gallery, [0, 2], exclude_idx=[1, -1], n_non_target=None)
+    assert stats.target_sims == pytest.approx([2 ** -0.5, 1.0])
+    assert stats.non_target_sims.tolist() == [0.0] * 5  # query 0: rows 2, 3; query 1: rows 0, 1, 3
+    assert stats.mean_gap == pytest.approx((2 ** -0.5 + 1) / 2) and stats.overlap == 0.0
+
+
+def test_similarity_gap_samples_excludes_and_warns() -> None:
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(30, 6))
+    query = gallery[:20] * 2  # each query equals gallery row q: similarity exactly 1 there
+    targets = np.arange(20) + 1
+    kw = dict(exclude_idx=np.arange(20), n_non_target=5, seed=7)
+    stats = analysis.similarity_gap(query, gallery, targets, **kw)
+    assert stats.non_target_sims.shape == (100,) and stats.non_target_sims.max() < 1 - 1e-6
+    again = analysis.similarity_gap(query, gallery, targets, **kw)
+    assert np.array_equal(stats.non_target_sims, again.non_target_sims)
+    with pytest.warns(UserWarning, match="1 of 20 queries"):
+        partial = analysis.similarity_gap(query, gallery, np.where(targets == 5, -1, targets), **kw)
+    assert partial.target_sims.shape == (19,)
+    with pytest.raises(ValueError, match="target_idx"):
+        analysis.similarity_gap(query, gallery, targets[:3])
+
+
+# ------------------------------------------------------------------------------------ Grad-CAM
+
+
+def test_gradcam_vit_shape_range_and_caption_dependence(vit) -> None:
+    pixels = _pixels(vit)
+    cam = analysis.gradcam(vit, combine_sum, pixels, "is red with long sleeves")
+    assert cam.shape == (vit.image_size, vit.image_size) and cam.dtype == np.float32
+    assert cam.min() == 0.0 and cam.max() == pytest.approx(1.0)
+    other = analysis.gradcam(vit, combine_sum, pixels, "has a star print and no sleeves")
+    assert not np.allclose(cam, other)
+    with torch.no_grad():
+        target = vit.encode_image(_pixels(vit, seed=1))[0]
+    towards_target = analysis.gradcam(vit, combine_sum, pixels, "is red with long sleeves", target)
+    assert not np.allclose(cam, towards_target)
+    with pytest.raises(ValueError, match=r"\[1, 3, S, S\]"):
+        analysis.gradcam(vit, combine_sum, pixels[0], "x")
+
+
+def test_gradcam_leaves_flags_modes_weights_and_grads_untouched(vit) -> None:
+    model = vit.model
+    model.visual.requires_grad_(False)  # a frozen image tower must still give gradients
+    model.visual.transformer.resblocks[0].train()
+    combiner = Combiner(vit.embed_dim).train()  # dropout on: eval mode is needed for stable maps
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        first = analysis.gradcam(vit, combiner, _pixels(vit), "is darker")
+        second = analysis.gradcam(vit, combiner, _pixels(vit), "is darker")
+        assert np.array_equal(first, second) and first.max() == pytest.approx(1.0)
+        assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+        assert modes == {n: m.training for n, m in model.named_modules()}
+        assert combiner.training and all(m.training for m in combiner.modules())
+        assert all(p.grad is None for p in [*model.parameters(), *combiner.parameters()])
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    finally:
+        model.requires_grad_(True)
+        model.eval()
+
+
+def test_gradcam_resnet_last_conv_map(resnet) -> None:
+    resnet.model.train()  # BatchNorm statistics must not move
+    state = {k: v.clone() for k, v in resnet.model.state_dict().items()}
+    pixels = _pixels(resnet)
+    cam = analysis.gradcam(resnet, combine_sum, pixels, "is blue")
+    assert cam.shape == (128, 128) and cam.min() == 0.0 and cam.max() == pytest.approx(1.0)
+    assert not np.allclose(cam, analysis.gradcam(resnet, combine_sum, pixels, "has a belt and is shorter"))
+    assert resnet.model.training and all(torch.equal(v, state[k]) for k, v in resnet.model.state_dict().items())
+    assert "conv" in analysis.gradcam_layer(resnet)
+    resnet.model.eval()
+
+
+def test_reference_input_and_gradcam_grid(vit, fixture_splits) -> None:
+    split = fixture_splits["fashioniq/dress"]
+    q = split.queries[0]
+    pixels, shown = analysis.reference_input(vit, split.image_paths[q.reference])
+    assert pixels.shape == (1, 3, vit.image_size, vit.image_size) and shown.size == (vit.image_size,) * 2
+    mean, std = torch.tensor(vit.mean).view(3, 1, 1), torch.tensor(vit.std).view(3, 1, 1)
+    restored = torch.from_numpy(np.array(shown)).permute(2, 0, 1) / 255.0
+    assert torch.allclose(restored, (pixels[0] * std + mean).clamp(0, 1), atol=1 / 255)
+    cam = analysis.gradcam(vit, combine_sum, pixels, "is longer")
+    layer = analysis.gradcam_layer(vit)
+    assert layer == "Grad-CAM on the last ViT block's input tokens"
+    fig = plots.gradcam_grid([(shown, "is longer", cam), (shown, "is red", cam)], layer)
+    assert len(fig.axes) == 6 and layer in fig._suptitle.get_text()
+    assert len(fig.axes[2].images) == 2  # the reference with the heat-map on top
+
+
+# ------------------------------------------------------------------------ ranked result grids
+
+
+def test_top_k_names_follows_protocol_exclusion(fixture_splits) -> None:
+    split = fixture_splits["cirr"]
+    gallery = torch.eye(len(split.gallery))
+    ref_rows = [split.gallery.index(q.reference) for q in split.queries]
+    names = analysis.top_k_names(split, gallery[ref_rows] + 0.5 * gallery[[1, 2, 3]], gallery, k=3)
+    # CIRR removes the reference: the second-best row (weight 0.5) comes first
+    assert [row[0] for row in names] == [split.gallery[i] for i in (1, 2, 3)]
+    assert all(q.reference not in row for q, row in zip(split.queries, names))
+    kept = analysis.top_k_names(split, gallery[ref_rows[:1]], gallery, k=2, query_indices=[0],
+                                exclude_reference=False)
+    assert kept == [[split.queries[0].reference, split.gallery[0 if ref_rows[0] else 1]]]
+
+
+def test_retrieval_grid_frames_exactly_the_ground_truths(fixture_splits) -> None:
+    split = fixture_splits["circo"]  # query 0: ground truths 102 and 103; query 2: 107, 101, 103, 104
+    ranked = [["103", "104", "102", "105"], ["101", "102", "103", "107"]]
+    fig = plots.retrieval_grid(split, [0, 2], ranked, k=4)
+    green = to_rgba(plots.GREEN)
+    cols = 4 + 2
+    framed = {(r, c - 2) for r in range(2) for c in range(2, cols)
+              if fig.axes[r * cols + c].spines["left"].get_edgecolor() == green}
+    assert framed == {(0, 0), (0, 2), (1, 0), (1, 2), (1, 3)}
+    assert fig.axes[0].spines["left"].get_edgecolor() != green  # the reference is never framed
+    short = plots.retrieval_grid(fixture_splits["fashioniq/dress"], [0], [["B0001DRS02"]], k=3)
+    assert short.axes[2].spines["top"].get_linewidth() == 4 and not short.axes[3].axison
+    with pytest.raises(ValueError, match="rankings"):
+        plots.retrieval_grid(split, [0, 1], ranked[:1])
+
+
+# ------------------------------------------------------------------------------ distribution plots
+
+
+def test_similarity_and_gap_histograms_mark_means() -> None:
+    rng = np.random.default_rng(0)
+    groups = {
+        "out-of-the-box": {"image": rng.normal(0.6, 0.05, 500), "text": rng.normal(0.7, 0.05, 500)},
+        "fine-tuned": {"image": rng.normal(0.2, 0.1, 500), "text": rng.normal(0.6, 0.05, 500)},
+    }
+    fig = plots.similarity_histograms(groups)
+    assert len(fig.axes) == 4
+    mean_line = fig.axes[2].lines[0].get_xdata()[0]  # row "fine-tuned", column "image"
+    assert mean_line == pytest.approx(groups["fine-tuned"]["image"].mean())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = {"sum": analysis.gap_stats(rng.normal(0.5, 0.1, 200), rng.normal(0.3, 0.1, 2000)),
+                 "combiner": analysis.gap_stats(rng.normal(0.4, 0.1, 200), rng.normal(0.0, 0.1, 2000))}
+        fig = plots.gap_histograms(stats)
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert f"gap {stats['combiner'].mean_gap:.3f}" in texts and f"IoU {stats['combiner'].overlap:.3f}" in texts
