@@ -34,7 +34,7 @@ def save_figure(fig: matplotlib.figure.Figure, name: str, figdir: Path, dpi: int
 def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.2f}") -> str:
     """A GitHub-flavoured markdown table (pandas' own needs the optional ``tabulate``)."""
     frame = df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df
-    cols = [str(c) for c in frame.columns]
+    cols = [" ".join(str(p) for p in c if str(p)) if isinstance(c, tuple) else str(c) for c in frame.columns]
 
     def fmt(v: object) -> str:
         return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)

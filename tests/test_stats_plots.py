@@ -40,6 +40,8 @@ def test_aspect_coverage_counts_and_rejects_unknown(fixture_splits) -> None:
 def test_markdown_table_is_exact() -> None:
     df = pd.DataFrame({"R@10": [1.234, 50.0]}, index=pd.Index(["sum", "image"], name="method"))
     assert plots.to_markdown(df) == "| method | R@10 |\n|---|---|\n| sum | 1.23 |\n| image | 50.00 |\n"
+    multi = pd.DataFrame({("circo", "%"): [5.0]}, index=pd.Index(["addition"], name="aspect"))
+    assert plots.to_markdown(multi).splitlines()[0] == "| aspect | circo % |"
 
 
 def test_save_table_and_figure_write_stable_names(tmp_path: Path) -> None:
