@@ -1,0 +1,490 @@
+"""Stage 1 of CLIP4Cir (§3.1): task-oriented fine-tuning of the CLIP encoders.
+
+The query is combined by the element-wise sum ``psi_I(I_q) + psi_T(T_q)`` and trained with the
+batch contrastive loss (Eq. 1) against the target image features, so that captions become
+*displacement vectors* in the image space ("additivity"). The image encoder, the text encoder or
+both are updated (Tables 1-2: IFT, TFT, both; the CVPRW poster fine-tunes the text encoder only);
+the other encoder is frozen and its features are computed once and reused. With a
+:class:`~cirlib.combiner.Combiner` as combining function the same loop trains encoders and
+Combiner end to end (Tables 5-6).
+
+As in the reference implementation the whole CLIP model stays in eval mode: ResNet batch-norm
+layers keep their running statistics (and their affine parameters are frozen too), and CLIP has
+no dropout to switch on. Images are decoded and preprocessed once into a uint8 tensor cache
+(:class:`PixelCache`), so training time goes into the encoders rather than into PNG decoding; on a
+CPU the encoders' cost then decides the budget (see ``Stage1Config.epoch_size``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cirlib.backbone import save_backbone, sidecar_path
+from cirlib.combiner import (
+    CombineFn,
+    Combiner,
+    TrainingLoop,
+    batch_slices,
+    combine_sum,
+    epoch_seed,
+    evaluate_splits,
+    main_metric_for,
+    training_triplets,
+)
+from cirlib.datasets import CIRSplit, Query, query_text
+from cirlib.device import autocast, grad_scaler
+from cirlib.features import ImageFileDataset
+from cirlib.io import atomic_path, fingerprint, write_json
+from cirlib.losses import batch_contrastive_loss
+from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, build_transform, kind_ratio
+
+if TYPE_CHECKING:
+    from cirlib.backbone import Backbone
+
+Encoders = Literal["image", "text", "both"]
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage-1 hyper-parameters. Defaults are CLIP4Cir's (§4.1) for pretrained CLIP RN50.
+
+    Real CLIP needs a tiny learning rate (2e-6) not to forget its pretraining; the course's tiny
+    backbone, pretrained from scratch on a few thousand images, moves much less per step at that
+    rate, so :meth:`for_tiny` raises it and shrinks batch size and schedule to fit a CPU budget.
+    ``main_metric=None`` selects by the dataset: FashionIQ ``average`` ((R@10 + R@50) / 2, averaged
+    over categories), CIRR ``avg`` ((R@5 + Rsubset@1) / 2), CIRCO ``mAP@10``.
+    """
+
+    encoders: Encoders = "both"
+    lr: float = 2e-6
+    weight_decay: float = 1e-2
+    batch_size: int = 512  # 192 for RN50x4 on a 24 GB GPU
+    epochs: int = 150
+    patience: int = 10
+    epoch_size: int | None = None  # triplets drawn per epoch (None: all); a CPU-budget knob
+    scale: float = 100.0  # tau of Eq. (1)
+    transform_kind: TransformKind = "targetpad"
+    target_ratio: float = DEFAULT_TARGET_RATIO
+    caption_augment: bool = True  # FashionIQ: random caption order or a single caption
+    amp: bool = True  # mixed precision, CUDA only
+    grad_checkpointing: bool = True  # transformer towers, CUDA only
+    main_metric: str | None = None
+    combiner_lr: float = 2e-5  # end-to-end training only
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoders not in ("image", "text", "both"):
+            raise ValueError(f"Stage1Config.encoders must be 'image', 'text' or 'both', got {self.encoders!r}")
+        if self.epoch_size is not None and self.epoch_size < 2:
+            raise ValueError(f"Stage1Config.epoch_size must be None or >= 2, got {self.epoch_size}")
+
+    @classmethod
+    def for_tiny(cls, **overrides) -> "Stage1Config":
+        """The tiny backbone's setting. On a 2-core CPU, tuning the image tower (forward and
+        backward of two images per triplet) runs at tens of triplets per second at best and the
+        text tower alone a few times faster, so budgeted runs also set ``epoch_size``."""
+        return cls(**{"lr": 3e-5, "weight_decay": 1e-2, "batch_size": 64, "epochs": 8, "patience": 3, **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-decoded images
+# --------------------------------------------------------------------------------------------
+
+
+class PixelCache:
+    """Images after the preprocessing pipeline, as uint8 ``[N, 3, S, S]`` (optionally on disk).
+
+    The pipeline runs with mean 0 / std 1, whose output is exactly ``k / 255``; storing ``k`` and
+    normalising per batch gives bit-identical inputs to :func:`cirlib.preprocess.build_transform`
+    at a quarter of the memory of float tensors. With ``cache_dir`` the array is written once as a
+    ``.npy`` file keyed by the file list (paths, sizes, mtimes) and the pipeline, and memory-mapped.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        image_size: int,
+        transform_kind: TransformKind = "targetpad",
+        target_ratio: float = DEFAULT_TARGET_RATIO,
+        cache_dir: Path | str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.image_size = int(image_size)
+        self.transform = build_transform(transform_kind, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), target_ratio)
+        key = fingerprint(
+            {
+                "version": 1,
+                "kind": transform_kind,
+                "ratio": kind_ratio(transform_kind, target_ratio),
+                "size": self.image_size,
+                "files": [(os.path.abspath(p), *_stat(p)) for p in self.paths],
+            }
+        )
+        file = Path(cache_dir) / f"pixels-{key}.npy" if cache_dir is not None else None
+        self.array = self._load(file) if file is not None and file.exists() else None
+        if self.array is None:
+            self.array = self._decode(num_workers)
+            if file is not None:
+                with atomic_path(file) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, self.array)
+                self.array = np.load(file, mmap_mode="r")
+
+    def _load(self, file: Path) -> np.ndarray | None:
+        try:
+            array = np.load(file, mmap_mode="r")
+            if array.shape != (len(self.paths), 3, self.image_size, self.image_size) or array.dtype != np.uint8:
+                raise ValueError(f"holds {array.shape} {array.dtype}")
+            return array
+        except Exception as err:  # a bad cache is rebuilt, never trusted
+            warnings.warn(f"pixel cache {file} is unusable ({err}); rebuilding it", stacklevel=3)
+            return None
+
+    def _decode(self, num_workers: int) -> np.ndarray:
+        out = np.empty((len(self.paths), 3, self.image_size, self.image_size), dtype=np.uint8)
+        loader = DataLoader(ImageFileDataset(self.paths, self.transform), batch_size=64, num_workers=num_workers)
+        row = 0
+        for batch in tqdm(loader, desc="decoding images", leave=False):
+            out[row : row + len(batch)] = (batch * 255).round_().to(torch.uint8).numpy()
+            row += len(batch)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batch(
+        self, rows: Tensor | Sequence[int], mean: Sequence[float], std: Sequence[float], device: torch.device
+    ) -> Tensor:
+        """Normalised float pixels ``[B, 3, S, S]`` of the given rows, on ``device``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        pixels = torch.from_numpy(np.ascontiguousarray(self.array[rows])).to(device)
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
+        return pixels.float().div_(255).sub_(m).div_(s)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    return st.st_size, st.st_mtime_ns
+
+
+def _encode_rows(
+    backbone: "Backbone", pixels: PixelCache, rows: Sequence[int], amp: bool, batch_size: int = 256
+) -> Tensor:
+    """Features (float32, CPU) of cached images with the backbone's current weights, no grads."""
+    model, device = backbone.model, backbone.device
+    out = []
+    with torch.no_grad(), autocast(device, amp):
+        for i in range(0, len(rows), batch_size):
+            x = pixels.batch(rows[i : i + batch_size], backbone.mean, backbone.std, device)
+            out.append(model.encode_image(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, backbone.embed_dim)
+
+
+def _encode_texts(backbone: "Backbone", texts: Sequence[str], amp: bool, batch_size: int = 256) -> Tensor:
+    model, device = backbone.model, backbone.device
+    out = []
+    with torch.no_grad(), autocast(device, amp):
+        for i in range(0, len(texts), batch_size):
+            tokens = backbone.tokenize(list(texts[i : i + batch_size])).to(device)
+            out.append(model.encode_text(tokens).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, backbone.embed_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation with the weights being trained
+# --------------------------------------------------------------------------------------------
+
+
+def module_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers: tells whether a tower changed since last time."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def stage1_evaluator(
+    splits: CIRSplit | Mapping[str, CIRSplit],
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    cache_dir: Path | str | None = None,
+    amp: bool = True,
+) -> Callable[["Backbone", CombineFn], dict[str, float]]:
+    """Validation for changing encoders: ``val_fn(backbone, combine) -> metrics``.
+
+    Each call encodes the splits' reference and gallery images (pre-decoded into a
+    :class:`PixelCache` on the first call) and their deterministic captions with the backbone's
+    *current* weights, then scores ``combine(reference, caption)`` with the benchmark protocol.
+    Image features are reused while the image tower's weights are unchanged (text-encoder
+    fine-tuning), which is most of the cost. Several splits (the FashionIQ categories) are merged
+    as in :func:`cirlib.combiner.evaluate_splits`.
+    """
+    return _Stage1Evaluator(splits, transform_kind, target_ratio, cache_dir, amp)
+
+
+class _Stage1Evaluator:
+    """State of :func:`stage1_evaluator`: pixel caches and the last image features per split."""
+
+    def __init__(
+        self,
+        splits: CIRSplit | Mapping[str, CIRSplit],
+        transform_kind: TransformKind,
+        target_ratio: float,
+        cache_dir: Path | str | None,
+        amp: bool,
+    ) -> None:
+        self.splits = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
+        self.transform_kind, self.target_ratio, self.cache_dir, self.amp = transform_kind, target_ratio, cache_dir, amp
+        self._pixels: dict[tuple[str, int], PixelCache] = {}  # (split, input size) -> images
+        self._images: dict[str, tuple[str, Tensor]] = {}  # split -> (image-tower digest, features)
+
+    def _image_features(self, backbone: "Backbone", name: str, names: list[str]) -> Tensor:
+        key = (name, backbone.image_size)
+        if key not in self._pixels:
+            paths = [self.splits[name].image_paths[n] for n in names]
+            self._pixels[key] = PixelCache(
+                paths, backbone.image_size, self.transform_kind, self.target_ratio, self.cache_dir
+            )
+        digest = module_digest(backbone.model.visual)
+        if name not in self._images or self._images[name][0] != digest:
+            pixels = self._pixels[key]
+            self._images[name] = (digest, _encode_rows(backbone, pixels, list(range(len(pixels))), self.amp))
+        return self._images[name][1]
+
+    def __call__(self, backbone: "Backbone", combine: CombineFn) -> dict[str, float]:
+        features = {}
+        for name, split in self.splits.items():
+            names = list(dict.fromkeys([*(q.reference for q in split.queries), *split.gallery]))
+            row = {n: i for i, n in enumerate(names)}
+            images = self._image_features(backbone, name, names)
+            texts = _encode_texts(backbone, [query_text(q) for q in split.queries], self.amp)
+            references = images[[row[q.reference] for q in split.queries]]
+            features[name] = (references, texts, images[[row[g] for g in split.gallery]])
+        return evaluate_splits(self.splits, features, combine)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(model: nn.Module, encoders: Encoders) -> dict[str, nn.Parameter]:
+    """The parameters stage 1 updates: the chosen tower(s), minus batch-norm affine parameters.
+
+    The image tower is ``model.visual``; the text tower is everything else except the CLIP logit
+    scale/bias, which Eq. (1) does not use (its temperature is the fixed ``scale``).
+    """
+    frozen_bn = {
+        f"{mod_name}.{p_name}" if mod_name else p_name
+        for mod_name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for p_name, _ in module.named_parameters(recurse=False)
+    }
+    chosen = {}
+    for name, param in model.named_parameters():
+        is_image = name.startswith("visual.")
+        is_text = not is_image and name not in ("logit_scale", "logit_bias")
+        wanted = (is_image and encoders in ("image", "both")) or (is_text and encoders in ("text", "both"))
+        if wanted and name not in frozen_bn:
+            chosen[name] = param
+    return chosen
+
+
+def _run_fingerprint(
+    backbone: "Backbone", splits: Sequence[CIRSplit], config: Stage1Config, combiner: Combiner | None
+) -> str:
+    data = [
+        (s.dataset, s.split, str(s.root), [(q.reference, q.target, list(q.captions)) for q in s.queries])
+        for s in splits
+    ]
+    return fingerprint(
+        {
+            "stage": "end-to-end" if combiner is not None else "stage1",
+            "config": asdict(config),
+            "backbone": backbone.fingerprint,
+            "combiner": combiner.hparams if combiner is not None else None,
+            "data": fingerprint(data),
+        }
+    )
+
+
+@contextlib.contextmanager
+def _training_setup(
+    model: nn.Module, trainable: Mapping[str, nn.Parameter], grad_checkpointing: bool
+) -> Iterator[None]:
+    """Grads only for ``trainable`` (and checkpointing if asked) while training; the caller's flags after."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        if grad_checkpointing:
+            model.set_grad_checkpointing(False)
+        model.eval()
+
+
+class _TripletFeatures:
+    """Features of the training triplets: the tuned tower runs with grads, a frozen one only once.
+
+    Images come from a :class:`PixelCache`; with the image tower frozen every image is encoded a
+    single time up front, with the text tower frozen each caption rendering is encoded when first
+    seen and then reused.
+    """
+
+    def __init__(
+        self,
+        backbone: "Backbone",
+        triplets: Sequence[tuple[CIRSplit, Query]],
+        config: Stage1Config,
+        cache_dir: Path | str | None,
+    ) -> None:
+        self.backbone, self.amp = backbone, config.amp
+        self.tune_image, self.tune_text = config.encoders in ("image", "both"), config.encoders in ("text", "both")
+        paths = {n: s.image_paths[n] for s, q in triplets for n in (q.reference, q.target)}
+        row = {n: i for i, n in enumerate(paths)}
+        self.pixels = PixelCache(
+            list(paths.values()), backbone.image_size, config.transform_kind, config.target_ratio, cache_dir
+        )
+        self.reference = torch.tensor([row[q.reference] for _, q in triplets])
+        self.target = torch.tensor([row[q.target] for _, q in triplets])
+        self.image_bank = None
+        if not self.tune_image:
+            self.image_bank = _encode_rows(backbone, self.pixels, list(range(len(row))), self.amp).to(backbone.device)
+        self.text_bank: dict[str, Tensor] = {}
+
+    def images(self, rows: Tensor) -> Tensor:
+        if self.image_bank is not None:
+            return self.image_bank[rows.to(self.image_bank.device)]
+        bb = self.backbone
+        return bb.model.encode_image(self.pixels.batch(rows, bb.mean, bb.std, bb.device))
+
+    def texts(self, texts: list[str]) -> Tensor:
+        bb = self.backbone
+        if self.tune_text:
+            return bb.model.encode_text(bb.tokenize(texts).to(bb.device))
+        new = [t for t in dict.fromkeys(texts) if t not in self.text_bank]
+        if new:
+            self.text_bank.update(zip(new, _encode_texts(bb, new, self.amp).to(bb.device)))
+        return torch.stack([self.text_bank[t] for t in texts])
+
+
+def finetune(
+    backbone: "Backbone",
+    train_splits: CIRSplit | Sequence[CIRSplit],
+    val_fn: Callable[["Backbone", CombineFn], dict[str, float]],
+    config: Stage1Config = Stage1Config(),
+    out_dir: Path | str = "stage1",
+    combiner: Combiner | None = None,
+    cache_dir: Path | str | None = None,
+) -> tuple["Backbone", list[dict]]:
+    """Fine-tune ``backbone`` in place on the training triplets; return it (best epoch) and the history.
+
+    ``val_fn(backbone, combine)`` (see :func:`stage1_evaluator`) runs after every epoch; the epoch
+    with the best ``config.main_metric`` is kept. ``out_dir`` receives ``checkpoint.pt`` (resumable;
+    a finished run with the same config, weights and data is loaded instead of retrained),
+    ``history.json`` and ``backbone.safetensors`` (+ JSON, for :func:`cirlib.backbone.load_backbone`).
+    With ``combiner`` the Combiner replaces the element-wise sum and is trained jointly (end-to-end,
+    learning rate ``config.combiner_lr``); it is updated in place as well. ``cache_dir`` keeps the
+    decoded training images (:class:`PixelCache`) for later runs.
+    """
+    splits = [train_splits] if isinstance(train_splits, CIRSplit) else list(train_splits)
+    triplets = training_triplets(splits)
+    out_dir = Path(out_dir)
+    device, model = backbone.device, backbone.model
+    params = trainable_parameters(model, config.encoders)
+    groups = [{"params": list(params.values()), "lr": config.lr, "weight_decay": config.weight_decay}]
+    modules: dict[str, nn.Module] = {"model": model}
+    if combiner is not None:
+        combiner.to(device)
+        groups.append({"params": list(combiner.parameters()), "lr": config.combiner_lr, "weight_decay": 0.0})
+        modules["combiner"] = combiner
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-7)
+    scaler = grad_scaler(device, config.amp)
+    combine: CombineFn = combiner if combiner is not None else combine_sum
+    stage = "end-to-end" if combiner is not None else "stage1"
+    run_fingerprint = _run_fingerprint(backbone, splits, config, combiner)
+    provenance = {
+        "stage": stage, "run": run_fingerprint, "base_backbone": backbone.fingerprint, "config": asdict(config)
+    }
+    loop = TrainingLoop(
+        modules=modules,
+        optimizer=optimizer,
+        scaler=scaler,
+        ckpt_path=out_dir / "checkpoint.pt",
+        fingerprint=run_fingerprint,
+        epochs=config.epochs,
+        patience=config.patience,
+        main_metric=config.main_metric or main_metric_for(splits[0].dataset),
+        seed=config.seed,
+        desc=f"{stage} ({config.encoders})",
+        meta={**provenance, "hparams": combiner.hparams if combiner is not None else None},
+    )
+    features: list[_TripletFeatures] = []  # built in the first epoch: a finished run decodes nothing
+
+    def train_epoch(epoch: int) -> float:
+        if not features:
+            features.append(_TripletFeatures(backbone, triplets, config, cache_dir))
+        feats = features[0]
+        model.eval()  # frozen batch-norm statistics; CLIP has no dropout (CLIP4Cir does the same)
+        if combiner is not None:
+            combiner.train()
+        gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        rng = np.random.default_rng(epoch_seed(config.seed, epoch))
+        order = torch.randperm(len(triplets), generator=gen)[: config.epoch_size]
+        losses = []
+        for rows in tqdm(list(batch_slices(order, config.batch_size)), desc=f"epoch {epoch}", leave=False):
+            texts = [query_text(triplets[i][1], rng if config.caption_augment else None) for i in rows.tolist()]
+            with autocast(device, config.amp):
+                images = feats.images(torch.cat((feats.reference[rows], feats.target[rows])))
+                query = combine(images[: len(rows)], feats.texts(texts))
+            loss = batch_contrastive_loss(query, images[len(rows) :], config.scale)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+        return float(np.mean(losses))
+
+    with _training_setup(model, params, config.grad_checkpointing and device.type == "cuda"):
+        history = loop.run(train_epoch, lambda: val_fn(backbone, combine))
+    backbone.refresh_fingerprint()  # new weights: feature caches must not mistake them for the old
+    write_json(out_dir / "history.json", history)
+    _export(backbone, out_dir / "backbone.safetensors", {**provenance, "best_epoch": loop.best_epoch})
+    return backbone, history
+
+
+def _export(backbone: "Backbone", path: Path, provenance: dict) -> None:
+    """Save the fine-tuned weights for later notebooks, unless this run's export is already there."""
+    sidecar = sidecar_path(path)
+    if path.exists() and sidecar.exists():
+        try:
+            if json.loads(sidecar.read_text(encoding="utf-8"))["provenance"]["run"] == provenance["run"]:
+                return
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable or foreign sidecar: overwrite it
+    save_backbone(backbone, path, provenance)

@@ -1,0 +1,322 @@
+"""Stage-1 task-oriented fine-tuning (CLIP4Cir §3.1) and end-to-end training, on micro open_clip models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cirlib.backbone import Backbone, load_backbone
+from cirlib.combiner import Combiner, cached_evaluator, combine_sum, load_combiner
+from cirlib.datasets import CIRSplit, Query
+from cirlib import finetune as finetune_module
+from cirlib.finetune import PixelCache, Stage1Config, finetune, stage1_evaluator, trainable_parameters
+from cirlib.preprocess import transform_for
+
+MICRO_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+MICRO_CONFIGS = {
+    "test-micro-ViT": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": MICRO_TEXT,
+    },
+    "test-micro-RN": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16, "patch_size": None},
+        "text_cfg": MICRO_TEXT,
+    },
+}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "yellow": (230, 220, 20),
+    "purple": (140, 40, 160),
+    "cyan": (40, 200, 210),
+}
+SHAPES = {  # bounding boxes on a 40 x 32 canvas
+    "square": (8, 6, 32, 26),
+    "disc": (10, 4, 34, 28),
+    "bar": (4, 12, 36, 20),
+    "column": (16, 2, 24, 30),
+    "dot": (16, 12, 24, 20),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Micro models: extra threads only add synchronisation (badly so on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def micro_models(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Register two micro open_clip configs (a ViT and a ModifiedResNet with batch norm)."""
+    folder = tmp_path_factory.mktemp("model_configs")
+    for name, cfg in MICRO_CONFIGS.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+
+
+def _backbone(name: str = "test-micro-ViT", seed: int = 0) -> Backbone:
+    return load_backbone(name, None, device="cpu", seed=seed)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[CIRSplit, CIRSplit]:
+    """A FashionIQ-style colour-change task: same shape, caption names the target colour."""
+    root = tmp_path_factory.mktemp("toy")
+    (root / "images").mkdir()
+    paths = {}
+    for shape in SHAPES:
+        for colour, rgb in COLOURS.items():
+            name = f"{shape}-{colour}"
+            im = Image.new("RGB", (40, 32), (255, 255, 255))
+            draw = ImageDraw.Draw(im)
+            (draw.ellipse if shape in ("disc", "dot") else draw.rectangle)(SHAPES[shape], fill=rgb)
+            paths[name] = root / "images" / f"{name}.png"
+            im.save(paths[name])
+    names = list(paths)
+
+    def queries(seed: int, n: int) -> list[Query]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):
+            shape = list(SHAPES)[rng.integers(len(SHAPES))]
+            a, b = rng.choice(list(COLOURS), 2, replace=False)
+            target = f"{shape}-{b}"
+            out.append(Query(f"{shape}-{a}", (f"is {b}", f"make it {b}"), target, (target,), category="dress"))
+        return out
+
+    train = CIRSplit("fashioniq", "train", root, queries(0, 48), names, paths, 0)
+    val = CIRSplit("fashioniq", "val", root, queries(1, 16), names, paths, 0)
+    return train, val
+
+
+FAST = Stage1Config(lr=1e-3, weight_decay=0.0, batch_size=16, epochs=2, patience=5)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def _strip(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+# ------------------------------------------------------------------------------ what gets trained
+
+
+@pytest.mark.parametrize("encoders", ["image", "text", "both"])
+def test_only_the_chosen_encoder_changes(micro_models, toy, tmp_path: Path, encoders: str) -> None:
+    train, val = toy
+    backbone = _backbone()
+    before, flags = _state(backbone.model), {n: p.requires_grad for n, p in backbone.model.named_parameters()}
+    config = replace(FAST, encoders=encoders, epochs=1)
+    finetune(backbone, train, stage1_evaluator({"dress": val}), config, tmp_path)
+    changed = _changed(before, _state(backbone.model))
+    image = {k for k in changed if k.startswith("visual.")}
+    text = changed - image
+    assert "logit_scale" not in changed
+    assert bool(image) == (encoders in ("image", "both")) and bool(text) == (encoders in ("text", "both"))
+    assert {n: p.requires_grad for n, p in backbone.model.named_parameters()} == flags  # restored
+
+
+def test_resnet_batch_norm_stays_frozen(micro_models, toy, tmp_path: Path) -> None:
+    train, val = toy
+    backbone = _backbone("test-micro-RN")
+    bn_names = {
+        f"{m}.{k}"
+        for m, mod in backbone.model.named_modules()
+        if isinstance(mod, torch.nn.BatchNorm2d)
+        for k in mod.state_dict()
+    }
+    assert any(n.endswith("running_mean") for n in bn_names)
+    assert not bn_names & set(trainable_parameters(backbone.model, "image"))
+    before = _state(backbone.model)
+    finetune(backbone, train, stage1_evaluator(val), replace(FAST, encoders="image", epochs=1), tmp_path)
+    changed = _changed(before, _state(backbone.model))
+    assert not changed & bn_names  # running statistics, counters and affine parameters
+    assert {"visual.conv1.weight", "visual.layer1.0.downsample.0.weight", "visual.attnpool.q_proj.weight"} <= changed
+
+
+def test_loss_decreases_and_history_is_written(micro_models, toy, tmp_path: Path) -> None:
+    train, val = toy
+    backbone = _backbone()
+    before = backbone.fingerprint
+    config = replace(FAST, epochs=4)
+    _, history = finetune(backbone, train, stage1_evaluator({"dress": val}), config, tmp_path)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert {"R@10", "R@50", "average"} <= set(history[0])
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    assert backbone.fingerprint != before  # new weights, new feature-cache key
+    reloaded = load_backbone("test-micro-ViT", tmp_path / "backbone.safetensors", device="cpu")
+    assert not _changed(_state(backbone.model), _state(reloaded.model))
+
+
+def test_caption_augmentation_only_in_training(micro_models, toy, tmp_path: Path) -> None:
+    train, val = toy
+    for augment in (True, False):
+        backbone = _backbone()
+        seen: list[str] = []
+        tokenize = backbone.tokenize
+        backbone.tokenize = lambda texts: seen.extend(texts) or tokenize(texts)  # type: ignore[method-assign]
+        config = replace(FAST, epochs=1, caption_augment=augment)
+        finetune(backbone, train, lambda bb, combine: {"average": 1.0}, config, tmp_path / str(augment))
+        single = [t for t in seen if " and " not in t]
+        swapped = [t for t in seen if t.startswith("Make it")]
+        assert (len(single) > 0 and len(swapped) > 0) == augment
+        if not augment:
+            assert all(t.startswith("Is ") and " and make it " in t for t in seen)
+
+
+def test_epoch_size_limits_the_triplets_per_epoch(micro_models, toy, tmp_path: Path) -> None:
+    train, _ = toy
+    backbone = _backbone()
+    batches: list[int] = []
+    tokenize = backbone.tokenize
+    backbone.tokenize = lambda texts: batches.append(len(texts)) or tokenize(texts)  # type: ignore[method-assign]
+    config = replace(FAST, epochs=2, epoch_size=20, encoders="text")
+    finetune(backbone, train, lambda bb, combine: {"average": 1.0}, config, tmp_path)
+    assert batches == [16, 16]  # 20 drawn per epoch, the partial batch of 4 dropped
+    with pytest.raises(ValueError, match="epoch_size"):
+        Stage1Config(epoch_size=1)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def test_resume_reproduces_uninterrupted_training(micro_models, toy, tmp_path: Path) -> None:
+    train, val = toy
+    config = replace(FAST, epochs=3)
+    val_fn = stage1_evaluator(val)
+    full, ref_history = finetune(_backbone(), train, val_fn, config, tmp_path / "full")
+
+    calls = 0
+
+    def crashing(backbone, combine):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt  # killed in epoch 3: epochs 1-2 are checkpointed
+        return val_fn(backbone, combine)
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_backbone(), train, crashing, config, tmp_path / "cut")
+    resumed, history = finetune(_backbone(), train, val_fn, config, tmp_path / "cut")
+    assert _strip(history) == _strip(ref_history)
+    assert not _changed(_state(full.model), _state(resumed.model))
+    assert resumed.fingerprint == full.fingerprint
+
+
+def test_best_epoch_is_returned_and_early_stopping(micro_models, toy, tmp_path: Path) -> None:
+    train, _ = toy
+    scores = iter([1.0, 4.0, 2.0, 3.0, 9.0])
+    snapshots = []
+
+    def scripted(backbone, combine):
+        snapshots.append(_state(backbone.model))
+        return {"average": next(scores)}
+
+    config = replace(FAST, epochs=8, patience=2)
+    backbone, history = finetune(_backbone(), train, scripted, config, tmp_path)
+    assert [h["average"] for h in history] == [1.0, 4.0, 2.0, 3.0]
+    assert not _changed(snapshots[1], _state(backbone.model))
+    assert json.loads((tmp_path / "backbone.safetensors.json").read_text())["provenance"]["best_epoch"] == 2
+
+
+def test_finished_run_is_loaded_without_training(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
+    train, val = toy
+    first, history = finetune(_backbone(), train, stage1_evaluator(val), FAST, tmp_path)
+    export_mtime = (tmp_path / "backbone.safetensors").stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run must neither decode images nor validate")
+
+    monkeypatch.setattr(PixelCache, "__init__", fail)
+    again, history2 = finetune(_backbone(), train, fail, FAST, tmp_path)
+    assert history2 == history
+    assert not _changed(_state(first.model), _state(again.model))
+    assert again.fingerprint == first.fingerprint
+    assert (tmp_path / "backbone.safetensors").stat().st_mtime_ns == export_mtime
+
+
+def test_end_to_end_trains_encoders_and_combiner(micro_models, toy, tmp_path: Path) -> None:
+    train, val = toy
+    backbone = _backbone()
+    combiner = Combiner(backbone.embed_dim, 64, 64, dropout=0.1)
+    before_model, before_comb = _state(backbone.model), _state(combiner)
+    config = replace(FAST, encoders="text", combiner_lr=1e-3)
+    _, history = finetune(backbone, train, stage1_evaluator(val), config, tmp_path, combiner=combiner)
+    assert len(_changed(before_comb, _state(combiner))) == len(before_comb)
+    changed = _changed(before_model, _state(backbone.model))
+    assert changed and not any(k.startswith("visual.") for k in changed)
+    loaded = load_combiner(tmp_path / "checkpoint.pt", device="cpu")
+    assert not _changed(_state(combiner), _state(loaded))
+
+
+# ------------------------------------------------------------------------------ data path
+
+
+def test_pixel_cache_matches_the_transform_and_is_reused(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
+    train, _ = toy
+    backbone = _backbone()
+    paths = list(train.image_paths.values())[:5]
+    cache = PixelCache(paths, backbone.image_size, "targetpad", cache_dir=tmp_path)
+    transform = transform_for(backbone, "targetpad")
+    expected = torch.stack([transform(Image.open(p)) for p in paths])
+    assert torch.equal(cache.batch(range(5), backbone.mean, backbone.std, torch.device("cpu")), expected)
+    assert len(list(tmp_path.glob("pixels-*.npy"))) == 1
+
+    monkeypatch.setattr(PixelCache, "_decode", lambda self, n: pytest.fail("cache file not reused"))
+    again = PixelCache(paths, backbone.image_size, "targetpad", cache_dir=tmp_path)
+    assert np.array_equal(np.asarray(again.array), np.asarray(cache.array))
+
+
+def test_stage1_evaluator_agrees_with_cached_features(micro_models, toy, tmp_path: Path) -> None:
+    _, val = toy
+    backbone = _backbone()
+    live = stage1_evaluator({"dress": val})(backbone, combine_sum)
+    cached = cached_evaluator({"dress": val}, backbone, cache_dir=tmp_path)(combine_sum)
+    assert len(val.gallery) == 30 and 0 < live["R@10"] < 100  # not a trivially perfect score
+    assert live == pytest.approx(cached, abs=1e-6)
+
+
+def test_evaluator_reencodes_images_only_when_the_image_tower_changed(micro_models, toy, monkeypatch) -> None:
+    _, val = toy
+    backbone = _backbone()
+    encoded = []
+    original = finetune_module._encode_rows
+    monkeypatch.setattr(finetune_module, "_encode_rows", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    evaluator = stage1_evaluator(val)
+    evaluator(backbone, combine_sum)
+    with torch.no_grad():
+        backbone.model.token_embedding.weight.mul_(-1.0)  # text tower changed: images reused
+    evaluator(backbone, combine_sum)
+    assert len(encoded) == 1
+    with torch.no_grad():
+        backbone.model.visual.conv1.weight.mul_(-1.0)
+        backbone.model.token_embedding.weight.mul_(-1.0)
+    evaluator(backbone, combine_sum)
+    assert len(encoded) == 2
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="encoders must be"):
+        Stage1Config(encoders="vision")
+    tiny = Stage1Config.for_tiny(epochs=3)
+    assert tiny.epochs == 3 and tiny.lr > Stage1Config().lr
