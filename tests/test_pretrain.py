@@ -1,0 +1,262 @@
+"""Pretraining: corpus, loss, schedule, temperature, checkpoints, resume, zero-shot (tiny synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from cirlib import pretrain as P
+from cirlib.backbone import TINY_MODEL, load_backbone, sidecar_path
+from cirlib.bench_fashion import absolute_caption
+from cirlib.io import file_sha256
+from cirlib.render import COLOURS
+
+COLOUR_NAMES = ("red", "navy blue", "yellow", "green")
+PATTERN_NAMES = ("plain", "stripes")
+SPLIT_SIZES = {"train": 8, "val": 4, "test": 2}  # images per category
+
+
+def _draw(colour: str, pattern: str, category: str) -> Image.Image:
+    """A garment-ish block on white: tall for dresses, wide for tops, striped or plain."""
+    w, h = {"dress": (48, 80), "shirt": (64, 70), "toptee": (72, 64)}[category]
+    im = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((6, 6, w - 7, h - 7), fill=COLOURS[colour])
+    if pattern == "stripes":
+        for y in range(6, h - 7, 8):
+            draw.rectangle((6, y, w - 7, y + 3), fill=(250, 250, 250))
+    return im
+
+
+def make_fashion_root(root: Path) -> Path:
+    """A FashionIQ-layout root with a fashion-generator ``cirlib_meta.json`` (no triplets needed)."""
+    attributes: dict[str, dict] = {}
+    (root / "images").mkdir(parents=True)
+    (root / "captions").mkdir()
+    (root / "image_splits").mkdir()
+    for split, n in SPLIT_SIZES.items():
+        for category in ("dress", "shirt", "toptee"):
+            names = []
+            for i in range(n):
+                colour, pattern = COLOUR_NAMES[i % 4], PATTERN_NAMES[(i // 4) % 2]
+                name = f"{category}-{split}-{i:02d}"
+                _draw(colour, pattern, category).save(root / "images" / f"{name}.png")
+                attributes[name] = {"category": category, "colour": colour, "pattern": pattern, "logo": "none"}
+                names.append(name)
+            (root / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(names))
+            (root / "captions" / f"cap.{category}.{split}.json").write_text("[]")
+    meta = {"generator": "cirlib.bench_fashion/1", "seed": 0, "fingerprint": "synthetic", "attributes": attributes}
+    (root / "cirlib_meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory) -> Path:
+    return make_fashion_root(tmp_path_factory.mktemp("bench") / "fashion")
+
+
+FAST = P.PretrainConfig(
+    steps=6, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=3, eval_items=12, log_every=1,
+    checkpoint_every=2, device="cpu",
+)
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint))
+
+
+def _no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------ corpus
+def test_build_corpus_uses_train_split_and_generator_captions(fashion_root):
+    corpus = P.build_corpus([fashion_root])
+    assert len(corpus) == 3 * SPLIT_SIZES["train"]
+    meta = json.loads((fashion_root / "cirlib_meta.json").read_text())["attributes"]
+    for path, caption in corpus:
+        assert "-train-" in path.name and path.is_file()
+        assert caption == absolute_caption(meta[path.stem])
+    assert ("a red striped dress" in {c for _, c in corpus}) and ("a plain navy blue top" in {c for _, c in corpus})
+    assert len(P.build_corpus([fashion_root], "val")) == 3 * SPLIT_SIZES["val"]
+
+
+def test_build_corpus_errors_name_the_file(tmp_path, fashion_root):
+    with pytest.raises(FileNotFoundError, match="cirlib_meta.json"):
+        P.build_corpus([tmp_path])
+    broken = make_fashion_root(tmp_path / "broken")
+    meta = json.loads((broken / "cirlib_meta.json").read_text())
+    del meta["attributes"]["shirt-train-03"]
+    (broken / "cirlib_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"cirlib_meta.json: field 'attributes' has no entry for image 'shirt-train-03'"):
+        P.build_corpus([broken])
+
+
+def test_load_pixels_decodes_once_and_caches(fashion_root, tmp_path, monkeypatch):
+    paths = [p for p, _ in P.build_corpus([fashion_root])][:5]
+    pixels = P.load_pixels(paths, 64, "squarepad", cache_dir=tmp_path, progress=False)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 64, 64)
+    # squarepad of a 48x80 dress: black bars left and right, the red garment in the middle
+    assert pixels[0, :, 32, 0].tolist() == [0, 0, 0] and pixels[0, 0, 32, 32] > 150
+    monkeypatch.setattr(P, "_decode", lambda *a: pytest.fail("decoded again instead of using the cache"))
+    assert torch.equal(P.load_pixels(paths, 64, "squarepad", cache_dir=tmp_path, progress=False), pixels)
+
+
+def test_augment_identity_at_full_scale():
+    x = torch.rand(3, 3, 16, 16) * 255
+    out = P.augment(x, torch.Generator().manual_seed(0), min_scale=1.0)
+    assert torch.allclose(out, x, atol=1e-3)
+    zoomed = P.augment(x, torch.Generator().manual_seed(0), min_scale=0.5)
+    assert zoomed.shape == x.shape and not torch.allclose(zoomed, x)
+
+
+# -------------------------------------------------------------------------------- loss & schedule
+def test_clip_loss_matches_hand_computed_values():
+    feats = torch.eye(2)
+    scale = torch.tensor(1.0)
+    assert P.clip_loss(feats, feats, scale).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    # the same caption twice: each text is an equal positive of both images
+    same = P.clip_loss(feats, feats, scale, groups=torch.tensor([0, 0]))
+    assert same.item() == pytest.approx(math.log(1 + math.e) - 0.5)
+    # distinct groups reduce to CLIP's cross-entropy form
+    g = torch.Generator().manual_seed(0)
+    img, txt = (torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1) for _ in range(2))
+    logits = 10 * img @ txt.T
+    reference = (torch.nn.functional.cross_entropy(logits, torch.arange(5)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(5))) / 2
+    assert torch.allclose(P.clip_loss(img, txt, torch.tensor(10.0), torch.arange(5)), reference)
+
+
+def test_lr_schedule_values_at_known_steps():
+    f = lambda s: P.lr_factor(s, warmup_steps=10, total_steps=110)  # noqa: E731
+    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [f(10), f(60), f(110), f(200)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_temperature_is_clamped_at_100():
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    with torch.no_grad():
+        bb.model.logit_scale.fill_(math.log(1000.0))
+    P.clamp_logit_scale(bb.model)
+    assert bb.model.logit_scale.exp().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        bb.model.logit_scale.fill_(-2.0)
+    P.clamp_logit_scale(bb.model)
+    assert bb.model.logit_scale.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def finished_run(fashion_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, P.pretrain(FAST, [fashion_root], out, progress=False)
+
+
+def test_pretrain_writes_atomic_checkpoint_with_provenance(finished_run):
+    out, result = finished_run
+    assert result.checkpoint == out / P.CHECKPOINT_NAME and not result.cached and result.resumed_from is None
+    assert _no_temp_files(out) and not (out / P.STATE_NAME).exists()
+    meta = json.loads(sidecar_path(result.checkpoint).read_text())
+    prov = meta["provenance"]
+    assert meta["model"] == TINY_MODEL and meta["sha256"] == file_sha256(result.checkpoint)
+    assert prov["finished"] and prov["step"] == FAST.steps and prov["config"]["lr"] == FAST.lr
+    assert set(prov["zero_shot"]) == {"colour", "pattern", "category"} == set(result.zero_shot)
+    assert result.backbone.fingerprint == f"{TINY_MODEL}:file-sha256:{meta['sha256']}"
+    train_rows = [h for h in result.history if h["phase"] == "train"]
+    assert [h["step"] for h in train_rows] == list(range(1, FAST.steps + 1))
+    # the logged lr is the one each step used: base * factor(step index)
+    for h in train_rows:
+        assert h["lr"] == pytest.approx(FAST.lr * P.lr_factor(h["step"] - 1, FAST.warmup_steps, FAST.steps))
+    assert [h["step"] for h in result.history if h["phase"] == "eval"] == [3, 6]
+    assert all(h["temperature"] <= 100.0 for h in train_rows)
+
+
+def test_finished_run_is_loaded_not_retrained(finished_run, fashion_root, monkeypatch):
+    out, first = finished_run
+    monkeypatch.setattr(P, "_train_step", lambda *a: pytest.fail("retrained a finished run"))
+    again = P.pretrain(FAST, [fashion_root], out, progress=False)
+    assert again.cached and again.history == first.history
+    assert again.backbone.fingerprint == first.backbone.fingerprint
+
+
+def test_config_change_invalidates_the_checkpoint(finished_run, fashion_root, tmp_path):
+    out, first = finished_run
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in (P.CHECKPOINT_NAME, P.CHECKPOINT_NAME + ".json"):
+        (other / name).write_bytes((out / name).read_bytes())
+    changed = P.pretrain(replace(FAST, lr=5e-4, steps=2), [fashion_root], other, progress=False)
+    assert not changed.cached and changed.resumed_from is None
+    prov = json.loads(sidecar_path(changed.checkpoint).read_text())["provenance"]
+    assert prov["config"]["lr"] == 5e-4 and prov["step"] == 2
+    assert changed.backbone.fingerprint != first.backbone.fingerprint
+
+
+def test_loss_decreases(fashion_root, tmp_path):
+    config = replace(FAST, steps=24, warmup_steps=3, eval_every=100, checkpoint_every=100)
+    result = P.pretrain(config, [fashion_root], tmp_path, progress=False)
+    losses = [h["loss"] for h in result.history if h["phase"] == "train"]
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+
+
+def test_resume_reproduces_the_uninterrupted_run(finished_run, fashion_root, tmp_path, monkeypatch):
+    out, uninterrupted = finished_run
+    real_step = P._train_step
+
+    def crash_at_step_5(backbone, data, config, step, *rest):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_step(backbone, data, config, step, *rest)
+
+    monkeypatch.setattr(P, "_train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        P.pretrain(FAST, [fashion_root], tmp_path, progress=False)
+    prov = json.loads(sidecar_path(tmp_path / P.CHECKPOINT_NAME).read_text())["provenance"]
+    assert prov["step"] == 4 and not prov["finished"] and (tmp_path / P.STATE_NAME).is_file()
+    assert _no_temp_files(tmp_path)
+
+    monkeypatch.setattr(P, "_train_step", real_step)
+    resumed = P.pretrain(FAST, [fashion_root], tmp_path, progress=False)
+    assert resumed.resumed_from == 4 and not resumed.cached
+    a, b = _weights(uninterrupted.checkpoint), _weights(resumed.checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda r: [h["loss"] for h in r.history if h["phase"] == "train"]  # noqa: E731
+    assert losses(resumed) == losses(uninterrupted)
+
+
+def test_one_step_keeps_temperature_clamped(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    with torch.no_grad():
+        bb.model.logit_scale.fill_(math.log(99.999))
+    data = P._prepare(P.build_corpus([fashion_root]), bb, FAST, None, progress=False)
+    opt = torch.optim.AdamW(bb.model.parameters(), lr=1.0)  # a huge step pushes the scale up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    bb.model.logit_scale.register_hook(lambda g: -torch.ones_like(g))  # gradient that raises it
+    P._train_step(bb, data, FAST, 0, opt, sched, scaler)
+    assert bb.model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+# --------------------------------------------------------------------------------------- zero-shot
+def test_zero_shot_accuracy_reports_a_consistent_confusion_matrix(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    items = P.load_attributed_images([fashion_root], "val")
+    result = P.zero_shot_accuracy(bb, items, "colour")
+    assert result.classes == sorted(COLOUR_NAMES) and result.n == len(items)
+    assert result.confusion.shape == (4, 4) and result.confusion.sum() == len(items)
+    assert result.confusion.sum(axis=1).tolist() == [3, 3, 3, 3]  # 3 categories x 1 image per colour
+    assert result.accuracy == pytest.approx(np.trace(result.confusion) / len(items))
+    assert result.confusion_frame().loc["red"].sum() == 3
+    pixels = P.load_pixels([it.path for it in items], bb.image_size, progress=False)
+    again = P.zero_shot_accuracy(bb, items, "colour", pixels=pixels)
+    assert np.array_equal(again.confusion, result.confusion)
+    with pytest.raises(ValueError, match=r"no item has attribute 'sleeve'.*colour"):
+        P.zero_shot_accuracy(bb, items, "sleeve")
