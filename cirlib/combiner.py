@@ -563,14 +563,20 @@ class CombinerConfig:
         return cls(**{**tiny, **overrides})
 
     def build(self, feature_dim: int) -> Combiner:
-        """A freshly initialised Combiner of this configuration for ``feature_dim``-d features."""
-        return Combiner(
-            feature_dim,
-            round(self.projection_factor * feature_dim),
-            round(self.hidden_factor * feature_dim),
-            self.dropout,
-            self.variant,
-        )
+        """A freshly initialised Combiner of this configuration for ``feature_dim``-d features.
+
+        Initialisation is seeded from ``seed`` (in a forked RNG), so the same config gives the same
+        weights whatever ran before in the process (notebooks re-executed by nbval included).
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return Combiner(
+                feature_dim,
+                round(self.projection_factor * feature_dim),
+                round(self.hidden_factor * feature_dim),
+                self.dropout,
+                self.variant,
+            )
 
 
 def train_combiner(

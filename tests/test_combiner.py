@@ -400,3 +400,16 @@ def test_cached_evaluator_scores_combining_functions(tmp_path: Path) -> None:
     metrics = val_fn(oracle)
     assert metrics["R@10"] == 100.0 and metrics["average"] == 100.0
     assert set(val_fn(combine_sum)) == {"R@10", "R@50", "average"}
+
+
+def test_build_is_seeded_whatever_the_global_rng_state() -> None:
+    from cirlib.combiner import CombinerConfig
+
+    torch.manual_seed(1)
+    a = CombinerConfig.for_tiny(seed=3).build(16)
+    torch.rand(100)
+    b = CombinerConfig.for_tiny(seed=3).build(16)
+    c = CombinerConfig.for_tiny(seed=4).build(16)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
