@@ -156,6 +156,15 @@ class Combiner(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor) -> float:
+    """One (possibly loss-scaled) optimisation step on ``loss``; returns its value."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of everything random in one epoch: resuming at an epoch boundary replays it exactly."""
     return int(seed) * 1_000_003 + int(epoch)
@@ -627,12 +636,7 @@ def train_combiner(
             txt = data.texts[data.text_index[rows_d, choice[rows].to(device)]]
             with autocast(device, config.amp):
                 query = combiner(ref, txt)
-            loss = batch_contrastive_loss(query, tgt, config.scale)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
+            losses.append(optimizer_step(optimizer, scaler, batch_contrastive_loss(query, tgt, config.scale)))
         return float(np.mean(losses))
 
     history = loop.run(train_epoch, lambda: val_fn(combiner))

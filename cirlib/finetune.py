@@ -42,6 +42,7 @@ from cirlib.combiner import (
     epoch_seed,
     evaluate_splits,
     main_metric_for,
+    optimizer_step,
     training_triplets,
 )
 from cirlib.datasets import CIRSplit, Query, query_text
@@ -462,12 +463,7 @@ def finetune(
             with autocast(device, config.amp):
                 images = feats.images(torch.cat((feats.reference[rows], feats.target[rows])))
                 query = combine(images[: len(rows)], feats.texts(texts))
-            loss = batch_contrastive_loss(query, images[len(rows) :], config.scale)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
+            losses.append(optimizer_step(optimizer, scaler, batch_contrastive_loss(query, images[len(rows) :], config.scale)))
         return float(np.mean(losses))
 
     with _training_setup(model, params, config.grad_checkpointing and device.type == "cuda"):

@@ -3,9 +3,12 @@
 The corpus is every image of the *train* splits with the absolute caption its generator derives
 from the image's attributes (``cirlib_meta.json``), e.g. "a navy blue striped dress with a star
 print"; captions are wrapped in a few templates ("a photo of ...") for variety. The objective is
-CLIP's symmetric contrastive loss with a learnable temperature. One twist: the attribute space is
-small, so a batch often holds several images with the same caption; those pairs count as
-positives of each other (soft targets) instead of as false negatives.
+CLIP's symmetric contrastive loss with a learnable temperature. Two twists, both because the
+attribute space is small: a batch often holds several images with the same caption, and those
+pairs count as positives of each other (soft targets) instead of as false negatives; and batches
+are built from clusters of images whose captions differ in a word or two ("a red striped dress" /
+"a red checked dress"), the hard negatives that teach fine attributes, which random batches
+rarely contain.
 
 Speed on a 2-core CPU comes from decoding and resizing every image once into a uint8 tensor at the
 model's input size (cached on disk); augmentation (random zoom and shift, never colour: colour is a
@@ -36,7 +39,7 @@ from cirlib.device import autocast, get_device, grad_scaler
 from cirlib.io import atomic_path, file_sha256, fingerprint
 from cirlib.preprocess import TransformKind, build_transform
 
-TRAINER_VERSION = 1  # bump when a change to this file changes what a given config trains
+TRAINER_VERSION = 2  # bump when a change to this file changes what a given config trains
 META_FILE = "cirlib_meta.json"
 CHECKPOINT_NAME = "tiny_clip.safetensors"
 STATE_NAME = "train_state.pt"
@@ -334,6 +337,10 @@ def _prepare(items: Sequence[tuple[Path, str]], backbone: Backbone, config: Pret
     pixels = load_pixels([p for p, _ in items], backbone.image_size, config.transform_kind, cache_dir, progress)
     texts = [t.format(c) for c in captions for t in CAPTION_TEMPLATES]
     tokens = backbone.tokenize(texts).view(len(captions), len(CAPTION_TEMPLATES), -1)
+    # A template that pushes a long caption (a scene of four objects) past the context would cut
+    # off its end, often the background: use the bare caption (template 0) there instead.
+    truncated = tokens.argmax(-1) == tokens.shape[-1] - 1  # end-of-text token in the last slot
+    tokens = torch.where(truncated[..., None], tokens[:, :1], tokens)
     groups = torch.tensor([index[c] for _, c in items], dtype=torch.long)
     neighbours = caption_neighbours(captions, config.neighbours)
     return _Data(pixels.to(backbone.device), groups, tokens, captions, neighbours)
@@ -512,13 +519,131 @@ def _read_provenance(checkpoint: Path) -> dict[str, Any] | None:
     return json.loads(meta.read_text(encoding="utf-8")).get("provenance")
 
 
-def _evaluate(backbone: Backbone, val: _Data, val_items: Sequence[AttributedImage], val_pixels: torch.Tensor,
-              config: PretrainConfig, step: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"phase": "eval", "step": step, "val_loss": validation_loss(backbone, val, config.batch_size)}
-    for attribute in config.zero_shot_attributes:
-        if any(attribute in it.attributes for it in val_items):
-            row[f"zs_{attribute}"] = zero_shot_accuracy(backbone, val_items, attribute, pixels=val_pixels).accuracy
-    return row
+def _resumable_state(state_path: Path, checkpoint: Path, config_fp: str) -> dict[str, Any] | None:
+    """The saved training state, if it belongs to this config and to the checkpoint beside it."""
+    if not state_path.is_file():
+        return None
+    state = torch.load(state_path, weights_only=True, map_location="cpu")
+    if state.get("config_fingerprint") != config_fp or state.get("weights_sha256") != file_sha256(checkpoint):
+        return None  # interrupted between writing the weights and the state: start over
+    return state
+
+
+def _spread(items: Sequence[AttributedImage], k: int) -> list[AttributedImage]:
+    """At most ``k`` items evenly spaced through ``items`` (a fixed, representative eval subset)."""
+    if len(items) <= k:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, num=k).round()]
+
+
+class _Trainer:
+    """Optimiser, schedule, step counter and history of one run, with checkpoint save/restore."""
+
+    def __init__(self, config: PretrainConfig, backbone: Backbone, config_fp: str, corpus: dict[str, Any]) -> None:
+        self.config, self.backbone, self.config_fp, self.corpus = config, backbone, config_fp, corpus
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(backbone.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps)
+        )
+        self.scaler = grad_scaler(backbone.device)
+        self.step = 0
+        self.train_time = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.zero_shot: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "train_time": self.train_time,
+            "history": self.history,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "config_fingerprint": self.config_fp,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.train_time, self.history = state["step"], state["train_time"], state["history"]
+
+    def save(self, checkpoint: Path, state_path: Path, finished: bool) -> None:
+        """Weights + provenance JSON, then (unless finished) the state that resumes from them."""
+        provenance = {
+            "config": asdict(self.config),
+            "config_fingerprint": self.config_fp,
+            "trainer_version": TRAINER_VERSION,
+            "corpus": self.corpus,
+            "step": self.step,
+            "train_time_s": self.train_time,
+            "finished": finished,
+            "stopped_early": finished and self.step < self.config.steps,
+            "zero_shot": self.zero_shot,
+            "history": self.history,
+        }
+        save_backbone(self.backbone, checkpoint, provenance)
+        if finished:
+            state_path.unlink(missing_ok=True)
+            return
+        with atomic_path(state_path) as tmp:
+            torch.save({**self.state_dict(), "weights_sha256": file_sha256(checkpoint)}, tmp)
+
+    def evaluate(self, val: _Data, val_items: Sequence[AttributedImage]) -> dict[str, Any]:
+        row: dict[str, Any] = {"phase": "eval", "step": self.step}
+        row["val_loss"] = validation_loss(self.backbone, val, self.config.batch_size)
+        for attribute in self.config.zero_shot_attributes:
+            if any(attribute in it.attributes for it in val_items):
+                result = zero_shot_accuracy(self.backbone, val_items, attribute, pixels=val.pixels)
+                row[f"zs_{attribute}"] = result.accuracy
+        return row
+
+    def run(self, train: _Data, val: _Data | None, val_items: Sequence[AttributedImage], checkpoint: Path,
+            state_path: Path, progress: bool) -> None:
+        config = self.config
+        losses: list[float] = []
+        window_time = 0.0
+        bar = tqdm(total=config.steps, initial=self.step, desc="pretrain", disable=not progress)
+        while self.step < config.steps:
+            if config.time_budget_s is not None and self.train_time >= config.time_budget_s:
+                break
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+            t0 = time.perf_counter()
+            losses.append(_train_step(self.backbone, train, config, self.step, self.optimizer, self.scheduler, self.scaler))
+            window_time += time.perf_counter() - t0
+            self.train_time += time.perf_counter() - t0
+            self.step += 1
+            bar.update(1)
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                self.history.append(
+                    {
+                        "phase": "train",
+                        "step": self.step,
+                        "epoch": self.step * config.batch_size / len(train.groups),
+                        "loss": float(np.mean(losses)),
+                        "lr": lr,
+                        "temperature": float(self.backbone.model.logit_scale.detach().exp()),
+                        "pairs_per_s": len(losses) * config.batch_size / max(window_time, 1e-9),
+                        "train_time_s": self.train_time,
+                    }
+                )
+                bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", lr=f"{lr:.1e}")
+                losses, window_time = [], 0.0
+            if self.step < config.steps:
+                if val is not None and self.step % config.eval_every == 0:
+                    self.history.append(self.evaluate(val, val_items))
+                if self.step % config.checkpoint_every == 0:
+                    self.save(checkpoint, state_path, finished=False)
+        bar.close()
+        if val is not None:
+            self.history.append(self.evaluate(val, val_items))
+            self.zero_shot = {k[3:]: v for k, v in self.history[-1].items() if k.startswith("zs_")}
+        self.backbone.model.eval()
+        self.save(checkpoint, state_path, finished=True)
 
 
 def pretrain(
@@ -533,13 +658,11 @@ def pretrain(
     history), rewritten atomically every ``checkpoint_every`` steps, and ``train_state.pt``
     (optimiser, scheduler, scaler, RNG) for resuming. A finished checkpoint whose config
     fingerprint matches is loaded instead of trained; an unfinished one is resumed; one of another
-    config is replaced.
+    config is replaced. Validation (loss and zero-shot accuracy) uses ``eval_items`` val images.
     """
     roots = [Path(r) for r in roots]
     out_dir = Path(out_dir)
-    cache_dir = out_dir / "cache"
-    checkpoint = out_dir / CHECKPOINT_NAME
-    state_path = out_dir / STATE_NAME
+    checkpoint, state_path = out_dir / CHECKPOINT_NAME, out_dir / STATE_NAME
     device = get_device(config.device)
 
     train_items = build_corpus(roots, "train")
@@ -548,114 +671,26 @@ def pretrain(
     config_fp = config.fingerprint(_corpus_key(roots, train_items))
 
     provenance = _read_provenance(checkpoint)
-    if provenance and provenance.get("config_fingerprint") == config_fp and provenance.get("finished"):
+    same_config = provenance is not None and provenance.get("config_fingerprint") == config_fp
+    if same_config and provenance.get("finished"):
         backbone = load_backbone(config.model, checkpoint, device)
-        return PretrainResult(backbone, checkpoint, provenance["history"], provenance.get("zero_shot", {}), cached=True)
+        return PretrainResult(backbone, checkpoint, provenance["history"], provenance["zero_shot"], cached=True)
+    state = _resumable_state(state_path, checkpoint, config_fp) if same_config else None
 
-    state = None
-    if provenance and provenance.get("config_fingerprint") == config_fp and state_path.is_file():
-        state = torch.load(state_path, weights_only=True, map_location="cpu")
-        if state.get("weights_sha256") != file_sha256(checkpoint) or state.get("config_fingerprint") != config_fp:
-            state = None  # interrupted between the two writes: start over
     backbone = load_backbone(config.model, checkpoint if state else None, device, seed=config.seed)
-
-    val_attr = load_attributed_images(roots, "val")
-    val_sel = np.linspace(0, len(val_attr) - 1, num=min(config.eval_items, len(val_attr)), dtype=int) if val_attr else []
-    val_attr = [val_attr[i] for i in sorted(set(int(i) for i in val_sel))]
+    cache_dir = out_dir / "cache"
+    val_items = _spread(load_attributed_images(roots, "val"), config.eval_items)
     train = _prepare(train_items, backbone, config, cache_dir, progress)
-    val = _prepare([(it.path, it.caption) for it in val_attr], backbone, config, cache_dir, progress)
+    val = _prepare([(it.path, it.caption) for it in val_items], backbone, config, cache_dir, progress) if len(val_items) >= 2 else None
 
-    model = backbone.model
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps)
-    )
-    scaler = grad_scaler(device)
-    history: list[dict[str, Any]] = []
-    step, train_time = 0, 0.0
+    corpus = {"roots": [str(r) for r in roots], "pairs": len(train_items), "captions": len(train.captions)}
+    trainer = _Trainer(config, backbone, config_fp, corpus)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, train_time, history = state["step"], state["train_time"], state["history"]
-
-    def save(finished: bool, zero_shot: dict[str, float] | None = None) -> None:
-        record = {
-            "config": asdict(config),
-            "config_fingerprint": config_fp,
-            "trainer_version": TRAINER_VERSION,
-            "corpus": {"roots": [str(r) for r in roots], "pairs": len(train_items), "captions": len(train.captions)},
-            "step": step,
-            "train_time_s": train_time,
-            "finished": finished,
-            "stopped_early": finished and step < config.steps,
-            "zero_shot": zero_shot or {},
-            "history": history,
-        }
-        save_backbone(backbone, checkpoint, record)
-        if finished:
-            state_path.unlink(missing_ok=True)
-            return
-        with atomic_path(state_path) as tmp:
-            torch.save(
-                {
-                    "step": step,
-                    "train_time": train_time,
-                    "history": history,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "weights_sha256": file_sha256(checkpoint),
-                    "config_fingerprint": config_fp,
-                },
-                tmp,
-            )
-
-    resumed_from = step if state else None
-    window: list[float] = []
-    window_time = 0.0
-    bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=not progress)
-    while step < config.steps:
-        if config.time_budget_s is not None and train_time >= config.time_budget_s:
-            break
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        t0 = time.perf_counter()
-        window.append(_train_step(backbone, train, config, step, optimizer, scheduler, scaler))
-        window_time += time.perf_counter() - t0
-        train_time += time.perf_counter() - t0
-        step += 1
-        bar.update(1)
-        if step % config.log_every == 0 or step == config.steps:
-            history.append(
-                {
-                    "phase": "train",
-                    "step": step,
-                    "epoch": step * config.batch_size / len(train_items),
-                    "loss": float(np.mean(window)),
-                    "lr": lr,
-                    "temperature": float(model.logit_scale.detach().exp()),
-                    "pairs_per_s": len(window) * config.batch_size / max(window_time, 1e-9),
-                    "train_time_s": train_time,
-                }
-            )
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", lr=f"{history[-1]['lr']:.1e}")
-            window, window_time = [], 0.0
-        if step % config.eval_every == 0 and step < config.steps and len(val.groups) >= 2:
-            history.append(_evaluate(backbone, val, val_attr, val.pixels, config, step))
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            save(finished=False)
-    bar.close()
-
-    final = _evaluate(backbone, val, val_attr, val.pixels, config, step) if len(val.groups) >= 2 else {}
-    if final:
-        history.append(final)
-    zero_shot = {k[3:]: v for k, v in final.items() if k.startswith("zs_")}
-    model.eval()
-    save(finished=True, zero_shot=zero_shot)
+        trainer.load_state_dict(state)
+    resumed_from = trainer.step if state else None
+    trainer.run(train, val, val_items, checkpoint, state_path, progress)
     backbone = load_backbone(config.model, checkpoint, device)  # fingerprint = the file, as later loads see it
-    return PretrainResult(backbone, checkpoint, history, zero_shot, cached=False, resumed_from=resumed_from)
+    return PretrainResult(backbone, checkpoint, trainer.history, trainer.zero_shot, resumed_from=resumed_from)
 
 
 __all__ = [

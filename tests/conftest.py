@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
 
@@ -25,3 +26,13 @@ def fixture_splits():
             "cirr": datasets.load_cirr(FIXTURES / "cirr", "val"),
             "circo": datasets.load_circo(FIXTURES / "circo", "val"),
         }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Unit tests use small tensors: a second thread gains little and, on a shared 2-core CPU,
+    oversubscription makes them many times slower. (Notebooks run in their own kernels.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

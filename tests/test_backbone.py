@@ -25,6 +25,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_backbone(TINY_MODEL, device="cpu")
@@ -45,7 +46,7 @@ def test_tiny_backbone_shapes_and_attributes(tiny):
     assert tiny.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN) and len(tiny.std) == 3
     assert tiny.device == torch.device("cpu") and not tiny.model.training
     n_params = sum(p.numel() for p in tiny.model.parameters())
-    assert 5e6 < n_params < 30e6
+    assert 5e6 < n_params < 15e6  # most of it the 49408-word embedding
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         img = tiny.encode_image(x)

@@ -49,14 +49,6 @@ SHAPES = {  # bounding boxes on a 40 x 32 canvas
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro models: extra threads only add synchronisation (badly so on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def micro_models(tmp_path_factory: pytest.TempPathFactory) -> None:

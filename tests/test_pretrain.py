@@ -58,6 +58,7 @@ def make_fashion_root(root: Path) -> Path:
     return root
 
 
+
 @pytest.fixture(scope="module")
 def fashion_root(tmp_path_factory) -> Path:
     return make_fashion_root(tmp_path_factory.mktemp("bench") / "fashion")
@@ -116,6 +117,29 @@ def test_augment_identity_at_full_scale():
     assert torch.allclose(out, x, atol=1e-3)
     zoomed = P.augment(x, torch.Generator().manual_seed(0), min_scale=0.5)
     assert zoomed.shape == x.shape and not torch.allclose(zoomed, x)
+
+
+def test_caption_neighbours_rank_one_attribute_changes_first():
+    captions = ["a red striped dress", "a red checked dress", "a blue striped dress", "two small bags on a grey background"]
+    nb = P.caption_neighbours(captions, k=2)
+    assert nb.shape == (4, 2)
+    assert nb[0].tolist() == [1, 2]  # both one word away; ties go to the lower index
+    assert 3 not in nb[:3].flatten().tolist() and 0 not in nb[0].tolist()
+
+
+def test_batches_are_deterministic_clusters_of_near_captions(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    config = replace(FAST, batch_size=8, cluster_size=4)
+    data = P._prepare(P.build_corpus([fashion_root]), bb, config, None, progress=False)
+    idx = P.sample_batch(data, config, step=3)
+    assert idx.shape == (8,) and torch.equal(idx, P.sample_batch(data, config, step=3))
+    assert not torch.equal(idx, P.sample_batch(data, config, step=4))
+    for cluster in idx.view(2, 4):
+        anchor, *near = (data.captions[g] for g in data.groups[cluster].tolist())
+        allowed = {data.captions[g] for g in data.neighbours[data.captions.index(anchor)].tolist()}
+        assert set(near) <= allowed
+    uniform = P.sample_batch(data, replace(config, cluster_size=1), step=3)
+    assert uniform.shape == (8,)
 
 
 # -------------------------------------------------------------------------------- loss & schedule
