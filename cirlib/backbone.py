@@ -223,7 +223,8 @@ def load_backbone(
 
     ``pretrained`` is a path when it names an existing file, contains a path separator or ends in
     a checkpoint suffix; otherwise it must be one of open_clip's tags for ``model``. Only a tag can
-    reach the network (open_clip downloads and caches it).
+    reach the network (open_clip downloads and caches it). ``seed`` fixes the random init without
+    touching the global RNG. The model is returned in eval mode.
     """
     _check_model_name(model)
     dev = get_device(device)
@@ -255,7 +256,8 @@ def load_backbone(
 def save_backbone(backbone: Backbone, path: str | os.PathLike, provenance: dict[str, Any]) -> Path:
     """Write ``path`` (safetensors state dict) and ``path.json`` (model, config, provenance, sha256).
 
-    Both files are written atomically, weights first, so a JSON always describes a complete file.
+    Both files are written atomically, weights first; the sha256 in the JSON ties it to its weights,
+    so a pair torn by an interruption is refused on load rather than silently mixed.
     ``load_backbone(backbone.model_name, pretrained=path)`` reloads the same weights.
     """
     path = Path(path)

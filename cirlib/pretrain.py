@@ -18,6 +18,7 @@ with ``(seed, step)``, so a run resumed from a checkpoint repeats the uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ TRAINER_VERSION = 2  # bump when a change to this file changes what a given conf
 META_FILE = "cirlib_meta.json"
 CHECKPOINT_NAME = "tiny_clip.safetensors"
 STATE_NAME = "train_state.pt"
+# Held-out zero-shot accuracy (%) the default schedule is meant to reach on the fashion val items
+# (issue 3): notebook 02 reports each measured value next to its target.
+ZERO_SHOT_TARGETS: dict[str, float] = {"colour": 95.0, "pattern": 95.0, "category": 75.0}
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "{}",
     "a photo of {}",
@@ -135,7 +139,7 @@ def _decode(path: Path, transform: Callable) -> torch.Tensor:
 def load_pixels(
     paths: Sequence[str | os.PathLike],
     image_size: int,
-    transform_kind: TransformKind = "targetpad",
+    transform_kind: TransformKind = "squarepad",
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -199,7 +203,9 @@ class PretrainConfig:
     cluster_size: int = 4  # batches are clusters of this many images with near-identical captions
     neighbours: int = 16  # how many nearest captions a cluster draws from
     min_scale: float = 0.8  # augmentation: smallest side fraction of a random zoom
-    transform_kind: TransformKind = "targetpad"
+    # squarepad keeps the whole image: captions describe all of it (a scene's edge objects, a
+    # dress's hem), and in our runs it learnt pattern and category ~5 points faster than targetpad
+    transform_kind: TransformKind = "squarepad"
     eval_every: int = 100
     eval_items: int = 1024  # val images for the periodic validation loss
     log_every: int = 10
@@ -392,19 +398,42 @@ def _train_step(backbone: Backbone, data: _Data, config: PretrainConfig, step: i
     return float(loss.detach())
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate in eval mode and hand the model its training flag back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def validation_loss(backbone: Backbone, data: _Data, batch_size: int) -> float:
     """Mean contrastive loss over fixed batches of a split (first template, no augmentation)."""
-    backbone.model.eval()
     losses, weights = [], []
-    for start in range(0, len(data.groups), batch_size):
-        groups = data.groups[start : start + batch_size]
-        if len(groups) < 2:
-            break
-        loss = _batch_loss(backbone, data.pixels[start : start + batch_size], data.tokens[groups, 0], groups)
-        losses.append(float(loss))
-        weights.append(len(groups))
+    with _eval_mode(backbone.model):
+        for start in range(0, len(data.groups), batch_size):
+            groups = data.groups[start : start + batch_size]
+            if len(groups) < 2:
+                break
+            loss = _batch_loss(backbone, data.pixels[start : start + batch_size], data.tokens[groups, 0], groups)
+            losses.append(float(loss))
+            weights.append(len(groups))
     return float(np.average(losses, weights=weights))
+
+
+@torch.no_grad()
+def encode_pixels(backbone: Backbone, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised image embeddings ``[N, D]`` (CPU, float32) of uint8 pixels from :func:`load_pixels`."""
+    out = []
+    with _eval_mode(backbone.model):
+        for start in range(0, len(pixels), batch_size):
+            batch = normalise(pixels[start : start + batch_size].to(backbone.device), backbone.mean, backbone.std)
+            with autocast(backbone.device):
+                out.append(F.normalize(backbone.encode_image(batch).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, backbone.embed_dim)
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -438,16 +467,14 @@ def class_text_features(
     rng = np.random.default_rng(0)
     pick = rng.choice(len(items), size=min(n_contexts, len(items)), replace=False)
     contexts = [items[i] for i in sorted(pick)]
-    was_training = backbone.model.training
-    backbone.model.eval()
     feats = []
-    for value in classes:
-        captions = {caption_function(c.benchmark)({**c.attributes, attribute: value}) for c in contexts}
-        prompts = [t.format(c) for c in sorted(captions) for t in CAPTION_TEMPLATES]
-        with autocast(backbone.device):
-            emb = F.normalize(backbone.encode_text(prompts).float(), dim=-1)
-        feats.append(F.normalize(emb.mean(0), dim=-1))
-    backbone.model.train(was_training)
+    with _eval_mode(backbone.model):
+        for value in classes:
+            captions = {caption_function(c.benchmark)({**c.attributes, attribute: value}) for c in contexts}
+            prompts = [t.format(c) for c in sorted(captions) for t in CAPTION_TEMPLATES]
+            with autocast(backbone.device):
+                emb = F.normalize(backbone.encode_text(prompts).float(), dim=-1)
+            feats.append(F.normalize(emb.mean(0), dim=-1).cpu())
     return torch.stack(feats)
 
 
@@ -456,39 +483,32 @@ def zero_shot_accuracy(
     backbone: Backbone,
     items: Sequence[AttributedImage],
     attribute: str,
-    pixels: torch.Tensor | None = None,
-    transform_kind: TransformKind = "targetpad",
+    image_features: torch.Tensor | None = None,
+    transform_kind: TransformKind = "squarepad",
     cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 256,
 ) -> ZeroShotResult:
     """Classify ``attribute`` (colour, pattern, category, ...) of held-out images from text prompts.
 
     ``items`` are typically the val images of a generated root (:func:`load_attributed_images`);
-    only those whose attributes contain ``attribute`` take part. ``pixels`` (uint8, aligned with
-    ``items``) skips decoding when the caller already holds them.
+    only those whose attributes contain ``attribute`` take part. ``image_features`` (aligned with
+    ``items``, e.g. from :func:`encode_pixels`) skips decoding and encoding the images again when
+    several attributes are scored on the same images; ``cache_dir`` caches the decoded pixels.
+    The default geometry is the one :class:`PretrainConfig` trains the tiny CLIP with.
     """
     keep = [i for i, item in enumerate(items) if attribute in item.attributes]
     if not keep:
         keys = sorted({k for item in items for k in item.attributes})
         raise ValueError(f"no item has attribute {attribute!r}; available: {keys}")
     chosen = [items[i] for i in keep]
-    if pixels is None:
+    if image_features is None:
         pixels = load_pixels([it.path for it in chosen], backbone.image_size, transform_kind, cache_dir, False)
+        image_features = encode_pixels(backbone, pixels)
     else:
-        pixels = pixels[torch.tensor(keep, device=pixels.device)]
+        image_features = F.normalize(image_features[keep].float().cpu(), dim=-1)
     classes = sorted({str(it.attributes[attribute]) for it in chosen})
     labels = np.array([classes.index(str(it.attributes[attribute])) for it in chosen])
     text = class_text_features(backbone, chosen, attribute, classes)
-    was_training = backbone.model.training
-    backbone.model.eval()
-    preds = []
-    for start in range(0, len(chosen), batch_size):
-        batch = normalise(pixels[start : start + batch_size].to(backbone.device), backbone.mean, backbone.std)
-        with autocast(backbone.device):
-            img = F.normalize(backbone.encode_image(batch).float(), dim=-1)
-        preds.append((img @ text.T).argmax(1).cpu())
-    backbone.model.train(was_training)
-    pred = torch.cat(preds).numpy()
+    pred = (image_features @ text.T).argmax(1).numpy()
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
     return ZeroShotResult(attribute, classes, float((pred == labels).mean()), confusion, len(chosen))
@@ -596,9 +616,10 @@ class _Trainer:
     def evaluate(self, val: _Data, val_items: Sequence[AttributedImage]) -> dict[str, Any]:
         row: dict[str, Any] = {"phase": "eval", "step": self.step}
         row["val_loss"] = validation_loss(self.backbone, val, self.config.batch_size)
+        features = encode_pixels(self.backbone, val.pixels)
         for attribute in self.config.zero_shot_attributes:
             if any(attribute in it.attributes for it in val_items):
-                result = zero_shot_accuracy(self.backbone, val_items, attribute, pixels=val.pixels)
+                result = zero_shot_accuracy(self.backbone, val_items, attribute, image_features=features)
                 row[f"zs_{attribute}"] = result.accuracy
         return row
 
@@ -613,7 +634,8 @@ class _Trainer:
                 break
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             t0 = time.perf_counter()
-            losses.append(_train_step(self.backbone, train, config, self.step, self.optimizer, self.scheduler, self.scaler))
+            loss = _train_step(self.backbone, train, config, self.step, self.optimizer, self.scheduler, self.scaler)
+            losses.append(loss)
             window_time += time.perf_counter() - t0
             self.train_time += time.perf_counter() - t0
             self.step += 1
@@ -681,7 +703,9 @@ def pretrain(
     cache_dir = out_dir / "cache"
     val_items = _spread(load_attributed_images(roots, "val"), config.eval_items)
     train = _prepare(train_items, backbone, config, cache_dir, progress)
-    val = _prepare([(it.path, it.caption) for it in val_items], backbone, config, cache_dir, progress) if len(val_items) >= 2 else None
+    val = None
+    if len(val_items) >= 2:  # the contrastive loss needs pairs
+        val = _prepare([(it.path, it.caption) for it in val_items], backbone, config, cache_dir, progress)
 
     corpus = {"roots": [str(r) for r in roots], "pairs": len(train_items), "captions": len(train.captions)}
     trainer = _Trainer(config, backbone, config_fp, corpus)
@@ -704,6 +728,8 @@ __all__ = [
     "lr_factor",
     "load_attributed_images",
     "load_pixels",
+    "encode_pixels",
+    "ZERO_SHOT_TARGETS",
     "pretrain",
     "zero_shot_accuracy",
 ]
