@@ -197,6 +197,15 @@ def main_metric_for(dataset: str) -> str:
     return MAIN_METRICS[dataset]
 
 
+def best_epoch(history: Sequence[Mapping[str, float]], metric: str) -> int:
+    """The epoch :class:`TrainingLoop` keeps: the first with the highest ``metric`` (0 if none ran)."""
+    best, best_score = 0, -math.inf
+    for row in history:
+        if row[metric] > best_score:
+            best, best_score = int(row["epoch"]), row[metric]
+    return best
+
+
 def merge_metrics(per_split: Mapping[str, Mapping[str, float]], dataset: str) -> dict[str, float]:
     """One metric dict for the validation splits of one benchmark.
 

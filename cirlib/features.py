@@ -13,7 +13,6 @@ Features are returned unnormalised, float32, on the CPU, one row per input in in
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from cirlib.datasets import open_image
 from cirlib.device import autocast
 from cirlib.io import atomic_path, fingerprint
+from cirlib.pixels import PixelCache, file_list, normalise
 from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, kind_ratio, transform_for
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class ImageFileDataset(Dataset):
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
+def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
     """Encode in eval mode (dropout off, frozen BN) and give the caller its training flag back."""
     if module is None:
         yield
@@ -74,30 +74,19 @@ def encode_in_batches(
     total: int | None = None,
     desc: str | None = None,
     progress: bool = True,
+    amp: bool = True,
 ) -> torch.Tensor:
     """Apply an encoder to ready-made input batches; concatenate float32 CPU outputs.
 
-    Runs under ``torch.inference_mode`` and CUDA autocast, with ``module`` in eval mode. An empty
-    iterable gives a ``[0, 0]`` tensor.
+    Runs under ``torch.inference_mode`` and (with ``amp``) CUDA autocast, with ``module`` in eval
+    mode. An empty iterable gives a ``[0, 0]`` tensor.
     """
     outputs: list[torch.Tensor] = []
     non_blocking = device.type == "cuda"
-    with _eval_mode(module), torch.inference_mode(), autocast(device):
+    with eval_mode(module), torch.inference_mode(), autocast(device, amp):
         for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
             outputs.append(fn(batch.to(device, non_blocking=non_blocking)).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
-
-
-def _file_list(paths: Sequence[Path]) -> list[tuple[str, int, int]]:
-    """(absolute path, size, mtime_ns) per image: what makes a cached gallery stale."""
-    entries = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {p}") from None
-        entries.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-    return entries
 
 
 def image_cache_key(
@@ -119,7 +108,7 @@ def image_cache_key(
                 "mean": [float(m) for m in backbone.mean],
                 "std": [float(s) for s in backbone.std],
             },
-            "files": _file_list(paths),
+            "files": file_list(paths),
         }
     )
 
@@ -187,8 +176,36 @@ def image_features(
     return feats
 
 
+def encode_pixels(
+    backbone: "Backbone",
+    pixels: PixelCache | torch.Tensor,
+    rows: Sequence[int] | None = None,
+    batch_size: int = 256,
+    amp: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Image embeddings ``[len(rows), D]`` (float32, CPU, unnormalised) of pre-decoded images.
+
+    ``pixels`` is a :class:`~cirlib.pixels.PixelCache` or a uint8 ``[N, 3, S, S]`` tensor already
+    at the backbone's input size; ``rows`` (default: all) picks and orders the images. This is the
+    path of training loops, which hold their images decoded; galleries use :func:`image_features`.
+    """
+    rows = list(range(len(pixels))) if rows is None else [int(r) for r in rows]
+    if not rows:
+        return torch.empty(0, backbone.embed_dim)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            raw = pixels.tensor(chunk) if isinstance(pixels, PixelCache) else pixels[torch.tensor(chunk, device=pixels.device)]
+            yield normalise(raw.to(backbone.device), backbone.mean, backbone.std)
+
+    return encode_in_batches(backbone.encode_image, batches(), backbone.device, module=backbone.model,
+                             total=-(-len(rows) // batch_size), desc="image features", progress=progress, amp=amp)
+
+
 def text_features(
-    backbone: "Backbone", texts: Sequence[str], batch_size: int = 256, progress: bool = True
+    backbone: "Backbone", texts: Sequence[str], batch_size: int = 256, progress: bool = True, amp: bool = True
 ) -> torch.Tensor:
     """Text embeddings ``[len(texts), D]`` (float32, CPU, unnormalised); not cached (cheap)."""
     if isinstance(texts, str):
@@ -205,4 +222,5 @@ def text_features(
         total=-(-len(texts) // batch_size),
         desc="text features",
         progress=progress,
+        amp=amp,
     )

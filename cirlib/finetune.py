@@ -11,7 +11,7 @@ Combiner end to end (Tables 5-6).
 As in the reference implementation the whole CLIP model stays in eval mode: ResNet batch-norm
 layers keep their running statistics (and their affine parameters are frozen too), and CLIP has
 no dropout to switch on. Images are decoded and preprocessed once into a uint8 tensor cache
-(:class:`PixelCache`), so training time goes into the encoders rather than into PNG decoding; on a
+(:class:`~cirlib.pixels.PixelCache`), so training time goes into the encoders rather than into PNG decoding; on a
 CPU the encoders' cost then decides the budget (see ``Stage1Config.epoch_size``).
 """
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Sequence
@@ -29,7 +27,6 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cirlib.backbone import save_backbone, sidecar_path
@@ -47,10 +44,11 @@ from cirlib.combiner import (
 )
 from cirlib.datasets import CIRSplit, Query, query_text
 from cirlib.device import autocast, grad_scaler
-from cirlib.features import ImageFileDataset
-from cirlib.io import atomic_path, fingerprint, write_json
+from cirlib.features import encode_pixels, text_features
+from cirlib.io import fingerprint, write_json
 from cirlib.losses import batch_contrastive_loss
-from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, build_transform, kind_ratio
+from cirlib.pixels import PixelCache
+from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind
 
 if TYPE_CHECKING:
     from cirlib.backbone import Backbone
@@ -98,115 +96,6 @@ class Stage1Config:
         backward of two images per triplet) runs at tens of triplets per second at best and the
         text tower alone a few times faster, so budgeted runs also set ``epoch_size``."""
         return cls(**{"lr": 3e-5, "weight_decay": 1e-2, "batch_size": 64, "epochs": 8, "patience": 3, **overrides})
-
-
-# --------------------------------------------------------------------------------------------
-# Pre-decoded images
-# --------------------------------------------------------------------------------------------
-
-
-class PixelCache:
-    """Images after the preprocessing pipeline, as uint8 ``[N, 3, S, S]`` (optionally on disk).
-
-    The pipeline runs with mean 0 / std 1, whose output is exactly ``k / 255``; storing ``k`` and
-    normalising per batch gives bit-identical inputs to :func:`cirlib.preprocess.build_transform`
-    at a quarter of the memory of float tensors. With ``cache_dir`` the array is written once as a
-    ``.npy`` file keyed by the file list (paths, sizes, mtimes) and the pipeline, and memory-mapped.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[Path | str],
-        image_size: int,
-        transform_kind: TransformKind = "targetpad",
-        target_ratio: float = DEFAULT_TARGET_RATIO,
-        cache_dir: Path | str | None = None,
-        num_workers: int = 0,
-    ) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.image_size = int(image_size)
-        self.transform = build_transform(transform_kind, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), target_ratio)
-        key = fingerprint(
-            {
-                "version": 1,
-                "kind": transform_kind,
-                "ratio": kind_ratio(transform_kind, target_ratio),
-                "size": self.image_size,
-                "files": [(os.path.abspath(p), *_stat(p)) for p in self.paths],
-            }
-        )
-        file = Path(cache_dir) / f"pixels-{key}.npy" if cache_dir is not None else None
-        self.array = self._load(file) if file is not None and file.exists() else None
-        if self.array is None:
-            self.array = self._decode(num_workers)
-            if file is not None:
-                with atomic_path(file) as tmp:
-                    with open(tmp, "wb") as f:
-                        np.save(f, self.array)
-                self.array = np.load(file, mmap_mode="r")
-
-    def _load(self, file: Path) -> np.ndarray | None:
-        try:
-            array = np.load(file, mmap_mode="r")
-            if array.shape != (len(self.paths), 3, self.image_size, self.image_size) or array.dtype != np.uint8:
-                raise ValueError(f"holds {array.shape} {array.dtype}")
-            return array
-        except Exception as err:  # a bad cache is rebuilt, never trusted
-            warnings.warn(f"pixel cache {file} is unusable ({err}); rebuilding it", stacklevel=3)
-            return None
-
-    def _decode(self, num_workers: int) -> np.ndarray:
-        out = np.empty((len(self.paths), 3, self.image_size, self.image_size), dtype=np.uint8)
-        loader = DataLoader(ImageFileDataset(self.paths, self.transform), batch_size=64, num_workers=num_workers)
-        row = 0
-        for batch in tqdm(loader, desc="decoding images", leave=False):
-            out[row : row + len(batch)] = (batch * 255).round_().to(torch.uint8).numpy()
-            row += len(batch)
-        return out
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def batch(
-        self, rows: Tensor | Sequence[int], mean: Sequence[float], std: Sequence[float], device: torch.device
-    ) -> Tensor:
-        """Normalised float pixels ``[B, 3, S, S]`` of the given rows, on ``device``."""
-        rows = np.asarray(rows, dtype=np.int64)
-        pixels = torch.from_numpy(np.ascontiguousarray(self.array[rows])).to(device)
-        m = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
-        return pixels.float().div_(255).sub_(m).div_(s)
-
-
-def _stat(path: Path) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    return st.st_size, st.st_mtime_ns
-
-
-def _encode_rows(
-    backbone: "Backbone", pixels: PixelCache, rows: Sequence[int], amp: bool, batch_size: int = 256
-) -> Tensor:
-    """Features (float32, CPU) of cached images with the backbone's current weights, no grads."""
-    model, device = backbone.model, backbone.device
-    out = []
-    with torch.no_grad(), autocast(device, amp):
-        for i in range(0, len(rows), batch_size):
-            x = pixels.batch(rows[i : i + batch_size], backbone.mean, backbone.std, device)
-            out.append(model.encode_image(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, backbone.embed_dim)
-
-
-def _encode_texts(backbone: "Backbone", texts: Sequence[str], amp: bool, batch_size: int = 256) -> Tensor:
-    model, device = backbone.model, backbone.device
-    out = []
-    with torch.no_grad(), autocast(device, amp):
-        for i in range(0, len(texts), batch_size):
-            tokens = backbone.tokenize(list(texts[i : i + batch_size])).to(device)
-            out.append(model.encode_text(tokens).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, backbone.embed_dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +158,7 @@ class _Stage1Evaluator:
         digest = module_digest(backbone.model.visual)
         if name not in self._images or self._images[name][0] != digest:
             pixels = self._pixels[key]
-            self._images[name] = (digest, _encode_rows(backbone, pixels, list(range(len(pixels))), self.amp))
+            self._images[name] = (digest, encode_pixels(backbone, pixels, amp=self.amp))
         return self._images[name][1]
 
     def __call__(self, backbone: "Backbone", combine: CombineFn) -> dict[str, float]:
@@ -278,7 +167,7 @@ class _Stage1Evaluator:
             names = list(dict.fromkeys([*(q.reference for q in split.queries), *split.gallery]))
             row = {n: i for i, n in enumerate(names)}
             images = self._image_features(backbone, name, names)
-            texts = _encode_texts(backbone, [query_text(q) for q in split.queries], self.amp)
+            texts = text_features(backbone, [query_text(q) for q in split.queries], progress=False, amp=self.amp)
             references = images[[row[q.reference] for q in split.queries]]
             features[name] = (references, texts, images[[row[g] for g in split.gallery]])
         return evaluate_splits(self.splits, features, combine)
@@ -375,7 +264,7 @@ class _TripletFeatures:
         self.target = torch.tensor([row[q.target] for _, q in triplets])
         self.image_bank = None
         if not self.tune_image:
-            self.image_bank = _encode_rows(backbone, self.pixels, list(range(len(row))), self.amp).to(backbone.device)
+            self.image_bank = encode_pixels(backbone, self.pixels, amp=self.amp).to(backbone.device)
         self.text_bank: dict[str, Tensor] = {}
 
     def images(self, rows: Tensor) -> Tensor:
@@ -390,7 +279,7 @@ class _TripletFeatures:
             return bb.model.encode_text(bb.tokenize(texts).to(bb.device))
         new = [t for t in dict.fromkeys(texts) if t not in self.text_bank]
         if new:
-            self.text_bank.update(zip(new, _encode_texts(bb, new, self.amp).to(bb.device)))
+            self.text_bank.update(zip(new, text_features(bb, new, progress=False, amp=self.amp).to(bb.device)))
         return torch.stack([self.text_bank[t] for t in texts])
 
 

@@ -18,16 +18,14 @@ with ``(seed, step)``, so a run resumed from a checkpoint repeats the uninterrup
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,8 +35,10 @@ from tqdm.auto import tqdm
 from cirlib import datasets
 from cirlib.backbone import TINY_MODEL, Backbone, load_backbone, save_backbone, sidecar_path
 from cirlib.device import autocast, get_device, grad_scaler
+from cirlib.features import encode_pixels, eval_mode
 from cirlib.io import atomic_path, file_sha256, fingerprint
-from cirlib.preprocess import TransformKind, build_transform
+from cirlib.pixels import PixelCache, normalise
+from cirlib.preprocess import TransformKind
 
 TRAINER_VERSION = 2  # bump when a change to this file changes what a given config trains
 META_FILE = "cirlib_meta.json"
@@ -129,50 +129,6 @@ def build_corpus(roots: Sequence[str | os.PathLike], split: str = "train") -> li
     Templates ("a photo of ...") are applied at training time, a random one per sample.
     """
     return [(item.path, item.caption) for item in load_attributed_images(roots, split)]
-
-
-# -------------------------------------------------------------------------------------- image cache
-def _decode(path: Path, transform: Callable) -> torch.Tensor:
-    return transform(datasets.open_image(path)).mul(255).round().to(torch.uint8)
-
-
-def load_pixels(
-    paths: Sequence[str | os.PathLike],
-    image_size: int,
-    transform_kind: TransformKind = "squarepad",
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Decode, pad/resize/crop (``cirlib.preprocess`` geometry) into uint8 ``[N, 3, S, S]``, cached.
-
-    The cache key is the ordered file list with sizes and modification times, the size and the
-    transform, so regenerated images are never served stale.
-    """
-    paths = [Path(p) for p in paths]
-    cache_file = None
-    if cache_dir is not None:
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-        key = fingerprint({"files": stats, "size": image_size, "transform": transform_kind})
-        cache_file = Path(cache_dir) / f"pixels-{key}.pt"
-        if cache_file.is_file():
-            return torch.load(cache_file, weights_only=True)
-    transform = build_transform(transform_kind, image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    out = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        decoded = pool.map(lambda p: _decode(p, transform), paths)
-        for i, img in enumerate(tqdm(decoded, total=len(paths), desc="decode images", disable=not progress)):
-            out[i] = img
-    if cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            torch.save(out, tmp)
-    return out
-
-
-def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``[N, 3, S, S]`` -> the float input the backbone expects."""
-    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255.0 - m) / s
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator, min_scale: float) -> torch.Tensor:
@@ -340,7 +296,8 @@ def _prepare(items: Sequence[tuple[Path, str]], backbone: Backbone, config: Pret
              cache_dir: Path | None, progress: bool) -> _Data:
     captions = sorted({c for _, c in items})
     index = {c: i for i, c in enumerate(captions)}
-    pixels = load_pixels([p for p, _ in items], backbone.image_size, config.transform_kind, cache_dir, progress)
+    pixels = PixelCache([p for p, _ in items], backbone.image_size, config.transform_kind, cache_dir=cache_dir,
+                        progress=progress).tensor()
     texts = [t.format(c) for c in captions for t in CAPTION_TEMPLATES]
     tokens = backbone.tokenize(texts).view(len(captions), len(CAPTION_TEMPLATES), -1)
     # A template that pushes a long caption (a scene of four objects) past the context would cut
@@ -398,22 +355,11 @@ def _train_step(backbone: Backbone, data: _Data, config: PretrainConfig, step: i
     return float(loss.detach())
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate in eval mode and hand the model its training flag back."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def validation_loss(backbone: Backbone, data: _Data, batch_size: int) -> float:
     """Mean contrastive loss over fixed batches of a split (first template, no augmentation)."""
     losses, weights = [], []
-    with _eval_mode(backbone.model):
+    with eval_mode(backbone.model):
         for start in range(0, len(data.groups), batch_size):
             groups = data.groups[start : start + batch_size]
             if len(groups) < 2:
@@ -422,18 +368,6 @@ def validation_loss(backbone: Backbone, data: _Data, batch_size: int) -> float:
             losses.append(float(loss))
             weights.append(len(groups))
     return float(np.average(losses, weights=weights))
-
-
-@torch.no_grad()
-def encode_pixels(backbone: Backbone, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised image embeddings ``[N, D]`` (CPU, float32) of uint8 pixels from :func:`load_pixels`."""
-    out = []
-    with _eval_mode(backbone.model):
-        for start in range(0, len(pixels), batch_size):
-            batch = normalise(pixels[start : start + batch_size].to(backbone.device), backbone.mean, backbone.std)
-            with autocast(backbone.device):
-                out.append(F.normalize(backbone.encode_image(batch).float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, backbone.embed_dim)
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -468,7 +402,7 @@ def class_text_features(
     pick = rng.choice(len(items), size=min(n_contexts, len(items)), replace=False)
     contexts = [items[i] for i in sorted(pick)]
     feats = []
-    with _eval_mode(backbone.model):
+    with eval_mode(backbone.model):
         for value in classes:
             captions = {caption_function(c.benchmark)({**c.attributes, attribute: value}) for c in contexts}
             prompts = [t.format(c) for c in sorted(captions) for t in CAPTION_TEMPLATES]
@@ -491,7 +425,7 @@ def zero_shot_accuracy(
 
     ``items`` are typically the val images of a generated root (:func:`load_attributed_images`);
     only those whose attributes contain ``attribute`` take part. ``image_features`` (aligned with
-    ``items``, e.g. from :func:`encode_pixels`) skips decoding and encoding the images again when
+    ``items``, e.g. from :func:`cirlib.features.encode_pixels`) skips decoding and encoding the images again when
     several attributes are scored on the same images; ``cache_dir`` caches the decoded pixels.
     The default geometry is the one :class:`PretrainConfig` trains the tiny CLIP with.
     """
@@ -501,10 +435,12 @@ def zero_shot_accuracy(
         raise ValueError(f"no item has attribute {attribute!r}; available: {keys}")
     chosen = [items[i] for i in keep]
     if image_features is None:
-        pixels = load_pixels([it.path for it in chosen], backbone.image_size, transform_kind, cache_dir, False)
+        pixels = PixelCache([it.path for it in chosen], backbone.image_size, transform_kind, cache_dir=cache_dir,
+                            progress=False)
         image_features = encode_pixels(backbone, pixels)
     else:
-        image_features = F.normalize(image_features[keep].float().cpu(), dim=-1)
+        image_features = image_features[keep]
+    image_features = F.normalize(image_features.float().cpu(), dim=-1)
     classes = sorted({str(it.attributes[attribute]) for it in chosen})
     labels = np.array([classes.index(str(it.attributes[attribute])) for it in chosen])
     text = class_text_features(backbone, chosen, attribute, classes)
@@ -512,6 +448,22 @@ def zero_shot_accuracy(
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
     return ZeroShotResult(attribute, classes, float((pred == labels).mean()), confusion, len(chosen))
+
+
+def zero_shot_accuracies(
+    backbone: Backbone,
+    items: Sequence[AttributedImage],
+    attributes: Sequence[str],
+    image_features: torch.Tensor | None = None,
+    transform_kind: TransformKind = "squarepad",
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, ZeroShotResult]:
+    """:func:`zero_shot_accuracy` of each attribute, encoding the images only once."""
+    if image_features is None:
+        pixels = PixelCache([it.path for it in items], backbone.image_size, transform_kind, cache_dir=cache_dir,
+                            progress=False)
+        image_features = encode_pixels(backbone, pixels)
+    return {a: zero_shot_accuracy(backbone, items, a, image_features=image_features) for a in attributes}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -616,11 +568,9 @@ class _Trainer:
     def evaluate(self, val: _Data, val_items: Sequence[AttributedImage]) -> dict[str, Any]:
         row: dict[str, Any] = {"phase": "eval", "step": self.step}
         row["val_loss"] = validation_loss(self.backbone, val, self.config.batch_size)
-        features = encode_pixels(self.backbone, val.pixels)
-        for attribute in self.config.zero_shot_attributes:
-            if any(attribute in it.attributes for it in val_items):
-                result = zero_shot_accuracy(self.backbone, val_items, attribute, image_features=features)
-                row[f"zs_{attribute}"] = result.accuracy
+        present = [a for a in self.config.zero_shot_attributes if any(a in it.attributes for it in val_items)]
+        results = zero_shot_accuracies(self.backbone, val_items, present, encode_pixels(self.backbone, val.pixels))
+        row.update({f"zs_{a}": r.accuracy for a, r in results.items()})
         return row
 
     def run(self, train: _Data, val: _Data | None, val_items: Sequence[AttributedImage], checkpoint: Path,
@@ -727,9 +677,8 @@ __all__ = [
     "clip_loss",
     "lr_factor",
     "load_attributed_images",
-    "load_pixels",
-    "encode_pixels",
     "ZERO_SHOT_TARGETS",
     "pretrain",
     "zero_shot_accuracy",
+    "zero_shot_accuracies",
 ]

@@ -16,6 +16,7 @@ from cirlib.combiner import (
     CombinerConfig,
     CombinerData,
     batch_slices,
+    best_epoch,
     build_combiner_data,
     cached_evaluator,
     combine_sum,
@@ -405,3 +406,11 @@ def test_build_is_seeded_whatever_the_global_rng_state() -> None:
     for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_best_epoch_is_the_first_maximum_as_the_training_loop_keeps_it() -> None:
+    history = [{"epoch": 1, "avg": 3.0}, {"epoch": 2, "avg": 5.0}, {"epoch": 3, "avg": 5.0}, {"epoch": 4, "avg": 4.0}]
+    assert best_epoch(history, "avg") == 2
+    assert best_epoch([], "avg") == 0
+    with pytest.raises(KeyError):
+        best_epoch(history, "R@1")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlib.features import encode_in_batches, image_cache_key, image_features, text_features
+from cirlib.features import encode_in_batches, encode_pixels, image_cache_key, image_features, text_features
 from cirlib.preprocess import transform_for
 
 
@@ -240,3 +240,16 @@ def test_with_the_real_tiny_backbone(images, tmp_path):
     backbone.refresh_fingerprint()
     assert image_cache_key(backbone, images) != key
     torch.testing.assert_close(image_features(backbone, images, cache_dir=tmp_path, progress=False), 2 * feats)
+
+
+def test_encode_pixels_matches_image_features(images, tmp_path):
+    """Training loops' path (pre-decoded pixels) gives the galleries' features, in ``rows`` order."""
+    from cirlib.pixels import PixelCache
+
+    backbone = CountingBackbone()
+    cache = PixelCache(images, backbone.image_size, "squarepad", progress=False)
+    reference = image_features(backbone, images, "squarepad", progress=False)
+    assert torch.allclose(encode_pixels(backbone, cache, batch_size=4), reference, atol=1e-6)
+    rows = [5, 0, 3]
+    assert torch.allclose(encode_pixels(backbone, cache.tensor(), rows), reference[rows], atol=1e-6)
+    assert encode_pixels(backbone, cache, rows=[]).shape == (0, backbone.embed_dim)

@@ -16,8 +16,8 @@ from cirlib.backbone import Backbone, load_backbone
 from cirlib.combiner import Combiner, cached_evaluator, combine_sum, load_combiner
 from cirlib.datasets import CIRSplit, Query
 from cirlib import finetune as finetune_module
-from cirlib.finetune import PixelCache, Stage1Config, finetune, stage1_evaluator, trainable_parameters
-from cirlib.preprocess import transform_for
+from cirlib.finetune import Stage1Config, finetune, stage1_evaluator, trainable_parameters
+from cirlib.pixels import PixelCache
 
 MICRO_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 MICRO_CONFIGS = {
@@ -264,21 +264,6 @@ def test_end_to_end_trains_encoders_and_combiner(micro_models, toy, tmp_path: Pa
 # ------------------------------------------------------------------------------ data path
 
 
-def test_pixel_cache_matches_the_transform_and_is_reused(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
-    train, _ = toy
-    backbone = _backbone()
-    paths = list(train.image_paths.values())[:5]
-    cache = PixelCache(paths, backbone.image_size, "targetpad", cache_dir=tmp_path)
-    transform = transform_for(backbone, "targetpad")
-    expected = torch.stack([transform(Image.open(p)) for p in paths])
-    assert torch.equal(cache.batch(range(5), backbone.mean, backbone.std, torch.device("cpu")), expected)
-    assert len(list(tmp_path.glob("pixels-*.npy"))) == 1
-
-    monkeypatch.setattr(PixelCache, "_decode", lambda self, n: pytest.fail("cache file not reused"))
-    again = PixelCache(paths, backbone.image_size, "targetpad", cache_dir=tmp_path)
-    assert np.array_equal(np.asarray(again.array), np.asarray(cache.array))
-
-
 def test_stage1_evaluator_agrees_with_cached_features(micro_models, toy, tmp_path: Path) -> None:
     _, val = toy
     backbone = _backbone()
@@ -292,8 +277,8 @@ def test_evaluator_reencodes_images_only_when_the_image_tower_changed(micro_mode
     _, val = toy
     backbone = _backbone()
     encoded = []
-    original = finetune_module._encode_rows
-    monkeypatch.setattr(finetune_module, "_encode_rows", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    original = finetune_module.encode_pixels
+    monkeypatch.setattr(finetune_module, "encode_pixels", lambda *a, **k: encoded.append(1) or original(*a, **k))
     evaluator = stage1_evaluator(val)
     evaluator(backbone, combine_sum)
     with torch.no_grad():

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from cirlib import pretrain as P
 from cirlib.backbone import TINY_MODEL, load_backbone, sidecar_path
 from cirlib.bench_fashion import absolute_caption
+from cirlib.features import encode_pixels
 from cirlib.io import file_sha256
+from cirlib.pixels import PixelCache
 from cirlib.render import COLOURS
 
 COLOUR_NAMES = ("red", "navy blue", "yellow", "green")
@@ -100,16 +102,6 @@ def test_build_corpus_errors_name_the_file(tmp_path, fashion_root):
     expected = r"cirlib_meta.json: field 'attributes' has no entry for image 'shirt-train-03'"
     with pytest.raises(ValueError, match=expected):
         P.build_corpus([broken])
-
-
-def test_load_pixels_decodes_once_and_caches(fashion_root, tmp_path, monkeypatch):
-    paths = [p for p, _ in P.build_corpus([fashion_root])][:5]
-    pixels = P.load_pixels(paths, 64, "squarepad", cache_dir=tmp_path, progress=False)
-    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 64, 64)
-    # squarepad of a 48x80 dress: black bars left and right, the red garment in the middle
-    assert pixels[0, :, 32, 0].tolist() == [0, 0, 0] and pixels[0, 0, 32, 32] > 150
-    monkeypatch.setattr(P, "_decode", lambda *a: pytest.fail("decoded again instead of using the cache"))
-    assert torch.equal(P.load_pixels(paths, 64, "squarepad", cache_dir=tmp_path, progress=False), pixels)
 
 
 def test_augment_identity_at_full_scale():
@@ -281,9 +273,12 @@ def test_zero_shot_accuracy_reports_a_consistent_confusion_matrix(fashion_root):
     assert result.confusion.sum(axis=1).tolist() == [3, 3, 3, 3]  # 3 categories x 1 image per colour
     assert result.accuracy == pytest.approx(np.trace(result.confusion) / len(items))
     assert result.confusion_frame().loc["red"].sum() == 3
-    features = P.encode_pixels(bb, P.load_pixels([it.path for it in items], bb.image_size, progress=False))
+    features = encode_pixels(bb, PixelCache([it.path for it in items], bb.image_size, "squarepad", progress=False))
     assert features.shape == (len(items), bb.embed_dim)
     again = P.zero_shot_accuracy(bb, items, "colour", image_features=features)
     assert np.array_equal(again.confusion, result.confusion)
     with pytest.raises(ValueError, match=r"no item has attribute 'sleeve'.*colour"):
         P.zero_shot_accuracy(bb, items, "sleeve")
+    both = P.zero_shot_accuracies(bb, items, ["colour", "category"])  # one encoding for every attribute
+    assert list(both) == ["colour", "category"] and np.array_equal(both["colour"].confusion, result.confusion)
+    assert np.array_equal(both["category"].confusion, P.zero_shot_accuracy(bb, items, "category").confusion)

@@ -3,7 +3,7 @@
 1. ``re-encode (files)``: what CLIP4Cir's ``combiner_train.py`` does, every batch decodes and
    preprocesses the reference and target images and runs the frozen encoders on them and on the
    captions, then takes one Combiner step;
-2. ``re-encode (pixels)``: the same with images pre-decoded (:class:`cirlib.finetune.PixelCache`),
+2. ``re-encode (pixels)``: the same with images pre-decoded (:class:`cirlib.pixels.PixelCache`),
    i.e. the encoders' share of the cost alone;
 3. ``cached features``: :func:`cirlib.combiner.train_combiner` on features extracted once
    (:func:`cirlib.combiner.build_combiner_data`; its one-off cost is printed separately).
@@ -32,7 +32,7 @@ from PIL import Image
 from cirlib.backbone import TINY_MODEL, Backbone, load_backbone
 from cirlib.combiner import CombinerConfig, CombinerData, batch_slices, build_combiner_data, train_combiner
 from cirlib.datasets import CIRSplit, Query, query_text
-from cirlib.finetune import PixelCache
+from cirlib.pixels import PixelCache
 from cirlib.losses import batch_contrastive_loss
 from cirlib.preprocess import transform_for
 

@@ -1,0 +1,63 @@
+"""Published numbers the course sets its own results beside, for orientation only.
+
+They come from CLIP4Cir (Baldrati et al., ACM TOMM 2023), Tables 1 and 2: CLIP RN50 on the real
+FashionIQ and CIRR validation sets. The course's numbers come from a tiny CLIP on the embedded
+benchmarks, so only the *orderings* are comparable, never the values; every table that shows
+both says so in its column labels.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+SOURCE = "CLIP4Cir (TOMM 2023) Tables 1-2, CLIP RN50, real FashionIQ / CIRR val"
+
+_STAGE1 = ("zero-shot", "image", "text", "both")  # nothing, IFT, TFT, IFT + TFT
+# FashionIQ: average over the three categories of R@10 and R@50 (Table 1, "Average" columns).
+_FASHIONIQ = {
+    "Sum": [(19.70, 38.26), (31.20, 54.19), (31.73, 55.39), (39.34, 63.05)],
+    "Combiner": [(30.96, 53.56), (35.07, 57.78), (35.16, 58.47), (40.80, 64.20)],
+}
+# CIRR: R@1, R@5, R@10, R@50, Rsubset@1, Rsubset@2, Rsubset@3 (Table 2).
+_CIRR_COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3")
+_CIRR = {
+    "Sum": [
+        (21.38, 50.85, 64.00, 87.23, 54.48, 76.01, 87.16),
+        (31.67, 66.08, 79.36, 95.38, 58.12, 78.42, 89.78),
+        (32.72, 66.63, 79.22, 94.86, 67.21, 86.00, 93.81),
+        (40.97, 74.70, 85.51, 96.94, 68.81, 86.96, 93.90),
+    ],
+    "Combiner": [
+        (31.26, 64.79, 77.71, 95.31, 61.56, 81.08, 91.12),
+        (34.01, 69.07, 81.77, 95.72, 62.78, 81.80, 91.41),
+        (36.86, 71.32, 82.32, 96.24, 68.28, 86.51, 94.14),
+        (42.05, 76.13, 86.51, 97.49, 70.15, 87.18, 94.40),
+    ],
+}
+
+
+def clip4cir_main_table() -> pd.DataFrame:
+    """Tables 1-2 in the layout of notebook 05's main table.
+
+    Rows ``(stage-1, combining function)`` with stage-1 in ``zero-shot / image / text / both``;
+    columns ``"fashioniq R@10"``, ``"fashioniq R@50"`` and ``"cirr <metric>"``, in percent.
+    """
+    rows = {}
+    for cf in ("Sum", "Combiner"):
+        for stage1, fiq, cirr in zip(_STAGE1, _FASHIONIQ[cf], _CIRR[cf]):
+            row = {"fashioniq R@10": fiq[0], "fashioniq R@50": fiq[1]}
+            row.update({f"cirr {m}": v for m, v in zip(_CIRR_COLUMNS, cirr)})
+            rows[stage1, cf] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["stage-1", "combining function"])
+
+
+def side_by_side(ours: pd.DataFrame, columns: list[str], ours_label: str) -> pd.DataFrame:
+    """Our table and the paper's on the same rows and ``columns``, under labelled column groups."""
+    paper = clip4cir_main_table()
+    missing = [c for c in columns if c not in ours.columns or c not in paper.columns]
+    if missing:
+        raise KeyError(f"columns {missing} are not in both tables; ours has {list(ours.columns)}")
+    return pd.concat({ours_label: ours[columns], SOURCE: paper.loc[ours.index, columns]}, axis=1)
+
+
+__all__ = ["SOURCE", "clip4cir_main_table", "side_by_side"]
