@@ -51,13 +51,17 @@ def clip4cir_main_table() -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["stage-1", "combining function"])
 
 
-def side_by_side(ours: pd.DataFrame, columns: list[str], ours_label: str) -> pd.DataFrame:
-    """Our table and the paper's on the same rows and ``columns``, under labelled column groups."""
+def side_by_side(ours: pd.DataFrame, columns: list[str], ours_label: str = "ours", paper_label: str = "paper") -> pd.DataFrame:
+    """Our table and the paper's (:data:`SOURCE`) on the same rows and ``columns``, as two column groups.
+
+    The labels are short because flattened markdown headers repeat them; say what each side is
+    (data, backbone) next to the table.
+    """
     paper = clip4cir_main_table()
     missing = [c for c in columns if c not in ours.columns or c not in paper.columns]
     if missing:
         raise KeyError(f"columns {missing} are not in both tables; ours has {list(ours.columns)}")
-    return pd.concat({ours_label: ours[columns], SOURCE: paper.loc[ours.index, columns]}, axis=1)
+    return pd.concat({ours_label: ours[columns], paper_label: paper.loc[ours.index, columns]}, axis=1)
 
 
 __all__ = ["SOURCE", "clip4cir_main_table", "side_by_side"]

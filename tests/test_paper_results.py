@@ -8,6 +8,10 @@ import pytest
 from cirlib.paper_results import SOURCE, clip4cir_main_table, side_by_side
 
 
+def test_source_names_the_paper_and_backbone():
+    assert "CLIP4Cir" in SOURCE and "RN50" in SOURCE
+
+
 def test_layout_and_spot_values():
     t = clip4cir_main_table()
     assert t.shape == (8, 9)
@@ -29,9 +33,9 @@ def test_the_papers_orderings_hold_in_the_numbers():
 def test_side_by_side_labels_both_sources():
     index = pd.MultiIndex.from_tuples([("zero-shot", "Sum"), ("both", "Combiner")], names=["stage-1", "combining function"])
     ours = pd.DataFrame({"fashioniq R@10": [5.0, 60.0], "cirr R@1": [9.0, 30.0], "extra": [0, 0]}, index=index)
-    table = side_by_side(ours, ["fashioniq R@10", "cirr R@1"], "ours")
-    assert list(table.columns.get_level_values(0).unique()) == ["ours", SOURCE]
-    assert table.loc[("both", "Combiner"), (SOURCE, "cirr R@1")] == 42.05
+    table = side_by_side(ours, ["fashioniq R@10", "cirr R@1"], "ours", "CLIP4Cir")
+    assert list(table.columns.get_level_values(0).unique()) == ["ours", "CLIP4Cir"]
+    assert table.loc[("both", "Combiner"), ("CLIP4Cir", "cirr R@1")] == 42.05
     assert table.loc[("zero-shot", "Sum"), ("ours", "fashioniq R@10")] == 5.0
     with pytest.raises(KeyError, match="extra"):
         side_by_side(ours, ["extra"], "ours")
