@@ -13,7 +13,10 @@ Features are returned unnormalised, float32, on the CPU, one row per input in in
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -63,6 +66,31 @@ def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
         yield
     finally:
         module.train(was_training)
+
+
+def prefetched_batches(dataset: Dataset, batch_size: int, depth: int = 2) -> Iterator[torch.Tensor]:
+    """Stacked batches of ``dataset`` in order, decoded by one background thread ``depth`` batches ahead.
+
+    PIL releases the GIL while decoding and resizing, and torch while encoding, so the two overlap
+    without worker processes (no start-up cost, no pickling); the look-ahead bounds the memory.
+    ``depth=0`` loads each batch when it is asked for, in the calling thread.
+    """
+    starts = list(range(0, len(dataset), batch_size))
+
+    def load(start: int) -> torch.Tensor:
+        return torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+    if depth == 0:
+        yield from map(load, starts)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = deque(pool.submit(load, s) for s in starts[:depth])
+        for start in starts[depth:]:
+            batch = pending.popleft().result()
+            pending.append(pool.submit(load, start))
+            yield batch
+        while pending:
+            yield pending.popleft().result()
 
 
 def encode_in_batches(
@@ -140,8 +168,11 @@ def image_features(
 ) -> torch.Tensor:
     """Image embeddings ``[len(paths), D]`` (float32, CPU, unnormalised), cached under ``cache_dir``.
 
-    ``num_workers`` DataLoader processes decode images while the model runs; on a 2-core CPU one
-    worker at most pays off (see tests/benchmarks/bench_features.py).
+    With ``num_workers=0`` a background thread decodes the next batch while the model encodes this
+    one (:func:`prefetched_batches`) when the encoder leaves a core free (a GPU, or more CPU cores
+    than torch threads); on a CPU whose cores torch already uses, the thread only competes with it
+    and decoding stays inline. ``num_workers > 0`` uses that many DataLoader processes instead
+    (tests/benchmarks/bench_features.py measures both).
     """
     paths = [Path(p) for p in paths]
     cache_file = None
@@ -154,19 +185,23 @@ def image_features(
         return torch.empty(0, backbone.embed_dim)
 
     dataset = ImageFileDataset(paths, transform_for(backbone, transform_kind, target_ratio))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=backbone.device.type == "cuda",
-    )
+    if num_workers > 0:
+        batches: Iterable[torch.Tensor] = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=backbone.device.type == "cuda",
+        )
+    else:  # a decoding thread only pays off with a core the encoder leaves free (GPU, or spare CPUs)
+        spare = backbone.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+        batches = prefetched_batches(dataset, batch_size, depth=2 if spare else 0)
     feats = encode_in_batches(
         backbone.encode_image,
-        loader,
+        batches,
         backbone.device,
         module=backbone.model,
-        total=len(loader),
+        total=-(-len(paths) // batch_size),
         desc=f"image features ({transform_kind})",
         progress=progress,
     )

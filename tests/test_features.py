@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlib.features import encode_in_batches, encode_pixels, image_cache_key, image_features, text_features
+from cirlib.features import (
+    encode_in_batches,
+    encode_pixels,
+    image_cache_key,
+    image_features,
+    prefetched_batches,
+    text_features,
+)
 from cirlib.preprocess import transform_for
 
 
@@ -253,3 +260,47 @@ def test_encode_pixels_matches_image_features(images, tmp_path):
     rows = [5, 0, 3]
     assert torch.allclose(encode_pixels(backbone, cache.tensor(), rows), reference[rows], atol=1e-6)
     assert encode_pixels(backbone, cache, rows=[]).shape == (0, backbone.embed_dim)
+
+
+class _Items(torch.utils.data.Dataset):
+    """Item i is a 1-element tensor [i]; records which items were loaded, optionally failing on one."""
+
+    def __init__(self, n: int, fail_at: int | None = None) -> None:
+        self.n, self.fail_at, self.loaded = n, fail_at, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.fail_at:
+            raise OSError(f"cannot decode item {i}")
+        self.loaded.append(i)
+        return torch.tensor([i])
+
+
+def test_prefetched_batches_keep_order_and_bound_the_look_ahead():
+    data = _Items(10)
+    batches = prefetched_batches(data, batch_size=3, depth=2)
+    first = next(batches)
+    assert first.flatten().tolist() == [0, 1, 2]
+    assert max(data.loaded) <= 8  # at most `depth` batches beyond the one handed out
+    rest = [b.flatten().tolist() for b in batches]
+    assert rest == [[3, 4, 5], [6, 7, 8], [9]]
+    assert [b.flatten().tolist() for b in prefetched_batches(_Items(0), 4)] == []
+    inline = _Items(10)
+    batches = prefetched_batches(inline, batch_size=3, depth=0)
+    assert next(batches).flatten().tolist() == [0, 1, 2] and inline.loaded == [0, 1, 2]  # nothing ahead
+    assert [b.flatten().tolist() for b in batches] == [[3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_prefetched_batches_raise_the_loading_error():
+    for depth in (0, 2):
+        with pytest.raises(OSError, match="item 4"):
+            list(prefetched_batches(_Items(8, fail_at=4), batch_size=2, depth=depth))
+
+
+def test_threaded_and_worker_decoding_agree(images):
+    backbone = CountingBackbone()
+    threaded = image_features(backbone, images, batch_size=4, progress=False)
+    workers = image_features(backbone, images, batch_size=4, num_workers=1, progress=False)
+    assert torch.equal(threaded, workers)
