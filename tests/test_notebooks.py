@@ -75,3 +75,12 @@ def test_figure_names_are_unique_across_notebooks() -> None:
                 assert name.startswith(path.name[:3]), f"{name}: figures are named after their notebook"
                 assert (kind, name) not in seen, f"{kind} {name} saved by both {seen[kind, name]} and {path.name}"
                 seen[kind, name] = path.name
+
+
+def test_readme_main_table_is_the_regenerated_one() -> None:
+    """The README's copy of the main table must be the one `make all` last wrote to figures/."""
+    table = (ROOT / "figures" / "05_main_table_vs_paper.md").read_text(encoding="utf-8").strip()
+    assert table.startswith("| stage-1 |")
+    assert table in (ROOT / "README.md").read_text(encoding="utf-8"), (
+        "README.md's main table differs from figures/05_main_table_vs_paper.md; paste the regenerated table"
+    )
