@@ -11,8 +11,8 @@ are built from clusters of images whose captions differ in a word or two ("a red
 rarely contain.
 
 Speed on a 2-core CPU comes from decoding and resizing every image once into a uint8 tensor at the
-model's input size (cached on disk); augmentation (random zoom and shift, never colour: colour is a
-label here) runs on whole batches. Every random choice of a step is drawn from a generator seeded
+model's input size (cached on disk); the optional augmentation (random zoom and shift, never colour:
+colour is a label here) runs on whole batches. Every random choice of a step is drawn from a generator seeded
 with ``(seed, step)``, so a run resumed from a checkpoint repeats the uninterrupted run exactly.
 """
 
@@ -158,7 +158,10 @@ class PretrainConfig:
     warmup_steps: int = 50
     cluster_size: int = 4  # batches are clusters of this many images with near-identical captions
     neighbours: int = 16  # how many nearest captions a cluster draws from
-    min_scale: float = 0.8  # augmentation: smallest side fraction of a random zoom
+    # Random zoom (smallest side fraction) is off by default: resampling blurs the ~6-px pattern
+    # repeats at 64 px. Measured at 600 steps, held-out zero-shot pattern / category went from
+    # 87.9 / 77.1 % with zoom down to 0.8 to 98.6 / 88.0 % without it.
+    min_scale: float = 1.0
     # squarepad keeps the whole image: captions describe all of it (a scene's edge objects, a
     # dress's hem), and in our runs it learnt pattern and category ~5 points faster than targetpad
     transform_kind: TransformKind = "squarepad"
