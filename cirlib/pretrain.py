@@ -415,6 +415,14 @@ def class_text_features(
     return torch.stack(feats)
 
 
+def _encode_items(backbone: Backbone, items: Sequence[AttributedImage], transform_kind: TransformKind,
+                  cache_dir: str | os.PathLike | None) -> torch.Tensor:
+    """Image features of ``items`` through the pretraining geometry (pixels cached under ``cache_dir``)."""
+    pixels = PixelCache([it.path for it in items], backbone.image_size, transform_kind, cache_dir=cache_dir,
+                        progress=False)
+    return encode_pixels(backbone, pixels)
+
+
 @torch.no_grad()
 def zero_shot_accuracy(
     backbone: Backbone,
@@ -438,9 +446,7 @@ def zero_shot_accuracy(
         raise ValueError(f"no item has attribute {attribute!r}; available: {keys}")
     chosen = [items[i] for i in keep]
     if image_features is None:
-        pixels = PixelCache([it.path for it in chosen], backbone.image_size, transform_kind, cache_dir=cache_dir,
-                            progress=False)
-        image_features = encode_pixels(backbone, pixels)
+        image_features = _encode_items(backbone, chosen, transform_kind, cache_dir)
     else:
         image_features = image_features[keep]
     image_features = F.normalize(image_features.float().cpu(), dim=-1)
@@ -463,9 +469,7 @@ def zero_shot_accuracies(
 ) -> dict[str, ZeroShotResult]:
     """:func:`zero_shot_accuracy` of each attribute, encoding the images only once."""
     if image_features is None:
-        pixels = PixelCache([it.path for it in items], backbone.image_size, transform_kind, cache_dir=cache_dir,
-                            progress=False)
-        image_features = encode_pixels(backbone, pixels)
+        image_features = _encode_items(backbone, items, transform_kind, cache_dir)
     return {a: zero_shot_accuracy(backbone, items, a, image_features=image_features) for a in attributes}
 
 
