@@ -37,7 +37,7 @@ from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, transform_for
 
 if TYPE_CHECKING:
     from cirlib.backbone import Backbone
-    from cirlib.retrieval import SplitFeatures
+    from cirlib.features import SplitFeatures
 
 ArrayLike = Tensor | np.ndarray
 _CHUNK_ELEMENTS = 1 << 24  # similarity-matrix entries computed at once

@@ -10,7 +10,9 @@ registered with open_clip from ``cirlib/model_configs/``) and on real open_clip 
 - an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"``, ...): the only case that may
   download anything, and only because the user asked for it.
 
-Every :class:`Backbone` carries a ``fingerprint`` naming its weights, which keys feature caches.
+Every :class:`Backbone` carries a ``fingerprint`` naming its weights, and an ``image_fingerprint``
+naming its image tower's alone, which keys image-feature caches: a text-tuned model (CLIP4Cir's TFT)
+shares its image features with the model it was tuned from.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Backbone:
         self.model_name = model_name
         self.device = device
         self.fingerprint = fingerprint
+        self._image_fingerprint: tuple[str, str] | None = None  # (fingerprint it was derived under, value)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         preprocess = model.visual.preprocess_cfg
         size = preprocess["size"]
@@ -63,6 +66,18 @@ class Backbone:
 
     def __repr__(self) -> str:
         return f"Backbone({self.model_name!r}, device={self.device}, fingerprint={self.fingerprint!r})"
+
+    @property
+    def image_fingerprint(self) -> str:
+        """Digest of the image tower's weights, derived once per :attr:`fingerprint`.
+
+        Image features depend on nothing else, so caches keyed by it survive text-encoder
+        training; like ``fingerprint`` it is re-derived after :meth:`refresh_fingerprint`.
+        """
+        if self._image_fingerprint is None or self._image_fingerprint[0] != self.fingerprint:
+            digest = state_digest(self.model.visual)
+            self._image_fingerprint = (self.fingerprint, f"{self.model_name}:visual-sha256:{digest}")
+        return self._image_fingerprint[1]
 
     @property
     def embed_dim(self) -> int:
@@ -141,14 +156,19 @@ class Backbone:
         return self.fingerprint
 
 
-def state_fingerprint(model_name: str, model: torch.nn.Module) -> str:
-    """sha256 over every tensor of the state dict (names, dtypes, shapes and bytes)."""
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of a module's state dict (names, dtypes, shapes and bytes)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"{model_name}:state-sha256:{h.hexdigest()}"
+    return h.hexdigest()
+
+
+def state_fingerprint(model_name: str, model: torch.nn.Module) -> str:
+    """The fingerprint of weights that exist only in memory (random init, training)."""
+    return f"{model_name}:state-sha256:{state_digest(model)}"
 
 
 def _check_model_name(model: str) -> None:
@@ -292,6 +312,7 @@ __all__: list[str] = [
     "Backbone",
     "load_backbone",
     "save_backbone",
+    "state_digest",
     "state_fingerprint",
     "sidecar_path",
     "list_pretrained_tags",

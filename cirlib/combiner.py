@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cirlib.datasets import CIRSplit, Query, query_text
-from cirlib.device import autocast, get_device, grad_scaler
+from cirlib.device import autocast, get_device, grad_scaler, precision
 from cirlib.evaluate import evaluate_split
-from cirlib.features import image_features, text_features
+from cirlib.features import encode_split, image_features, text_features
 from cirlib.io import atomic_path, fingerprint
 from cirlib.losses import batch_contrastive_loss
 from cirlib.metrics import fashioniq_average
@@ -460,9 +460,13 @@ def build_combiner_data(
     caption_samples: int = 8,
     seed: int = 0,
     cache_dir: Path | str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 256,
 ) -> CombinerData:
     """Encode the triplets of ``splits`` once with ``backbone`` (image features cached on disk).
+
+    The images are read through the decoded-pixel cache that stage-1 fine-tuning of the same
+    triplets keeps under ``cache_dir`` (``image_features(decoded=True)``), so encoding the training
+    set with each stage-1 model costs the encoder only.
 
     Each triplet gets ``caption_samples`` renderings from ``query_text(query, rng)``; datasets with
     one caption per query (CIRR) render identically, so only distinct strings are encoded.
@@ -483,7 +487,8 @@ def build_combiner_data(
         txt_idx.append([text_rows.setdefault(t, len(text_rows)) for t in renderings])
     return CombinerData(
         images=image_features(
-            backbone, list(image_rows), transform_kind, target_ratio, batch_size=batch_size, cache_dir=cache_dir
+            backbone, list(image_rows), transform_kind, target_ratio, batch_size=batch_size, cache_dir=cache_dir,
+            decoded=True,
         ),
         reference_index=torch.tensor(ref_idx, dtype=torch.long),
         target_index=torch.tensor(tgt_idx, dtype=torch.long),
@@ -499,23 +504,19 @@ def cached_evaluator(
     transform_kind: TransformKind = "targetpad",
     target_ratio: float = DEFAULT_TARGET_RATIO,
     cache_dir: Path | str | None = None,
-    batch_size: int = 64,
 ) -> Callable[[CombineFn], dict[str, float]]:
     """A validation callable for frozen encoders: ``val_fn(combine) -> metrics``.
 
-    The split's query and gallery features are extracted once (deterministic captions); every call
-    only applies ``combine`` and the benchmark protocol (:func:`cirlib.evaluate.evaluate_split`),
-    so it serves the zero-shot/stage-1 Sum rows and every epoch of Combiner training alike.
+    The split's query and gallery features are extracted once (:func:`cirlib.features.encode_split`,
+    so they share the cache of the notebooks' other evaluations); every call only applies
+    ``combine`` and the benchmark protocol (:func:`cirlib.evaluate.evaluate_split`), so it serves the
+    zero-shot/stage-1 Sum rows and every epoch of Combiner training alike.
     """
     named = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
     features = {}
     for name, split in named.items():
-        paths = [split.image_paths[q.reference] for q in split.queries] + [split.image_paths[g] for g in split.gallery]
-        images = image_features(
-            backbone, paths, transform_kind, target_ratio, batch_size=batch_size, cache_dir=cache_dir
-        )
-        texts = text_features(backbone, [query_text(q) for q in split.queries])
-        features[name] = (images[: len(split.queries)], texts, images[len(split.queries) :])
+        f = encode_split(backbone, split, transform_kind, target_ratio, cache_dir)
+        features[name] = (f.reference, f.text, f.gallery)
     return lambda combine: evaluate_splits(named, features, combine)
 
 
@@ -564,7 +565,7 @@ class CombinerConfig:
     scale: float = 100.0  # tau of Eq. (1)
     main_metric: str | None = None  # None: the benchmark's (MAIN_METRICS)
     seed: int = 0
-    amp: bool = True  # mixed precision, CUDA only
+    amp: bool = True  # mixed precision where the device has it (cirlib.device.amp_dtype)
     device: str = "auto"
 
     @classmethod
@@ -622,7 +623,8 @@ def train_combiner(
         optimizer=optimizer,
         scaler=scaler,
         ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint=fingerprint({"stage": "combiner", "config": config_dict, "data": train.fingerprint()}),
+        fingerprint=fingerprint({"stage": "combiner", "config": config_dict, "data": train.fingerprint(),
+                                 "precision": precision(device, config.amp)}),
         epochs=config.epochs,
         patience=config.patience,
         main_metric=config.main_metric or main_metric_for(train.dataset),

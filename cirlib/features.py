@@ -1,9 +1,11 @@
-"""Batched CLIP feature extraction for images and texts, with an on-disk cache for image galleries.
+"""Batched CLIP feature extraction for images, texts and whole CIR splits, with an on-disk cache for
+image galleries.
 
 Every evaluation and analysis notebook encodes the same galleries again and again with the same
 frozen backbone, at seconds (tiny model, CPU) to hours (RN50x4 on real galleries) a time.
 ``image_features`` therefore stores its result as one safetensors file per (weights, transform,
-ordered file list) and reuses it until any of those changes: other weights (``backbone.fingerprint``),
+ordered file list) and reuses it until any of those changes: other image-tower weights
+(``backbone.image_fingerprint``; text-encoder training leaves it alone),
 another pipeline or target ratio, or an image file whose size or mtime differs. Cache files are
 written atomically; an unreadable one is recomputed with a warning rather than trusted.
 
@@ -17,6 +19,7 @@ import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -27,9 +30,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlib.datasets import open_image
-from cirlib.device import autocast
+from cirlib.datasets import CIRSplit, open_image, query_text
+from cirlib.device import autocast, precision
 from cirlib.io import atomic_path, fingerprint
+from cirlib.metrics import name_index
 from cirlib.pixels import PixelCache, file_list, normalise
 from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, kind_ratio, transform_for
 
@@ -127,8 +131,8 @@ def image_cache_key(
     return fingerprint(
         {
             "version": CACHE_VERSION,
-            "backbone": backbone.fingerprint,
-            "precision": backbone.device.type,  # CUDA runs under autocast: different numbers
+            "image_tower": backbone.image_fingerprint,
+            "precision": precision(backbone.device),  # mixed precision gives other numbers
             "transform": {
                 "kind": transform_kind,
                 "target_ratio": kind_ratio(transform_kind, target_ratio),
@@ -165,8 +169,15 @@ def image_features(
     cache_dir: Path | str | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    decoded: bool = False,
 ) -> torch.Tensor:
     """Image embeddings ``[len(paths), D]`` (float32, CPU, unnormalised), cached under ``cache_dir``.
+
+    ``decoded=True`` reads the images through a :class:`~cirlib.pixels.PixelCache` (kept under
+    ``cache_dir``) instead of decoding them for this call alone. That is the route for image sets
+    several models encode, such as training triplets, which stage-1 fine-tuning already holds
+    decoded: every later model skips decoding, ~40 % of an extraction with the tiny backbone on a
+    CPU. Both routes feed the encoder the same inputs and share one feature cache.
 
     With ``num_workers=0`` a background thread decodes the next batch while the model encodes this
     one (:func:`prefetched_batches`) when the encoder leaves a core free (a GPU, or more CPU cores
@@ -175,7 +186,7 @@ def image_features(
     (tests/benchmarks/bench_features.py measures both).
     """
     paths = [Path(p) for p in paths]
-    cache_file = None
+    cache_file, key = None, ""
     if cache_dir is not None:
         key = image_cache_key(backbone, paths, transform_kind, target_ratio)
         cache_file = Path(cache_dir) / f"images-{key}.safetensors"
@@ -184,31 +195,39 @@ def image_features(
     if not paths:
         return torch.empty(0, backbone.embed_dim)
 
-    dataset = ImageFileDataset(paths, transform_for(backbone, transform_kind, target_ratio))
-    if num_workers > 0:
-        batches: Iterable[torch.Tensor] = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            pin_memory=backbone.device.type == "cuda",
+    if decoded:
+        pixels = PixelCache(paths, backbone.image_size, transform_kind, target_ratio, cache_dir, progress)
+        feats = encode_pixels(backbone, pixels, batch_size=batch_size, progress=progress)
+    else:
+        dataset = ImageFileDataset(paths, transform_for(backbone, transform_kind, target_ratio))
+        if num_workers > 0:
+            batches: Iterable[torch.Tensor] = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=num_workers,
+                pin_memory=backbone.device.type == "cuda",
+            )
+        else:  # a decoding thread only pays off with a core the encoder leaves free (GPU, or spare CPUs)
+            spare = backbone.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+            batches = prefetched_batches(dataset, batch_size, depth=2 if spare else 0)
+        feats = encode_in_batches(
+            backbone.encode_image,
+            batches,
+            backbone.device,
+            module=backbone.model,
+            total=-(-len(paths) // batch_size),
+            desc=f"image features ({transform_kind})",
+            progress=progress,
         )
-    else:  # a decoding thread only pays off with a core the encoder leaves free (GPU, or spare CPUs)
-        spare = backbone.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
-        batches = prefetched_batches(dataset, batch_size, depth=2 if spare else 0)
-    feats = encode_in_batches(
-        backbone.encode_image,
-        batches,
-        backbone.device,
-        module=backbone.model,
-        total=-(-len(paths) // batch_size),
-        desc=f"image features ({transform_kind})",
-        progress=progress,
-    )
-    if cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            save_file({"features": feats.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(paths))})
+    _save_cache(cache_file, key, feats)
     return feats
+
+
+def _save_cache(file: Path | None, key: str, feats: torch.Tensor) -> None:
+    if file is not None:
+        with atomic_path(file) as tmp:
+            save_file({"features": feats.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(feats))})
 
 
 def encode_pixels(
@@ -259,3 +278,36 @@ def text_features(
         progress=progress,
         amp=amp,
     )
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    """Unnormalised features of one split: gallery ``[G,D]`` (in ``split.gallery`` order),
+    reference images ``[Q,D]`` and query texts ``[Q,D]`` (deterministic captions)."""
+
+    gallery: torch.Tensor
+    reference: torch.Tensor
+    text: torch.Tensor
+
+
+def encode_split(
+    backbone: Backbone,
+    split: CIRSplit,
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+) -> SplitFeatures:
+    """Encode a split's gallery once; references outside the gallery are encoded separately."""
+    kw = dict(transform_kind=transform_kind, target_ratio=target_ratio, cache_dir=cache_dir, progress=progress)
+    gallery = image_features(backbone, [split.image_paths[n] for n in split.gallery], **kw)
+    index = name_index(split.gallery)
+    outside = sorted({q.reference for q in split.queries if q.reference not in index})
+    extra = image_features(backbone, [split.image_paths[n] for n in outside], **kw) if outside else None
+    extra_index = {n: i for i, n in enumerate(outside)}
+    reference = torch.stack([
+        gallery[index[q.reference]] if q.reference in index else extra[extra_index[q.reference]]
+        for q in split.queries
+    ]) if split.queries else gallery.new_zeros(0, gallery.shape[1])
+    text = text_features(backbone, [query_text(q) for q in split.queries], progress=progress)
+    return SplitFeatures(gallery, reference, text)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from cirlib import datasets
 from cirlib.backbone import TINY_MODEL, Backbone, load_backbone, save_backbone, sidecar_path
-from cirlib.device import autocast, get_device, grad_scaler
+from cirlib.device import autocast, get_device, grad_scaler, precision
 from cirlib.features import encode_pixels, eval_mode
 from cirlib.io import atomic_path, file_sha256, fingerprint
 from cirlib.pixels import PixelCache, normalise
@@ -173,6 +173,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     time_budget_s: float | None = None  # stop early (and finish) after this much training time
+    amp: bool = True  # mixed precision where the device has it (cirlib.device.amp_dtype)
 
     @classmethod
     def quick(cls) -> "PretrainConfig":
@@ -181,7 +182,9 @@ class PretrainConfig:
 
     def fingerprint(self, corpus_key: str) -> str:
         """Hash of the config, the corpus and the trainer version: equal means same training."""
-        return fingerprint({"config": asdict(self), "corpus": corpus_key, "trainer": TRAINER_VERSION})
+        arithmetic = precision(get_device(self.device), self.amp)
+        return fingerprint({"config": asdict(self), "corpus": corpus_key, "trainer": TRAINER_VERSION,
+                            "precision": arithmetic})
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -329,9 +332,10 @@ def sample_batch(data: _Data, config: PretrainConfig, step: int) -> torch.Tensor
     return torch.cat([anchors[:, None], near], dim=1).flatten()[: config.batch_size]
 
 
-def _batch_loss(backbone: Backbone, pixels: torch.Tensor, tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def _batch_loss(backbone: Backbone, pixels: torch.Tensor, tokens: torch.Tensor, groups: torch.Tensor,
+                amp: bool) -> torch.Tensor:
     images = normalise(pixels, backbone.mean, backbone.std)
-    with autocast(backbone.device):
+    with autocast(backbone.device, amp):
         img = F.normalize(backbone.encode_image(images).float(), dim=-1)
         txt = F.normalize(backbone.encode_text(tokens).float(), dim=-1)
     return clip_loss(img, txt, backbone.model.logit_scale.exp(), groups.to(backbone.device))
@@ -348,7 +352,7 @@ def _train_step(backbone: Backbone, data: _Data, config: PretrainConfig, step: i
     pixels = augment(data.pixels[idx.to(data.pixels.device)].float(), g, config.min_scale)
 
     backbone.model.train()
-    loss = _batch_loss(backbone, pixels, tokens, groups)
+    loss = _batch_loss(backbone, pixels, tokens, groups, config.amp)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -359,7 +363,7 @@ def _train_step(backbone: Backbone, data: _Data, config: PretrainConfig, step: i
 
 
 @torch.no_grad()
-def validation_loss(backbone: Backbone, data: _Data, batch_size: int) -> float:
+def validation_loss(backbone: Backbone, data: _Data, batch_size: int, amp: bool = True) -> float:
     """Mean contrastive loss over fixed batches of a split (first template, no augmentation)."""
     losses, weights = [], []
     with eval_mode(backbone.model):
@@ -367,7 +371,7 @@ def validation_loss(backbone: Backbone, data: _Data, batch_size: int) -> float:
             groups = data.groups[start : start + batch_size]
             if len(groups) < 2:
                 break
-            loss = _batch_loss(backbone, data.pixels[start : start + batch_size], data.tokens[groups, 0], groups)
+            loss = _batch_loss(backbone, data.pixels[start : start + batch_size], data.tokens[groups, 0], groups, amp)
             losses.append(float(loss))
             weights.append(len(groups))
     return float(np.average(losses, weights=weights))
@@ -574,7 +578,7 @@ class _Trainer:
 
     def evaluate(self, val: _Data, val_items: Sequence[AttributedImage]) -> dict[str, Any]:
         row: dict[str, Any] = {"phase": "eval", "step": self.step}
-        row["val_loss"] = validation_loss(self.backbone, val, self.config.batch_size)
+        row["val_loss"] = validation_loss(self.backbone, val, self.config.batch_size, self.config.amp)
         present = [a for a in self.config.zero_shot_attributes if any(a in it.attributes for it in val_items)]
         results = zero_shot_accuracies(self.backbone, val_items, present, encode_pixels(self.backbone, val.pixels))
         row.update({f"zs_{a}": r.accuracy for a, r in results.items()})

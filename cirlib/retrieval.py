@@ -2,14 +2,14 @@
 
 The baselines of iSEARLE Tables II–IV (image-only, text-only, image+text sum) and the
 modality-redundancy curves of iSEARLE Fig. 7 all need the same three feature sets per split:
-gallery images, reference images and query texts. ``encode_split`` computes them once (reference
-rows are taken from the gallery features whenever the reference is a gallery image).
+gallery images, reference images and query texts, which :func:`cirlib.features.encode_split`
+computes once (reference rows are taken from the gallery features whenever the reference is a
+gallery image).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -19,44 +19,11 @@ from torch import Tensor
 
 from cirlib.backbone import Backbone
 from cirlib.combiner import apply_combine, combine_sum, merge_metrics
-from cirlib.datasets import CIRSplit, query_text
+from cirlib.datasets import CIRSplit
 from cirlib.evaluate import evaluate_split
-from cirlib.features import image_features, text_features
+from cirlib.features import SplitFeatures, encode_split
 from cirlib.metrics import indices_of, name_index, recall_at_k
 from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind
-
-
-@dataclass(frozen=True)
-class SplitFeatures:
-    """Unnormalised features of one split: gallery ``[G,D]`` (in ``split.gallery`` order),
-    reference images ``[Q,D]`` and query texts ``[Q,D]`` (deterministic captions)."""
-
-    gallery: Tensor
-    reference: Tensor
-    text: Tensor
-
-
-def encode_split(
-    backbone: Backbone,
-    split: CIRSplit,
-    transform_kind: TransformKind = "targetpad",
-    target_ratio: float = DEFAULT_TARGET_RATIO,
-    cache_dir: Path | str | None = None,
-    progress: bool = True,
-) -> SplitFeatures:
-    """Encode a split's gallery once; references outside the gallery are encoded separately."""
-    kw = dict(transform_kind=transform_kind, target_ratio=target_ratio, cache_dir=cache_dir, progress=progress)
-    gallery = image_features(backbone, [split.image_paths[n] for n in split.gallery], **kw)
-    index = name_index(split.gallery)
-    outside = sorted({q.reference for q in split.queries if q.reference not in index})
-    extra = image_features(backbone, [split.image_paths[n] for n in outside], **kw) if outside else None
-    extra_index = {n: i for i, n in enumerate(outside)}
-    reference = torch.stack([
-        gallery[index[q.reference]] if q.reference in index else extra[extra_index[q.reference]]
-        for q in split.queries
-    ]) if split.queries else gallery.new_zeros(0, gallery.shape[1])
-    text = text_features(backbone, [query_text(q) for q in split.queries], progress=progress)
-    return SplitFeatures(gallery, reference, text)
 
 
 # The zero-shot combining functions of iSEARLE's baseline rows.

@@ -102,6 +102,22 @@ def test_fingerprint_follows_the_weights():
     assert bb.refresh_fingerprint() == before
 
 
+def test_image_fingerprint_names_the_image_tower_alone():
+    """Text-encoder training (TFT) keeps the image-feature caches; image-tower training does not."""
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    image_fp = bb.image_fingerprint
+    assert image_fp.startswith(f"{TINY_MODEL}:visual-sha256:") and image_fp != bb.fingerprint
+    with torch.no_grad():
+        bb.model.token_embedding.weight.mul_(2)
+    bb.refresh_fingerprint()
+    assert bb.image_fingerprint == image_fp
+    with torch.no_grad():
+        bb.model.visual.proj.mul_(2)
+    assert bb.image_fingerprint == image_fp  # derived once per fingerprint: refresh after training
+    bb.refresh_fingerprint()
+    assert bb.image_fingerprint != image_fp
+
+
 def test_save_and_reload_reproduce_features_exactly(tiny, tmp_path):
     path = save_backbone(tiny, tmp_path / "ckpt" / "tiny.safetensors", {"source": "test", "step": 3})
     meta = json.loads(sidecar_path(path).read_text())

@@ -327,7 +327,7 @@ class _PixelMeanBackbone:
     image_size, embed_dim = 16, 3
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     device = torch.device("cpu")
-    fingerprint = "pixel-mean"
+    fingerprint = image_fingerprint = "pixel-mean"
 
     def __init__(self) -> None:
         self.model = torch.nn.Identity()
@@ -393,6 +393,19 @@ def test_cached_evaluator_scores_combining_functions(tmp_path: Path) -> None:
     metrics = val_fn(oracle)
     assert metrics["R@10"] == 100.0 and metrics["average"] == 100.0
     assert set(val_fn(combine_sum)) == {"R@10", "R@50", "average"}
+
+
+def test_cached_evaluator_reuses_the_features_of_encode_split(tmp_path: Path) -> None:
+    """Notebooks encode validation splits with encode_split first; the Combiner's evaluator must hit that cache."""
+    from cirlib.features import encode_split
+
+    split = _fashion_split(tmp_path)
+    split.split = "val"
+    cache = tmp_path / "cache"
+    encode_split(_PixelMeanBackbone(), split, cache_dir=cache, progress=False)
+    files = sorted(cache.iterdir())
+    cached_evaluator({"dress": split}, _PixelMeanBackbone(), cache_dir=cache)
+    assert sorted(cache.iterdir()) == files
 
 
 def test_build_is_seeded_whatever_the_global_rng_state() -> None:

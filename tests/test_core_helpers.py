@@ -40,14 +40,32 @@ def test_fingerprint_is_order_independent_for_keys_and_sensitive_to_values(tmp_p
     assert io.file_sha256(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-def test_device_selection_and_cpu_autocast_is_a_no_op() -> None:
+def test_device_selection() -> None:
     assert device.get_device("cpu") == torch.device("cpu")
+    assert device.get_device(torch.device("cpu")) == torch.device("cpu")
     auto = device.get_device("auto")
     assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
+def test_cpu_autocast_follows_native_bf16(monkeypatch, native: bool) -> None:
+    """bf16 only on CPUs that have it in hardware; fp32 elsewhere and whenever amp is off."""
+    monkeypatch.setattr(device, "native_cpu_bf16", lambda: native)
+    cpu = torch.device("cpu")
     x = torch.ones(2, 2)
-    with device.autocast(torch.device("cpu")):
+    with device.autocast(cpu):
+        assert (x @ x).dtype == (torch.bfloat16 if native else torch.float32)
+    with device.autocast(cpu, enabled=False):
         assert (x @ x).dtype == torch.float32
-    assert not device.grad_scaler(torch.device("cpu")).is_enabled()
+    assert device.precision(cpu) == ("cpu-bfloat16" if native else "cpu-float32")
+    assert device.precision(cpu, enabled=False) == "cpu-float32"
+    assert device.amp_dtype(torch.device("mps")) is None
+    assert not device.grad_scaler(cpu).is_enabled()  # bf16 needs no loss scaling
+
+
+def test_native_cpu_bf16_matches_torch_probes() -> None:
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert device.native_cpu_bf16() == expected
 
 
 def test_seed_everything_reproduces() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cirlib.device import autocast
 from cirlib.features import (
     encode_in_batches,
     encode_pixels,
@@ -32,7 +33,7 @@ class CountingBackbone:
 
     def __init__(self, seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.fingerprint = f"counting-{seed}"
+        self.fingerprint = self.image_fingerprint = f"counting-{seed}"
         self.model = torch.nn.ModuleDict(
             {
                 "image": torch.nn.Linear(3 * 4 * 4, self.embed_dim),
@@ -78,8 +79,8 @@ def images(tmp_path: Path) -> list[Path]:
 def _direct(backbone: CountingBackbone, paths: list[Path], kind: str = "targetpad") -> torch.Tensor:
     transform = transform_for(backbone, kind)
     pixels = torch.stack([transform(Image.open(p)) for p in paths])
-    with torch.no_grad():
-        return backbone.model["image"](torch.nn.functional.adaptive_avg_pool2d(pixels, 4).flatten(1))
+    with torch.no_grad(), autocast(backbone.device):  # the arithmetic image_features uses here
+        return backbone.model["image"](torch.nn.functional.adaptive_avg_pool2d(pixels, 4).flatten(1)).float()
 
 
 def test_image_features_match_direct_encoding(images):
@@ -232,14 +233,15 @@ def test_with_the_real_tiny_backbone(images, tmp_path):
     feats = image_features(backbone, images, batch_size=4, cache_dir=tmp_path, progress=False)
     assert feats.shape == (len(images), backbone.embed_dim) and feats.dtype == torch.float32
     transform = transform_for(backbone, "targetpad")
-    with torch.no_grad():
-        direct = backbone.model.encode_image(torch.stack([transform(Image.open(p)) for p in images[:3]]))
+    with torch.no_grad(), autocast(backbone.device):
+        direct = backbone.model.encode_image(torch.stack([transform(Image.open(p)) for p in images[:3]])).float()
     torch.testing.assert_close(feats[:3], direct, atol=1e-5, rtol=1e-4)
 
     texts = ["a red dress", "a navy blue shirt with stripes", "is longer"]
     text = text_features(backbone, texts, batch_size=2, progress=False)
     assert text.shape == (3, backbone.embed_dim)
-    torch.testing.assert_close(text, backbone.encode_text(texts).detach())
+    with torch.no_grad(), autocast(backbone.device):
+        torch.testing.assert_close(text, backbone.encode_text(texts).float())
 
     key = image_cache_key(backbone, images)
     with torch.no_grad():
@@ -247,6 +249,28 @@ def test_with_the_real_tiny_backbone(images, tmp_path):
     backbone.refresh_fingerprint()
     assert image_cache_key(backbone, images) != key
     torch.testing.assert_close(image_features(backbone, images, cache_dir=tmp_path, progress=False), 2 * feats)
+
+
+def test_decoded_route_matches_files_and_shares_their_cache(images, tmp_path):
+    """``decoded=True`` decodes once into a pixel cache; its features are the file route's."""
+    backbone = CountingBackbone()
+    cache = tmp_path / "cache"
+    from_files = image_features(backbone, images, batch_size=4, progress=False)
+    decoded = image_features(backbone, images, batch_size=4, cache_dir=cache, progress=False, decoded=True)
+    torch.testing.assert_close(decoded, from_files, atol=1e-6, rtol=0)
+    assert sorted(p.suffix for p in cache.iterdir()) == [".npy", ".safetensors"]
+    calls = backbone.image_calls
+    again = image_features(backbone, images, cache_dir=cache, progress=False)  # file route, same key
+    assert backbone.image_calls == calls and torch.equal(again, decoded)
+    other = CountingBackbone(seed=1)  # another model reuses the decoded pixels, not the features
+    torch.testing.assert_close(
+        image_features(other, images, cache_dir=cache, progress=False, decoded=True),
+        image_features(other, images, progress=False),
+        atol=1e-6,
+        rtol=0,
+    )
+    assert len(list(cache.glob("pixels-*.npy"))) == 1
+    torch.testing.assert_close(image_features(backbone, images, progress=False, decoded=True), from_files, atol=1e-6, rtol=0)
 
 
 def test_encode_pixels_matches_image_features(images, tmp_path):
