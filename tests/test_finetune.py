@@ -127,6 +127,25 @@ def test_only_the_chosen_encoder_changes(micro_models, toy, tmp_path: Path, enco
     assert {n: p.requires_grad for n, p in backbone.model.named_parameters()} == flags  # restored
 
 
+def test_image_tower_learns_at_image_lr(micro_models, toy, tmp_path: Path) -> None:
+    """``image_lr`` scales the image tower's steps alone: its first AdamW step is ~lr in size."""
+    train, val = toy
+    moves = {}
+    for image_lr in (1e-3, 1e-5):
+        backbone = _backbone()
+        before = _state(backbone.model)
+        config = replace(FAST, encoders="both", epochs=1, epoch_size=16, image_lr=image_lr)
+        finetune(backbone, train, stage1_evaluator({"dress": val}), config, tmp_path / str(image_lr))
+        after = _state(backbone.model)
+        moves[image_lr] = {
+            tower: max(float((after[k] - before[k]).abs().max()) for k in before if k.startswith("visual.") == is_image)
+            for tower, is_image in (("image", True), ("text", False))
+        }
+    assert moves[1e-3]["text"] == pytest.approx(moves[1e-5]["text"], rel=0.5)  # text at lr=1e-3 both times
+    assert moves[1e-5]["image"] < moves[1e-3]["image"] / 20
+    assert 5e-6 < moves[1e-5]["image"] < 2e-5  # one Adam step moves a weight by at most ~lr
+
+
 def test_resnet_batch_norm_stays_frozen(micro_models, toy, tmp_path: Path) -> None:
     train, val = toy
     backbone = _backbone("test-micro-RN")
@@ -295,5 +314,7 @@ def test_evaluator_reencodes_images_only_when_the_image_tower_changed(micro_mode
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="encoders must be"):
         Stage1Config(encoders="vision")
+    with pytest.raises(ValueError, match="image_lr must be"):
+        Stage1Config(image_lr=0.0)
     tiny = Stage1Config.for_tiny(epochs=3)
-    assert tiny.epochs == 3 and tiny.lr > Stage1Config().lr
+    assert tiny.epochs == 3 and tiny.lr > Stage1Config().lr and tiny.image_lr < tiny.lr

@@ -32,8 +32,9 @@ from PIL import Image
 from cirlib.backbone import TINY_MODEL, Backbone, load_backbone
 from cirlib.combiner import CombinerConfig, CombinerData, batch_slices, build_combiner_data, train_combiner
 from cirlib.datasets import CIRSplit, Query, query_text
-from cirlib.pixels import PixelCache
+from cirlib.device import autocast
 from cirlib.losses import batch_contrastive_loss
+from cirlib.pixels import PixelCache
 from cirlib.preprocess import transform_for
 
 
@@ -72,11 +73,13 @@ def reencode_epoch(
     order = torch.randperm(len(split.queries), generator=torch.Generator().manual_seed(0))
     for rows in batch_slices(order, config.batch_size):
         queries = [split.queries[i] for i in rows.tolist()]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(backbone.device, config.amp):
             ref = backbone.encode_image(images([q.reference for q in queries]))
             tgt = backbone.encode_image(images([q.target for q in queries]))
             txt = backbone.encode_text([query_text(q, rng) for q in queries])
-        loss = batch_contrastive_loss(combiner(ref, txt), tgt, config.scale)
+        with autocast(backbone.device, config.amp):  # the arithmetic train_combiner uses
+            query = combiner(ref, txt)
+        loss = batch_contrastive_loss(query, tgt, config.scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
