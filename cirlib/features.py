@@ -110,12 +110,14 @@ def encode_in_batches(
 ) -> torch.Tensor:
     """Apply an encoder to ready-made input batches; concatenate float32 CPU outputs.
 
-    Runs under ``torch.inference_mode`` and (with ``amp``) CUDA autocast, with ``module`` in eval
-    mode. An empty iterable gives a ``[0, 0]`` tensor.
+    Runs under ``torch.no_grad`` and (with ``amp``) :func:`cirlib.device.autocast`, with ``module``
+    in eval mode. Not ``inference_mode``: autocast then re-casts every weight for every batch instead
+    of once per call, which made bf16 encoding on this CPU ~15 % slower. An empty iterable gives a
+    ``[0, 0]`` tensor.
     """
     outputs: list[torch.Tensor] = []
     non_blocking = device.type == "cuda"
-    with eval_mode(module), torch.inference_mode(), autocast(device, amp):
+    with eval_mode(module), torch.no_grad(), autocast(device, amp):
         for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
             outputs.append(fn(batch.to(device, non_blocking=non_blocking)).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
