@@ -100,7 +100,7 @@ class Stage1Config:
 
         The image tower learns at a tenth of the text tower's rate. At the text tower's 3e-5 it
         memorised the training items within an epoch: on ``fashion`` (5 epochs of 1,500 triplets)
-        validation R@10 fell below zero-shot (IFT 5.0, both 5.8 vs zero-shot 5.9) while the training
+        validation R@10 fell below zero-shot (IFT 5.0, both 5.7 vs zero-shot 5.9) while the training
         loss collapsed; at 3e-6 every variant improves steadily (IFT 6.8, both 8.0; on ``scenes``
         both R@1 20.2 vs 15.2). Patience 2: a validation score that fell twice in a row never came
         back in our runs, and each idle epoch costs ~15 s."""
