@@ -145,6 +145,18 @@ def test_cache_invalidation(images, tmp_path, change):
     assert len(list(cache.glob("*.safetensors"))) == 2
 
 
+def test_cache_key_names_the_arithmetic(images, monkeypatch):
+    """Features computed in bf16 are never served to a run that would compute them in fp32."""
+    from cirlib import device
+
+    backbone = CountingBackbone()
+    keys = {}
+    for native in (True, False):
+        monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
+        keys[native] = image_cache_key(backbone, images)
+    assert keys[True] != keys[False]
+
+
 def test_changed_image_file_is_recomputed(images, tmp_path):
     backbone = CountingBackbone()
     cache = tmp_path / "cache"

@@ -266,6 +266,19 @@ def test_finished_run_is_loaded_without_training(micro_models, toy, tmp_path: Pa
     assert (tmp_path / "backbone.safetensors").stat().st_mtime_ns == export_mtime
 
 
+def test_a_run_in_other_arithmetic_is_retrained(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
+    """A finished bf16 run is not loaded by a machine that trains in fp32: it trains afresh."""
+    from cirlib import device
+
+    train, val = toy
+    config = replace(FAST, epochs=1)
+    monkeypatch.setattr(device, "native_cpu_bf16", lambda: True)
+    finetune(_backbone(), train, stage1_evaluator(val), config, tmp_path)
+    monkeypatch.setattr(device, "native_cpu_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="training from scratch"):
+        finetune(_backbone(), train, stage1_evaluator(val), config, tmp_path)
+
+
 def test_end_to_end_trains_encoders_and_combiner(micro_models, toy, tmp_path: Path) -> None:
     train, val = toy
     backbone = _backbone()

@@ -205,6 +205,19 @@ def test_finished_run_is_loaded_not_retrained(finished_run, fashion_root, monkey
     assert again.backbone.fingerprint == first.backbone.fingerprint
 
 
+def test_arithmetic_is_part_of_the_fingerprint(monkeypatch):
+    """A checkpoint trained in bf16 is never reused where the run would be fp32, and vice versa."""
+    from cirlib import device
+
+    fingerprints = {}
+    for native in (True, False):
+        monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
+        for amp in (True, False):
+            fingerprints[native, amp] = P.PretrainConfig(device="cpu", amp=amp).fingerprint("corpus")
+    assert fingerprints[True, True] != fingerprints[False, True]  # same config, bf16 vs fp32 arithmetic
+    assert fingerprints[True, False] == fingerprints[False, False]  # amp off: fp32 on either CPU
+
+
 def test_config_change_invalidates_the_checkpoint(finished_run, fashion_root, tmp_path):
     out, first = finished_run
     other = tmp_path / "other"
