@@ -128,13 +128,14 @@ def image_cache_key(
     paths: Sequence[Path],
     transform_kind: TransformKind = "targetpad",
     target_ratio: float = DEFAULT_TARGET_RATIO,
+    amp: bool = True,
 ) -> str:
     """Fingerprint of everything an image feature matrix depends on."""
     return fingerprint(
         {
             "version": CACHE_VERSION,
             "image_tower": backbone.image_fingerprint,
-            "precision": precision(backbone.device),  # mixed precision gives other numbers
+            "precision": precision(backbone.device, amp),  # mixed precision gives other numbers
             "transform": {
                 "kind": transform_kind,
                 "target_ratio": kind_ratio(transform_kind, target_ratio),
@@ -172,6 +173,7 @@ def image_features(
     num_workers: int = 0,
     progress: bool = True,
     decoded: bool = False,
+    amp: bool = True,
 ) -> torch.Tensor:
     """Image embeddings ``[len(paths), D]`` (float32, CPU, unnormalised), cached under ``cache_dir``.
 
@@ -179,7 +181,8 @@ def image_features(
     ``cache_dir``) instead of decoding them for this call alone. That is the route for image sets
     several models encode, such as training triplets, which stage-1 fine-tuning already holds
     decoded: every later model skips decoding, ~40 % of an extraction with the tiny backbone on a
-    CPU. Both routes feed the encoder the same inputs and share one feature cache.
+    CPU. Both routes feed the encoder the same inputs and share one feature cache. ``amp=False``
+    encodes in fp32 (:func:`cirlib.device.autocast`), under its own cache key.
 
     With ``num_workers=0`` a background thread decodes the next batch while the model encodes this
     one (:func:`prefetched_batches`) when the encoder leaves a core free (a GPU, or more CPU cores
@@ -190,7 +193,7 @@ def image_features(
     paths = [Path(p) for p in paths]
     cache_file, key = None, ""
     if cache_dir is not None:
-        key = image_cache_key(backbone, paths, transform_kind, target_ratio)
+        key = image_cache_key(backbone, paths, transform_kind, target_ratio, amp)
         cache_file = Path(cache_dir) / f"images-{key}.safetensors"
         if cache_file.exists() and (cached := _load_cache(cache_file, key, len(paths))) is not None:
             return cached
@@ -199,7 +202,7 @@ def image_features(
 
     if decoded:
         pixels = PixelCache(paths, backbone.image_size, transform_kind, target_ratio, cache_dir, progress)
-        feats = encode_pixels(backbone, pixels, batch_size=batch_size, progress=progress)
+        feats = encode_pixels(backbone, pixels, batch_size=batch_size, amp=amp, progress=progress)
     else:
         dataset = ImageFileDataset(paths, transform_for(backbone, transform_kind, target_ratio))
         if num_workers > 0:
@@ -221,6 +224,7 @@ def image_features(
             total=-(-len(paths) // batch_size),
             desc=f"image features ({transform_kind})",
             progress=progress,
+            amp=amp,
         )
     _save_cache(cache_file, key, feats)
     return feats

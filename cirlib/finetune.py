@@ -267,7 +267,8 @@ class _TripletFeatures:
             self.pixels = PixelCache(list(paths.values()), backbone.image_size, kind, ratio, cache_dir)
         else:
             self.image_bank = image_features(
-                backbone, list(paths.values()), kind, ratio, batch_size=256, cache_dir=cache_dir, decoded=True
+                backbone, list(paths.values()), kind, ratio, batch_size=256, cache_dir=cache_dir, decoded=True,
+                amp=self.amp,
             ).to(backbone.device)
         self.text_bank: dict[str, Tensor] = {}
 

@@ -580,7 +580,8 @@ class _Trainer:
         row: dict[str, Any] = {"phase": "eval", "step": self.step}
         row["val_loss"] = validation_loss(self.backbone, val, self.config.batch_size, self.config.amp)
         present = [a for a in self.config.zero_shot_attributes if any(a in it.attributes for it in val_items)]
-        results = zero_shot_accuracies(self.backbone, val_items, present, encode_pixels(self.backbone, val.pixels))
+        image_features = encode_pixels(self.backbone, val.pixels, amp=self.config.amp)
+        results = zero_shot_accuracies(self.backbone, val_items, present, image_features)
         row.update({f"zs_{a}": r.accuracy for a, r in results.items()})
         return row
 

@@ -155,6 +155,7 @@ def test_cache_key_names_the_arithmetic(images, monkeypatch):
         monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
         keys[native] = image_cache_key(backbone, images)
     assert keys[True] != keys[False]
+    assert image_cache_key(backbone, images, amp=False) == keys[False]  # amp off: fp32 wherever it runs
 
 
 def test_changed_image_file_is_recomputed(images, tmp_path):
