@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cirlib.bootstrap import PerQuery
 from cirlib.datasets import CIRSplit, Query, query_text
 from cirlib.device import autocast, get_device, grad_scaler, precision
-from cirlib.evaluate import evaluate_split
+from cirlib.evaluate import evaluate_split, per_query_metrics
 from cirlib.features import encode_split, image_features, text_features
 from cirlib.io import atomic_path, fingerprint
 from cirlib.losses import batch_contrastive_loss
@@ -225,18 +226,35 @@ def merge_metrics(per_split: Mapping[str, Mapping[str, float]], dataset: str) ->
     return merged
 
 
+def _one_benchmark(splits: Mapping[str, CIRSplit]) -> str:
+    datasets = {split.dataset for split in splits.values()}
+    if len(datasets) != 1:
+        raise ValueError(f"validation splits must come from one benchmark, got {sorted(datasets)}")
+    return datasets.pop()
+
+
 def evaluate_splits(
     splits: Mapping[str, CIRSplit], features: Mapping[str, tuple[Tensor, Tensor, Tensor]], combine: CombineFn
 ) -> dict[str, float]:
     """Benchmark metrics of ``combine`` given ``(reference, text, gallery)`` features per split."""
-    datasets = {split.dataset for split in splits.values()}
-    if len(datasets) != 1:
-        raise ValueError(f"validation splits must come from one benchmark, got {sorted(datasets)}")
+    dataset = _one_benchmark(splits)
     per_split = {
         name: evaluate_split(split, apply_combine(combine, *features[name][:2]), features[name][2])
         for name, split in splits.items()
     }
-    return merge_metrics(per_split, datasets.pop())
+    return merge_metrics(per_split, dataset)
+
+
+def per_query_splits(
+    splits: Mapping[str, CIRSplit], features: Mapping[str, tuple[Tensor, Tensor, Tensor]], combine: CombineFn
+) -> PerQuery:
+    """The per-query values behind :func:`evaluate_splits`'s numbers, for bootstrap intervals."""
+    _one_benchmark(splits)
+    return PerQuery.from_splits({
+        name: {k: v.numpy() for k, v in per_query_metrics(
+            split, apply_combine(combine, *features[name][:2]), features[name][2]).items()}
+        for name, split in splits.items()
+    })
 
 
 @dataclass
@@ -498,26 +516,34 @@ def build_combiner_data(
     )
 
 
-def cached_evaluator(
-    splits: CIRSplit | Mapping[str, CIRSplit],
-    backbone: "Backbone",
-    transform_kind: TransformKind = "targetpad",
-    target_ratio: float = DEFAULT_TARGET_RATIO,
-    cache_dir: Path | str | None = None,
-) -> Callable[[CombineFn], dict[str, float]]:
-    """A validation callable for frozen encoders: ``val_fn(combine) -> metrics``.
+class CachedEvaluator:
+    """Validation for frozen encoders: ``val_fn(combine) -> metrics``, ``val_fn.per_query(combine)``.
 
-    The split's query and gallery features are extracted once (:func:`cirlib.features.encode_split`,
+    The splits' query and gallery features are extracted once (:func:`cirlib.features.encode_split`,
     so they share the cache of the notebooks' other evaluations); every call only applies
     ``combine`` and the benchmark protocol (:func:`cirlib.evaluate.evaluate_split`), so it serves the
     zero-shot/stage-1 Sum rows and every epoch of Combiner training alike.
     """
-    named = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
-    features = {}
-    for name, split in named.items():
-        f = encode_split(backbone, split, transform_kind, target_ratio, cache_dir)
-        features[name] = (f.reference, f.text, f.gallery)
-    return lambda combine: evaluate_splits(named, features, combine)
+
+    def __init__(
+        self,
+        splits: CIRSplit | Mapping[str, CIRSplit],
+        backbone: "Backbone",
+        transform_kind: TransformKind = "targetpad",
+        target_ratio: float = DEFAULT_TARGET_RATIO,
+        cache_dir: Path | str | None = None,
+    ) -> None:
+        self.splits = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
+        self.features = {}
+        for name, split in self.splits.items():
+            f = encode_split(backbone, split, transform_kind, target_ratio, cache_dir)
+            self.features[name] = (f.reference, f.text, f.gallery)
+
+    def __call__(self, combine: CombineFn) -> dict[str, float]:
+        return evaluate_splits(self.splits, self.features, combine)
+
+    def per_query(self, combine: CombineFn) -> PerQuery:
+        return per_query_splits(self.splits, self.features, combine)
 
 
 def apply_combine(combine: CombineFn, image: Tensor, text: Tensor, batch_size: int = 4096) -> Tensor:
@@ -606,7 +632,7 @@ def train_combiner(
 ) -> tuple[Combiner, list[dict]]:
     """Train a Combiner from scratch on cached features; return the best epoch's model and the history.
 
-    ``val_fn(combiner)`` is called after every epoch (see :func:`cached_evaluator`) and must return
+    ``val_fn(combiner)`` is called after every epoch (see :class:`CachedEvaluator`) and must return
     ``config.main_metric``. With ``ckpt_path`` the run is checkpointed, resumable and, once
     finished, returned without retraining for the same config and data.
     """

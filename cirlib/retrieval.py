@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from cirlib.backbone import Backbone
-from cirlib.combiner import apply_combine, combine_sum, merge_metrics
+from cirlib.bootstrap import PerQuery
+from cirlib.combiner import apply_combine, combine_sum, merge_metrics, per_query_splits
 from cirlib.datasets import CIRSplit
 from cirlib.evaluate import evaluate_split
 from cirlib.features import SplitFeatures, encode_split
@@ -53,6 +54,22 @@ def evaluate_features(
         merged = merge_metrics(per_split, dataset)
         out |= {f"{dataset} {k}": v for k, v in merged.items() if "/" not in k}
     return out
+
+
+def per_query_features(
+    splits: Mapping[str, CIRSplit],
+    features: Mapping[str, SplitFeatures],
+    combine: Callable[[Tensor, Tensor], Tensor],
+) -> dict[str, PerQuery]:
+    """Per benchmark, the per-query values behind :func:`evaluate_features` (for bootstrap intervals)."""
+    by_dataset: dict[str, dict[str, CIRSplit]] = defaultdict(dict)
+    for name, split in splits.items():
+        by_dataset[split.dataset][name] = split
+    return {
+        dataset: per_query_splits(group, {n: (features[n].reference, features[n].text, features[n].gallery) for n in group},
+                                  combine)
+        for dataset, group in by_dataset.items()
+    }
 
 
 def evaluate_baselines(

@@ -18,7 +18,7 @@ from cirlib.combiner import (
     batch_slices,
     best_epoch,
     build_combiner_data,
-    cached_evaluator,
+    CachedEvaluator,
     combine_sum,
     load_combiner,
     merge_metrics,
@@ -380,7 +380,7 @@ def test_build_combiner_data_encodes_each_image_and_rendering_once(tmp_path: Pat
 def test_cached_evaluator_scores_combining_functions(tmp_path: Path) -> None:
     split = _fashion_split(tmp_path)
     split.split = "val"
-    val_fn = cached_evaluator({"dress": split}, _PixelMeanBackbone(), cache_dir=tmp_path / "cache")
+    val_fn = CachedEvaluator({"dress": split}, _PixelMeanBackbone(), cache_dir=tmp_path / "cache")
 
     def oracle(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # query text -> its target colour
         table = {
@@ -393,6 +393,12 @@ def test_cached_evaluator_scores_combining_functions(tmp_path: Path) -> None:
     metrics = val_fn(oracle)
     assert metrics["R@10"] == 100.0 and metrics["average"] == 100.0
     assert set(val_fn(combine_sum)) == {"R@10", "R@50", "average"}
+    # the per-query values behind each number: their mean is the number, one value per query
+    for fn in (oracle, combine_sum):
+        per_query, summary = val_fn.per_query(fn), val_fn(fn)
+        assert len(per_query.strata) == len(split.queries)
+        for metric, value in summary.items():
+            assert per_query.mean(metric) == pytest.approx(value), metric
 
 
 def test_cached_evaluator_reuses_the_features_of_encode_split(tmp_path: Path) -> None:
@@ -404,7 +410,7 @@ def test_cached_evaluator_reuses_the_features_of_encode_split(tmp_path: Path) ->
     cache = tmp_path / "cache"
     encode_split(_PixelMeanBackbone(), split, cache_dir=cache, progress=False)
     files = sorted(cache.iterdir())
-    cached_evaluator({"dress": split}, _PixelMeanBackbone(), cache_dir=cache)
+    CachedEvaluator({"dress": split}, _PixelMeanBackbone(), cache_dir=cache)
     assert sorted(cache.iterdir()) == files
 
 

@@ -50,6 +50,7 @@ def test_device_selection() -> None:
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
 def test_cpu_autocast_follows_native_bf16(monkeypatch, native: bool) -> None:
     """bf16 only on CPUs that have it in hardware; fp32 elsewhere and whenever amp is off."""
+    monkeypatch.delenv(device.PRECISION_ENV, raising=False)  # simulate the default switch
     monkeypatch.setattr(device, "native_cpu_bf16", lambda: native)
     cpu = torch.device("cpu")
     x = torch.ones(2, 2)
@@ -79,3 +80,19 @@ def test_seed_everything_reproduces() -> None:
 def test_atomic_files_get_normal_permissions(tmp_path: Path) -> None:
     path = io.write_text(tmp_path / "p.txt", "x")
     assert path.stat().st_mode & 0o777 == 0o666 & ~io._UMASK
+
+
+def test_precision_switch_forces_fp32(monkeypatch) -> None:
+    """$CIRLIB_PRECISION=fp32 turns autocast off even on a bf16 CPU, and is part of the precision key."""
+    monkeypatch.setattr(device, "native_cpu_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(device.PRECISION_ENV, "fp32")
+    assert device.amp_dtype(cpu) is None and device.precision(cpu) == "cpu-float32"
+    x = torch.ones(2, 2)
+    with device.autocast(cpu):
+        assert (x @ x).dtype == torch.float32
+    monkeypatch.setenv(device.PRECISION_ENV, "auto")
+    assert device.precision(cpu) == "cpu-bfloat16"
+    monkeypatch.setenv(device.PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="CIRLIB_PRECISION"):
+        device.amp_dtype(cpu)

@@ -152,6 +152,7 @@ def test_cache_key_names_the_arithmetic(images, monkeypatch):
     backbone = CountingBackbone()
     keys = {}
     for native in (True, False):
+        monkeypatch.delenv(device.PRECISION_ENV, raising=False)  # simulate the default switch
         monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
         keys[native] = image_cache_key(backbone, images)
     assert keys[True] != keys[False]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cirlib.backbone import Backbone, load_backbone
-from cirlib.combiner import Combiner, cached_evaluator, combine_sum, load_combiner
+from cirlib.combiner import Combiner, CachedEvaluator, combine_sum, load_combiner
 from cirlib.datasets import CIRSplit, Query
 from cirlib import finetune as finetune_module
 from cirlib.finetune import Stage1Config, finetune, stage1_evaluator, trainable_parameters
@@ -272,6 +272,7 @@ def test_a_run_in_other_arithmetic_is_retrained(micro_models, toy, tmp_path: Pat
 
     train, val = toy
     config = replace(FAST, epochs=1)
+    monkeypatch.delenv(device.PRECISION_ENV, raising=False)  # simulate the default switch
     monkeypatch.setattr(device, "native_cpu_bf16", lambda: True)
     finetune(_backbone(), train, stage1_evaluator(val), config, tmp_path)
     monkeypatch.setattr(device, "native_cpu_bf16", lambda: False)
@@ -300,7 +301,7 @@ def test_stage1_evaluator_agrees_with_cached_features(micro_models, toy, tmp_pat
     _, val = toy
     backbone = _backbone()
     live = stage1_evaluator({"dress": val})(backbone, combine_sum)
-    cached = cached_evaluator({"dress": val}, backbone, cache_dir=tmp_path)(combine_sum)
+    cached = CachedEvaluator({"dress": val}, backbone, cache_dir=tmp_path)(combine_sum)
     assert len(val.gallery) == 30 and 0 < live["R@10"] < 100  # not a trivially perfect score
     assert live == pytest.approx(cached, abs=1e-6)
 

@@ -211,6 +211,7 @@ def test_arithmetic_is_part_of_the_fingerprint(monkeypatch):
 
     fingerprints = {}
     for native in (True, False):
+        monkeypatch.delenv(device.PRECISION_ENV, raising=False)  # simulate the default switch
         monkeypatch.setattr(device, "native_cpu_bf16", lambda native=native: native)
         for amp in (True, False):
             fingerprints[native, amp] = P.PretrainConfig(device="cpu", amp=amp).fingerprint("corpus")

@@ -1,0 +1,156 @@
+"""95 % bootstrap intervals over queries for benchmark metrics and for differences between methods.
+
+A recall on 300 queries moves by a third of a point per query, so "method A beats method B" is a
+finding only when the difference survives resampling the queries. Resampling here is
+
+* **paired**: both methods are scored on the same resampled queries, so the interval of a
+  difference reflects the queries on which they disagree, not each method's own spread;
+* **stratified**: queries are resampled within their split and the split means are averaged, as
+  the FashionIQ number is the mean of its three categories (other benchmarks have one split).
+
+Intervals are percentile intervals of ``n_resamples`` resampled means (seeded, so a notebook prints
+the same interval every time it sees the same per-query values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+N_RESAMPLES = 2000
+LEVEL = 0.95
+VERDICTS = ("holds", "within noise", "reversed")
+
+# Headline numbers that are means of two per-query metrics (CLIP4Cir's FashionIQ "average",
+# CIRR's "avg" = (R@5 + Rsubset@1) / 2), so their intervals can be resampled like any other.
+DERIVED = {"average": ("R@10", "R@50"), "avg": ("R@5", "Rsubset@1")}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap interval, in the metric's units (percent)."""
+
+    estimate: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.1f} [{self.low:.1f}, {self.high:.1f}]"
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def verdict(self) -> str:
+        """For a difference "ours minus theirs" that a claim expects positive: where the interval lies."""
+        return VERDICTS[0] if self.low > 0 else VERDICTS[2] if self.high < 0 else VERDICTS[1]
+
+
+@dataclass(frozen=True)
+class PerQuery:
+    """Per-query values of every metric of one benchmark, with the split each query belongs to.
+
+    ``values[metric]`` is a ``[Q]`` array in percent whose stratified mean is the benchmark number
+    (e.g. ``"R@10"``, ``"average"``); ``strata[q]`` indexes the query's split. Two results can be
+    compared only when they score the same queries in the same order.
+    """
+
+    values: Mapping[str, np.ndarray]
+    strata: np.ndarray
+
+    @classmethod
+    def from_splits(cls, per_split: Mapping[str, Mapping[str, Sequence[float]]]) -> PerQuery:
+        """Concatenate ``{split: {metric: per-query values}}`` and add the derived headline metrics."""
+        if not per_split:
+            raise ValueError("no splits to concatenate")
+        metrics = [set(m) for m in per_split.values()]
+        common = set.intersection(*metrics)
+        if any(m != common for m in metrics):
+            raise ValueError(f"splits report different metrics: { {s: sorted(m) for s, m in per_split.items()} }")
+        values = {k: np.concatenate([np.asarray(m[k], dtype=np.float64) for m in per_split.values()]) for k in sorted(common)}
+        for name, (a, b) in DERIVED.items():
+            if a in values and b in values:
+                values[name] = (values[a] + values[b]) / 2
+        sizes = [len(next(iter(m.values()))) for m in per_split.values()]
+        return cls(values, np.repeat(np.arange(len(sizes)), sizes))
+
+    def _metric(self, metric: str) -> np.ndarray:
+        if metric not in self.values:
+            raise KeyError(f"metric {metric!r} not computed; available: {sorted(self.values)}")
+        return self.values[metric]
+
+    def mean(self, metric: str) -> float:
+        return float(_stratified_means(self._metric(metric)[None], self.strata, None)[0, 0])
+
+    def interval(self, metric: str, seed: int = 0) -> Interval:
+        """The metric with its 95 % interval over resampled queries."""
+        return _interval(self._metric(metric), self.strata, seed)
+
+    def difference(self, other: PerQuery, metric: str, seed: int = 0) -> Interval:
+        """``self - other`` on ``metric``, paired over the same resampled queries."""
+        if not np.array_equal(self.strata, other.strata):
+            raise ValueError("the two results score different queries; a paired difference needs the same ones")
+        return _interval(self._metric(metric) - other._metric(metric), self.strata, seed)
+
+
+def _stratified_means(values: np.ndarray, strata: np.ndarray, samples: list[np.ndarray] | None) -> np.ndarray:
+    """``[M, R]`` means of ``values [M, Q]``: per stratum over the sampled queries, then averaged."""
+    per_stratum = []
+    for s, stratum in enumerate(np.unique(strata)):
+        columns = values[:, strata == stratum]
+        picked = columns[:, samples[s]] if samples is not None else columns[:, None, :]
+        per_stratum.append(picked.mean(axis=-1))
+    return np.mean(per_stratum, axis=0)
+
+
+def _interval(values: np.ndarray, strata: np.ndarray, seed: int) -> Interval:
+    if values.ndim != 1 or len(values) != len(strata) or len(values) == 0:
+        raise ValueError(f"expected one value per query, got shape {values.shape} for {len(strata)} queries")
+    rng = np.random.default_rng(seed)
+    samples = [rng.integers(0, n, size=(N_RESAMPLES, n)) for n in np.unique(strata, return_counts=True)[1]]
+    resampled = _stratified_means(values[None], strata, samples)[0]
+    low, high = np.quantile(resampled, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    estimate = _stratified_means(values[None], strata, None)[0, 0]
+    return Interval(float(estimate), float(low), float(high))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """"``better`` beats ``worse`` on ``metric``", a paper's ordering to check on our numbers."""
+
+    name: str
+    better: str
+    worse: str
+    metric: str
+
+
+def claims_table(claims: Sequence[Claim], results: Mapping[str, PerQuery], seed: int = 0) -> pd.DataFrame:
+    """One row per claim: both sides with intervals, the paired difference and the verdict.
+
+    The verdict is *holds* when the whole interval of ``better - worse`` is above zero,
+    *reversed* when it is below, *within noise* otherwise.
+    """
+    rows = {}
+    for claim in claims:
+        diff = results[claim.better].difference(results[claim.worse], claim.metric, seed)
+        rows[claim.name] = {
+            "metric": claim.metric,
+            "better": str(results[claim.better].interval(claim.metric, seed)),
+            "worse": str(results[claim.worse].interval(claim.metric, seed)),
+            "difference": diff.estimate,
+            "95% low": diff.low,
+            "95% high": diff.high,
+            "verdict": diff.verdict(),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("claim")
+
+
+def interval_table(results: Mapping[str, PerQuery], metrics: Sequence[str], seed: int = 0) -> pd.DataFrame:
+    """``"estimate [low, high]"`` strings, rows = results, columns = metrics (missing ones blank)."""
+    return pd.DataFrame({
+        metric: {name: str(r.interval(metric, seed)) if metric in r.values else "" for name, r in results.items()}
+        for metric in metrics
+    }).rename_axis("result")
