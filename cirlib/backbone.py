@@ -12,7 +12,13 @@ registered with open_clip from ``cirlib/model_configs/``) and on real open_clip 
 
 Every :class:`Backbone` carries a ``fingerprint`` naming its weights, and an ``image_fingerprint``
 naming its image tower's alone, which keys image-feature caches: a text-tuned model (CLIP4Cir's TFT)
-shares its image features with the model it was tuned from.
+shares its image features with the model it was tuned from. Both follow weights edited in place
+(training steps, ``load_state_dict``, ``with torch.no_grad(): w.mul_(2)``): every such edit bumps
+a tensor's version counter, which the fingerprints compare before trusting what they derived.
+
+Local checkpoints that cannot be used raise :class:`CheckpointError` naming the file and what is
+wrong: unreadable or truncated weights, a sidecar that is not JSON, or, for a checkpoint of another
+architecture, the parameters whose shapes differ, with the model's and the file's shapes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,20 @@ if TINY_MODEL not in open_clip.list_models():
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+class CheckpointError(ValueError):
+    """A local checkpoint or its JSON sidecar is unreadable, or does not fit the requested model."""
+
+
+def _weights_token(module: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    """Cheap identity of a module's current weights: storage address and version of each tensor.
+
+    In-place edits bump the version, replacing or moving a tensor changes its address. Edits
+    through ``param.data`` bypass the version counter: call :meth:`Backbone.refresh_fingerprint`
+    after those.
+    """
+    return tuple((t.data_ptr(), t._version) for t in module.state_dict(keep_vars=True).values())
+
+
 class Backbone:
     """An open_clip CLIP model with its tokenizer, preprocessing statistics and weight fingerprint.
 
@@ -55,8 +75,9 @@ class Backbone:
         self.model = model
         self.model_name = model_name
         self.device = device
+        self._derived: tuple[tuple, str] | None = None  # (weights token, state fingerprint) after edits
+        self._image_fingerprint: tuple[tuple, str] | None = None  # (image-tower token, value)
         self.fingerprint = fingerprint
-        self._image_fingerprint: tuple[str, str] | None = None  # (fingerprint it was derived under, value)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         preprocess = model.visual.preprocess_cfg
         size = preprocess["size"]
@@ -68,15 +89,31 @@ class Backbone:
         return f"Backbone({self.model_name!r}, device={self.device}, fingerprint={self.fingerprint!r})"
 
     @property
-    def image_fingerprint(self) -> str:
-        """Digest of the image tower's weights, derived once per :attr:`fingerprint`.
+    def fingerprint(self) -> str:
+        """Names the weights: their source as loaded (file digest, tag, seeded init), or a digest of
+        the current state once they were edited in place (computed then, once per edit)."""
+        token = _weights_token(self.model)
+        if token == self._token:
+            return self._fingerprint
+        if self._derived is None or self._derived[0] != token:
+            self._derived = (token, state_fingerprint(self.model_name, self.model))
+        return self._derived[1]
 
-        Image features depend on nothing else, so caches keyed by it survive text-encoder
-        training; like ``fingerprint`` it is re-derived after :meth:`refresh_fingerprint`.
+    @fingerprint.setter
+    def fingerprint(self, value: str) -> None:
+        self._fingerprint = value
+        self._token = _weights_token(self.model)
+
+    @property
+    def image_fingerprint(self) -> str:
+        """Digest of the image tower's current weights, re-derived whenever they change.
+
+        Image features depend on nothing else, so caches keyed by it survive text-encoder training.
         """
-        if self._image_fingerprint is None or self._image_fingerprint[0] != self.fingerprint:
+        token = _weights_token(self.model.visual)
+        if self._image_fingerprint is None or self._image_fingerprint[0] != token:
             digest = state_digest(self.model.visual)
-            self._image_fingerprint = (self.fingerprint, f"{self.model_name}:visual-sha256:{digest}")
+            self._image_fingerprint = (token, f"{self.model_name}:visual-sha256:{digest}")
         return self._image_fingerprint[1]
 
     @property
@@ -151,7 +188,12 @@ class Backbone:
         return pooled, captured[0]
 
     def refresh_fingerprint(self) -> str:
-        """Re-derive the fingerprint from the current weights (call after training them)."""
+        """Re-derive the fingerprints from the current weights.
+
+        In-place edits are noticed without it; it is needed after edits through ``param.data``,
+        which leave no trace, and it makes a trained model's name a digest of its weights.
+        """
+        self._image_fingerprint = None
         self.fingerprint = state_fingerprint(self.model_name, self.model)
         return self.fingerprint
 
@@ -200,22 +242,70 @@ def _check_local_checkpoint(model: str, path: Path) -> str:
     meta_path = sidecar_path(path)
     if not meta_path.is_file():
         return digest
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = _read_sidecar(meta_path, path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         return digest
     if meta.get("model") != model:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds weights of model {meta.get('model')!r} ({meta_path}: field 'model'); "
             f"load it with load_backbone({meta.get('model')!r}, pretrained=...)"
         )
     if meta.get("model_cfg") != open_clip.get_model_config(model):
-        raise ValueError(
+        raise CheckpointError(
             f"{meta_path}: field 'model_cfg' differs from open_clip's current config of {model!r}; "
             "the checkpoint was saved from another architecture"
         )
     if meta.get("sha256") != digest:
-        raise ValueError(f"{path} does not match the sha256 recorded in {meta_path} (file changed or truncated)")
+        raise CheckpointError(f"{path} does not match the sha256 recorded in {meta_path} (file changed or truncated)")
     return digest
+
+
+def _read_sidecar(meta_path: Path, checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's JSON sidecar, or :class:`CheckpointError` naming it and what is wrong."""
+    remedy = f"delete it to load {checkpoint.name} as a plain open_clip checkpoint, or save the backbone again"
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{meta_path}: not UTF-8 text (byte offset {err.start}); {remedy}") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{meta_path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg} "
+            f"(truncated or damaged); {remedy}"
+        ) from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}; {remedy}")
+    return meta
+
+
+def _load_failure(model: str, path: Path, err: Exception) -> CheckpointError:
+    """Say why open_clip could not load ``path`` into ``model``: unreadable file, or which tensors differ."""
+    try:
+        found = {k: tuple(v.shape) for k, v in open_clip.factory.load_state_dict(str(path), device="cpu").items()
+                 if isinstance(v, torch.Tensor)}
+    except Exception as read_err:  # safetensors, torch.load and pickle each raise their own types
+        return CheckpointError(
+            f"{path}: cannot be read as a checkpoint ({type(read_err).__name__}: {read_err}); "
+            "the file is truncated, damaged or not a state dict"
+        )
+    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+        expected = {k: tuple(v.shape) for k, v in open_clip.create_model(model, device="cpu").state_dict().items()}
+    differ = [f"{k!r} is {expected[k]} in the model but {found[k]} in the file"
+              for k in expected if k in found and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    problems = []
+    if differ:
+        problems.append(f"{len(differ)} parameter shape(s) differ: " + "; ".join(differ[:3]))
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) of the model are absent from the file, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) of the file are not in the model, e.g. {extra[:3]}")
+    if problems:
+        return CheckpointError(
+            f"{path} does not fit open_clip model {model!r} (saved from another architecture?): "
+            + "; ".join(problems)
+        )
+    return CheckpointError(f"{path}: open_clip cannot load it into {model!r} ({type(err).__name__}: {err})")
 
 
 @contextlib.contextmanager
@@ -256,7 +346,10 @@ def load_backbone(
     elif isinstance(pretrained, os.PathLike) or os.path.isfile(pretrained) or _looks_like_path(pretrained):
         path = Path(pretrained)
         digest = _check_local_checkpoint(model, path)
-        net = open_clip.create_model(model, pretrained=str(path), device="cpu")
+        try:
+            net = open_clip.create_model(model, pretrained=str(path), device="cpu")
+        except Exception as err:  # open_clip's own errors name neither the file nor the tensor
+            raise _load_failure(model, path, err) from err
         fingerprint = f"{model}:file-sha256:{digest}"
     else:
         tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
@@ -310,6 +403,7 @@ def list_pretrained_tags(model: str) -> list[str]:
 __all__: list[str] = [
     "TINY_MODEL",
     "Backbone",
+    "CheckpointError",
     "load_backbone",
     "save_backbone",
     "state_digest",

@@ -24,13 +24,17 @@ CIRCO ``<root>/``
 Real releases are not clean: FashionIQ has thousands of dead image links, so missing image files
 are counted and skipped with one warning per split (never an error); a few captions are empty
 (16 in FashionIQ, one in CIRR test1), so those queries are kept, as in the official evaluation,
-with one warning. Malformed annotations raise :class:`AnnotationError` naming file, entry and field.
+with one warning. FashionIQ triplets without exactly two captions are kept with one warning too.
+Malformed annotations (not UTF-8, not JSON, missing or mistyped fields) raise
+:class:`AnnotationError` naming file, entry and field. Names of image files that are directories,
+dangling links or other non-regular files count as missing: decoding them would fail or block.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -44,6 +48,12 @@ FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_SPLITS = ("train", "val", "test")
 CIRR_SPLITS = ("train", "val", "test1")
 CIRCO_SPLITS = ("val", "test")
+FASHIONIQ_N_CAPTIONS = 2  # relative captions per triplet in the real release
+
+# The widest aspect ratio (long side / short side) an image may have. Padding pipelines grow with
+# the square of the long side (a 20000x1 PNG of a few hundred bytes needs gigabytes), and no
+# photograph of the benchmarks comes near it.
+MAX_ASPECT_RATIO = 50.0
 
 FASHIONIQ_LAYOUT = (
     "a FashionIQ root holds captions/cap.<category>.<split>.json, "
@@ -73,6 +83,10 @@ class MissingImagesWarning(UserWarning):
 
 class EmptyCaptionWarning(UserWarning):
     """Some queries have an empty caption; they were kept, as the official evaluations do."""
+
+
+class CaptionCountWarning(UserWarning):
+    """Some FashionIQ triplets do not have exactly two captions; they were kept as written."""
 
 
 @dataclass(frozen=True)
@@ -124,13 +138,15 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str) -> CIRSpl
     for i, name in enumerate(gallery):
         _expect(name, "str", f"{split_path}[{i}]")
 
-    queries, empty = [], []
+    queries, empty, odd_count = [], [], []
     for i, entry in enumerate(entries):
         where = f"{cap_path}[{i}]"
         _expect(entry, "object", where)
         captions = _field(entry, "captions", "str list", where)
         if not all(c.strip() for c in captions):
             empty.append(f"{where} field 'captions'")
+        if len(captions) != FASHIONIQ_N_CAPTIONS:
+            odd_count.append(f"{where} field 'captions' has {len(captions)}")
         target = _field(entry, "target", "str", where, optional=split == "test")
         queries.append(
             Query(
@@ -142,6 +158,14 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str) -> CIRSpl
             )
         )
     _warn_empty(empty, cap_path)
+    if odd_count:
+        n = len(odd_count)
+        warnings.warn(
+            f"{n} {'triplet does' if n == 1 else 'triplets do'} not have {FASHIONIQ_N_CAPTIONS} captions in "
+            f"{cap_path} (e.g. {odd_count[0]}); kept, with their captions as written",
+            CaptionCountWarning,
+            stacklevel=2,
+        )
 
     images = root / "images"
     listing = _DirListing()
@@ -284,14 +308,20 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
     Transparent images (RGBA, LA, palette with transparency) are composited on white, the
     background of product photos, instead of PIL's default black; 16-bit greyscale is rescaled
-    instead of clipped. Images larger than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused by PIL's
-    decompression-bomb guard; the error says how to allow them.
+    instead of clipped; 32-bit float images, which have no agreed range, are refused. Images of
+    more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels or with an aspect ratio beyond
+    :data:`MAX_ASPECT_RATIO` are refused before decoding (decompression bombs); the error says how
+    to allow the former. Directories, FIFOs and other non-regular files are refused unopened.
     """
     path = Path(path)
     try:
+        mode = os.stat(path).st_mode  # follows links: a dangling one is FileNotFoundError
+        if not stat.S_ISREG(mode):
+            raise ImageLoadError(f"{path}: not a regular file ({_file_kind(mode)}), cannot be an image")
         im = Image.open(path)
         rgb = None
         try:
+            check_image_size(im.size, str(path))
             im.load()  # decodes, and closes the file of a single-frame image
             rgb = to_rgb(im)  # an RGB image itself: no copy (a third of the decode time)
             if rgb is im and getattr(im, "is_animated", False):
@@ -300,6 +330,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         finally:
             if rgb is not im:
                 im.close()
+    except ImageLoadError:
+        raise
     except Image.DecompressionBombError as err:
         raise ImageLoadError(
             f"{path}: refusing to decode a suspiciously large image ({err}); if you trust the file, "
@@ -309,6 +341,36 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(f"{path}: image file does not exist") from err
     except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
         raise ImageLoadError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+
+
+def check_image_size(size: tuple[int, int], where: str) -> None:
+    """Refuse an image size that would exhaust memory: the pixel limit, then the aspect-ratio limit.
+
+    Raises :class:`ImageLoadError` naming ``where`` (a file, or a description of the image).
+    ``PIL.Image.MAX_IMAGE_PIXELS = None`` lifts the pixel limit, as it does PIL's own guard.
+    """
+    w, h = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h > limit:
+        raise ImageLoadError(
+            f"{where}: refusing to decode a {w}x{h} image ({w * h} pixels, more than "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit}); if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS "
+            "before loading it"
+        )
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ImageLoadError(
+            f"{where}: refusing a {w}x{h} image, its aspect ratio is beyond "
+            f"cirlib.datasets.MAX_ASPECT_RATIO = {MAX_ASPECT_RATIO:g}:1 (padding it would take "
+            "memory growing with the square of its long side)"
+        )
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 # ------------------------------------------------------------------------------------- internals
@@ -370,14 +432,36 @@ def _check_root(root: str | os.PathLike, layout: str) -> Path:
 
 def _read_json(path: Path, layout: str) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file {path} does not exist; {layout}") from None
+    except OSError as err:  # a directory, unreadable, ...
+        raise AnnotationError(f"{path}: cannot read annotation file ({type(err).__name__}: {err})") from err
+    text = decode_utf8(raw, path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise AnnotationError(
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
+
+
+def decode_utf8(raw: bytes, path: Path) -> str:
+    """JSON annotation bytes -> text, or :class:`AnnotationError` naming the file and the offending byte.
+
+    The official releases are UTF-8; a file re-saved as UTF-16 or latin-1 would otherwise fail
+    with a bare ``UnicodeDecodeError`` naming no file.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and (raw[0] == 0 or raw[1] == 0)):
+            guess = " (it looks like UTF-16)"
+        else:
+            guess = " (latin-1 or another 8-bit encoding?)"
+        raise AnnotationError(
+            f"{path}: not UTF-8 text{guess}: byte 0x{raw[err.start]:02x} at offset {err.start} "
+            f"({err.reason}); annotation files must be UTF-8"
         ) from err
 
 
@@ -401,6 +485,11 @@ _WHITE = (255, 255, 255, 255)
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB as :func:`open_image` documents; an RGB image is returned itself, uncopied."""
+    if im.mode == "F":  # 32-bit float (TIFF): convert("RGB") would clip its values to 0/1, i.e. black
+        raise ValueError(
+            "32-bit float image (mode F): its value range is not defined, so it has no 8-bit RGB "
+            "equivalent; convert it to an 8- or 16-bit image first"
+        )
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit greyscale PNGs
         grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
@@ -414,7 +503,10 @@ class _DirListing:
     """Existence checks through one directory listing per folder.
 
     Real roots hold 10^4-10^5 images, often on network storage, where one ``stat`` per file
-    is slow; a listing per folder answers every check of a split at once.
+    is slow; a listing per folder answers every check of a split at once. Only regular files
+    count (links followed): a directory, dangling link or FIFO named like an image is missing,
+    since decoding it would fail, or block forever on the FIFO. The listing's file types make
+    that free for plain files; links cost one ``stat`` each.
     """
 
     def __init__(self) -> None:
@@ -425,10 +517,17 @@ class _DirListing:
         if key not in self._names:
             try:
                 with os.scandir(key) as it:
-                    self._names[key] = frozenset(e.name for e in it)
+                    self._names[key] = frozenset(e.name for e in it if _is_regular(e))
             except (FileNotFoundError, NotADirectoryError):
                 self._names[key] = frozenset()
         return name in self._names[key]
+
+
+def _is_regular(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()  # follows links; False for directories, FIFOs, dangling links
+    except OSError:
+        return False
 
 
 def _assemble(

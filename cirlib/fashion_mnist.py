@@ -16,6 +16,7 @@ import functools
 import gzip
 import os
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -120,8 +121,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an idx file (gzip-compressed or raw) into a numpy array of its declared shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # gzip's own errors name no file
+        raise ValueError(
+            f"{path}: not a valid gzip file ({type(err).__name__}: {err}); it is truncated or damaged "
+            "(a downloaded copy can be deleted and fetched again)"
+        ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: bad idx magic number {raw[:4].hex()!r} (expected 0x0000TTNN)")
     code, ndim = raw[2], raw[3]

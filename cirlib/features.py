@@ -6,8 +6,9 @@ frozen backbone, at seconds (tiny model, CPU) to hours (RN50x4 on real galleries
 ``image_features`` therefore stores its result as one safetensors file per (weights, transform,
 ordered file list) and reuses it until any of those changes: other image-tower weights
 (``backbone.image_fingerprint``; text-encoder training leaves it alone),
-another pipeline or target ratio, or an image file whose size or mtime differs. Cache files are
-written atomically; an unreadable one is recomputed with a warning rather than trusted.
+another pipeline or target ratio, or an image file whose bytes differ (:func:`cirlib.pixels.file_list`
+hashes them). Cache files are written atomically; an unreadable one is recomputed with a warning
+rather than trusted.
 
 Features are returned unnormalised, float32, on the CPU, one row per input in input order.
 """
@@ -30,18 +31,18 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlib.datasets import CIRSplit, open_image, query_text
+from cirlib.datasets import CIRSplit, ImageLoadError, open_image, query_text
 from cirlib.device import autocast, precision
 from cirlib.io import atomic_path, fingerprint
 from cirlib.metrics import name_index
-from cirlib.pixels import PixelCache, file_list, normalise
+from cirlib.pixels import CACHE_VERSION, PixelCache, file_list, normalise
 from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, kind_ratio, transform_for
 
 if TYPE_CHECKING:
     from cirlib.backbone import Backbone
 
-# Bump when the extraction itself changes in a way that alters numbers, to orphan old caches.
-CACHE_VERSION = 1
+# CACHE_VERSION (from cirlib.pixels, one for both image caches): bump it when the extraction
+# itself changes in a way that alters numbers, to orphan old caches.
 
 
 class ImageFileDataset(Dataset):
@@ -55,7 +56,14 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(open_image(self.paths[index]))  # its errors name the file
+        path = self.paths[index]
+        image = open_image(path)  # its errors name the file
+        try:
+            return self.transform(image)
+        except ImageLoadError as err:  # the pipeline's size limits, on an image that no longer knows its file
+            if str(path) in str(err):
+                raise
+            raise ImageLoadError(f"{path}: {err}") from err
 
 
 @contextlib.contextmanager

@@ -5,13 +5,22 @@ decoding and resizing would otherwise cost as much as the tiny encoder itself on
 preprocessing pipeline runs with mean 0 / std 1, whose output is exactly ``k / 255``; storing ``k``
 and normalising per batch gives bit-identical inputs to :func:`cirlib.preprocess.build_transform`
 at a quarter of the memory of float tensors. With a ``cache_dir`` the array is written once as an
-``.npy`` file keyed by the file list (paths, sizes, mtimes) and the pipeline, and memory-mapped, so
-regenerated images are never served stale and a corrupt cache is rebuilt rather than trusted.
+``.npy`` file keyed by the file list (paths, sizes, content digests) and the pipeline, and
+memory-mapped, so regenerated images are never served stale and a corrupt cache is rebuilt rather
+than trusted.
+
+Cache keys hash the bytes of every image rather than trust size and mtime: a same-size rewrite that
+keeps the mtime (``cp -p``, ``rsync -t``, an extracted archive) must not return old pixels or
+features. Within a process each digest is remembered per (path, size, mtime, ctime, inode), which
+any rewrite changes, so repeated keys of one gallery hash it once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,22 +30,56 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cirlib.datasets import open_image
+from cirlib.datasets import ImageLoadError, open_image
 from cirlib.io import atomic_path, fingerprint
 from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, build_transform, kind_ratio
 
-CACHE_VERSION = 1  # bump when decoding changes what a given file list yields
+# The version of every on-disk image cache (these pixel arrays and cirlib.features' feature files).
+# Bump when decoding or extraction changes what a given file list yields, to orphan old caches.
+CACHE_VERSION = 2  # 2: files keyed by content digest instead of mtime
+
+_digests: dict[tuple[str, int, int, int, int, int], str] = {}
+_digests_lock = threading.Lock()
 
 
-def file_list(paths: Sequence[Path | str]) -> list[tuple[str, int, int]]:
-    """(absolute path, size, mtime_ns) per image: what makes any cache of these images stale."""
+def content_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """blake2b-128 of a regular file's bytes, remembered while its stat identity stays the same."""
+    return _sized_digest(os.path.abspath(path), path, chunk)[1]
+
+
+def _sized_digest(abspath: str, shown: str | os.PathLike, chunk: int = 1 << 20) -> tuple[int, str]:
+    st = _regular_stat(abspath, shown)
+    memo = (abspath, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    with _digests_lock:
+        known = _digests.get(memo)
+    if known is not None:
+        return st.st_size, known
+    h = hashlib.blake2b(digest_size=16)
+    with open(abspath, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    digest = h.hexdigest()
+    with _digests_lock:
+        _digests[memo] = digest
+    return st.st_size, digest
+
+
+def _regular_stat(abspath: str, shown: str | os.PathLike) -> os.stat_result:
+    try:
+        st = os.stat(abspath)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {shown}") from None
+    if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever
+        raise ImageLoadError(f"{shown}: not a regular file, cannot be an image")
+    return st
+
+
+def file_list(paths: Sequence[Path | str]) -> list[tuple[str, int, str]]:
+    """(absolute path, size, content digest) per image: what makes any cache of these images stale."""
     entries = []
     for p in paths:
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {p}") from None
-        entries.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+        abspath = os.path.abspath(p)
+        entries.append((abspath, *_sized_digest(abspath, p)))
     return entries
 
 
@@ -92,7 +135,14 @@ class PixelCache:
             return None
 
     def _decode_one(self, path: Path) -> np.ndarray:
-        return self.transform(open_image(path)).mul_(255).round_().to(torch.uint8).numpy()
+        image = open_image(path)
+        try:
+            pixels = self.transform(image)
+        except ImageLoadError as err:  # the pipeline's size limits, on an image that no longer knows its file
+            if str(path) in str(err):
+                raise
+            raise ImageLoadError(f"{path}: {err}") from err
+        return pixels.mul_(255).round_().to(torch.uint8).numpy()
 
     def _decode(self, progress: bool) -> np.ndarray:
         """Decode every file; threads overlap well because PIL releases the GIL while decoding."""
@@ -119,4 +169,4 @@ class PixelCache:
         return normalise(self.tensor(rows).to(device), mean, std)
 
 
-__all__ = ["CACHE_VERSION", "PixelCache", "file_list", "normalise"]
+__all__ = ["CACHE_VERSION", "PixelCache", "content_digest", "file_list", "normalise"]

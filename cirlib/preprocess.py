@@ -14,6 +14,12 @@ pixel lost by rounding down. ``squarepad`` is the same rule with ``target_ratio 
 ``pipeline_geometry`` reproduces the integer arithmetic of the transforms (padding, torchvision's
 resize and centre-crop rounding) so figures can draw the surviving region on the original image and
 analyses can report how much of each image a pipeline keeps.
+
+Padding holds the padded image in memory, whose area grows with the square of the long side. The
+pipelines therefore refuse, before any padding, images beyond :data:`cirlib.datasets.MAX_ASPECT_RATIO`
+or ``PIL.Image.MAX_IMAGE_PIXELS`` (the checks of :func:`cirlib.datasets.open_image`), and padding
+that would make an image larger than ``PIL.Image.MAX_IMAGE_PIXELS``. Resizing before padding would
+bound the memory too, but bicubic resampling next to the black border gives other pixels.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from torchvision.transforms import functional as TF
 from torchvision.transforms.functional import _compute_resized_output_size
 
-from cirlib.datasets import to_rgb
+from cirlib.datasets import ImageLoadError, check_image_size, to_rgb
 
 if TYPE_CHECKING:
     from cirlib.backbone import Backbone
@@ -77,22 +83,38 @@ class TargetPad:
         padding = pad_amounts(image.size, self.target_ratio)
         if not any(padding):
             return image
+        w, h = image.size
+        pw, ph = w + padding[0] + padding[2], h + padding[1] + padding[3]
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and pw * ph > limit:
+            raise ImageLoadError(
+                f"{_describe(image)}: refusing to pad a {w}x{h} image to {pw}x{ph} ({pw * ph} pixels, more "
+                f"than PIL.Image.MAX_IMAGE_PIXELS = {limit})"
+            )
         return TF.pad(image, list(padding), fill=0, padding_mode="constant")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target_ratio={self.target_ratio})"
 
 
+def _describe(image: Image.Image) -> str:
+    """The image's file when PIL knows it, else its mode and size (for error messages)."""
+    return getattr(image, "filename", "") or f"a {image.mode} image of {image.size[0]}x{image.size[1]}"
+
+
 class ToRGB:
     """RGB conversion with :func:`cirlib.datasets.open_image`'s rules, for images not loaded by it.
 
-    Transparent pixels become white, 16-bit greyscale is rescaled. Converting *before* padding
-    matters: padding a palette image with 0 would paint palette entry 0 (any colour), and RGBA
-    padding would be transparent, i.e. white after compositing, instead of CLIP4Cir's black.
+    It also applies open_image's size limits, so a pipeline fed images from elsewhere cannot be
+    made to pad a 20000x1 image. Transparent pixels become white, 16-bit greyscale is rescaled.
+    Converting *before* padding matters: padding a palette image with 0 would paint palette entry
+    0 (any colour), and RGBA padding would be transparent, i.e. white after compositing, instead
+    of CLIP4Cir's black.
     (A class rather than a function so DataLoader workers can pickle it.)
     """
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        check_image_size(image.size, _describe(image))
         if image.mode == "RGB" and "transparency" not in image.info:
             return image  # already converted by open_image: skip a copy
         return to_rgb(image)

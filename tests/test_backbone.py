@@ -113,9 +113,22 @@ def test_image_fingerprint_names_the_image_tower_alone():
     assert bb.image_fingerprint == image_fp
     with torch.no_grad():
         bb.model.visual.proj.mul_(2)
-    assert bb.image_fingerprint == image_fp  # derived once per fingerprint: refresh after training
+    assert bb.image_fingerprint != image_fp  # an in-place edit is noticed without refresh_fingerprint
+    edited = bb.image_fingerprint
     bb.refresh_fingerprint()
+    assert bb.image_fingerprint == edited
+
+
+def test_fingerprints_follow_in_place_edits_without_refresh():
+    """A cache key taken after editing weights in place must not name the weights as loaded."""
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    loaded, image_fp = bb.fingerprint, bb.image_fingerprint
+    with torch.no_grad():
+        bb.model.visual.conv1.weight.add_(1.0)
+    assert bb.fingerprint != loaded and bb.fingerprint.startswith(f"{TINY_MODEL}:state-sha256:")
     assert bb.image_fingerprint != image_fp
+    bb.model.load_state_dict(load_backbone(TINY_MODEL, device="cpu").model.state_dict())
+    assert (bb.fingerprint, bb.image_fingerprint) == (loaded, image_fp)  # same weights, same digests
 
 
 def test_save_and_reload_reproduce_features_exactly(tiny, tmp_path):

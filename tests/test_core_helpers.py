@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +100,35 @@ def test_precision_switch_forces_fp32(monkeypatch) -> None:
     monkeypatch.setenv(device.PRECISION_ENV, "fp16")
     with pytest.raises(ValueError, match="CIRLIB_PRECISION"):
         device.amp_dtype(cpu)
+
+
+def test_atomic_writes_keep_the_usual_permissions(tmp_path: Path) -> None:
+    """Writers that replace the temporary file (safetensors' save_file makes it 0600) do not leak that mode."""
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    with io.atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    io.write_json(tmp_path / "a.json", {"x": 1})
+    for name in ("w.safetensors", "a.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_stale_temporaries_are_swept_by_the_next_write(tmp_path: Path) -> None:
+    """A SIGKILLed writer leaves its temporary file; the next atomic write to the folder removes it."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = io._HOST
+    orphan = tmp_path / f".ckpt.safetensors.{host}-{dead.pid}.abcd1234.tmp"  # owner gone
+    live = tmp_path / f".other.json.{host}-{os.getpid()}.efgh5678.tmp"  # a write in progress here
+    old = tmp_path / ".legacy.json.ijkl9012.tmp"  # no owner recorded, hours old
+    fresh = tmp_path / ".recent.json.mnop3456.tmp"  # no owner recorded, may be in progress
+    unrelated = tmp_path / "notes.tmp"
+    for p in (orphan, live, old, fresh, unrelated):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * io.STALE_TMP_AGE_S,) * 2)
+    io.write_json(tmp_path / "a.json", {"x": 1})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["a.json", live.name, fresh.name, unrelated.name])

@@ -342,3 +342,31 @@ def test_threaded_and_worker_decoding_agree(images):
     threaded = image_features(backbone, images, batch_size=4, progress=False)
     workers = image_features(backbone, images, batch_size=4, num_workers=1, progress=False)
     assert torch.equal(threaded, workers)
+
+
+def test_same_size_same_mtime_rewrite_is_recomputed(images, tmp_path):
+    """``cp -p`` or ``rsync -t`` keep size and mtime: the cache must notice the new bytes anyway."""
+    backbone = CountingBackbone()
+    bmp = tmp_path / "images" / "same.bmp"  # uncompressed: equal dimensions give equal file sizes
+    Image.new("RGB", (40, 40), "blue").save(bmp)
+    paths = [*images, bmp]
+    before = image_features(backbone, paths, cache_dir=tmp_path / "cache", progress=False)
+    st = os.stat(bmp)
+    Image.new("RGB", (40, 40), "red").save(bmp)
+    os.utime(bmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(bmp).st_size, os.stat(bmp).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = image_features(backbone, paths, cache_dir=tmp_path / "cache", progress=False)
+    assert torch.equal(after[:-1], before[:-1]) and not torch.allclose(after[-1], before[-1])
+    torch.testing.assert_close(after[-1:], _direct(backbone, [bmp]))
+
+
+def test_weight_edits_change_the_cache_key_without_refresh(tmp_path):
+    from cirlib.backbone import load_backbone
+
+    backbone = load_backbone("cirlib-tiny-ViT", device="cpu")
+    path = tmp_path / "a.png"
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(path)
+    key = image_cache_key(backbone, [path])
+    with torch.no_grad():
+        backbone.model.visual.proj.mul_(2)
+    assert image_cache_key(backbone, [path]) != key

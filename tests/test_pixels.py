@@ -110,3 +110,30 @@ def test_corrupt_image_is_named(images, tmp_path):
     bad.write_bytes(b"\x89PNG broken")
     with pytest.raises(Exception, match="bad.png"):
         PixelCache([images[0], bad], 16, "squarepad", progress=False)
+
+
+def _rewrite_keeping_size_and_mtime(path: Path, image: Image.Image) -> None:
+    """What ``cp -p`` / ``rsync -t`` do: other bytes, same size, same mtime."""
+    st = os.stat(path)
+    image.save(path)
+    assert os.stat(path).st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_same_size_same_mtime_rewrite_is_decoded_again(images, tmp_path):
+    PixelCache(images, 16, "squarepad", cache_dir=tmp_path, progress=False)
+    _rewrite_keeping_size_and_mtime(images[0], Image.new("RGB", (20, 40), (10, 10, 200)))
+    fresh = PixelCache(images, 16, "squarepad", cache_dir=tmp_path, progress=False)
+    assert fresh.tensor([0])[0, :, 8, 8].tolist() == [10, 10, 200]
+
+
+def test_file_list_keys_on_content_and_refuses_non_regular_files(images, tmp_path):
+    (path, size, digest), *_ = file_list(images)
+    assert path == str(images[0].resolve()) and size == images[0].stat().st_size and len(digest) == 32
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(images[0].read_bytes())
+    assert file_list([copy])[0][2] == digest  # same bytes, same digest, wherever the file lives
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="pipe.png: not a regular file"):  # never opened: no hang
+        file_list([fifo])
