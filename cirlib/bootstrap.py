@@ -117,17 +117,31 @@ def _interval(values: np.ndarray, strata: np.ndarray, seed: int) -> Interval:
     return Interval(float(estimate), float(low), float(high))
 
 
+Label = tuple[str, ...]
+"""A result's key: ``(benchmark, *what)``, e.g. ``("cirr", "both", "Combiner")``."""
+
+
 @dataclass(frozen=True)
 class Claim:
-    """"``better`` beats ``worse`` on ``metric``", a paper's ordering to check on our numbers."""
+    """A paper's ordering, "``better`` beats ``worse`` on ``metric``", checked on one benchmark.
 
-    name: str
-    better: str
-    worse: str
+    ``better`` and ``worse`` label results within ``benchmark``. ``asserted`` claims are the ones
+    a notebook's full run asserts: those that held beyond their interval when the course was run
+    in both arithmetics (mixed precision and fp32); the others are printed with their interval.
+    """
+
+    benchmark: str
+    better: Label
+    worse: Label
     metric: str
+    asserted: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{' + '.join(self.better)} > {' + '.join(self.worse)}"
 
 
-def claims_table(claims: Sequence[Claim], results: Mapping[str, PerQuery], seed: int = 0) -> pd.DataFrame:
+def claims_table(claims: Sequence[Claim], results: Mapping[Label, PerQuery], seed: int = 0) -> pd.DataFrame:
     """One row per claim: both sides with intervals, the paired difference and the verdict.
 
     The verdict is *holds* when the whole interval of ``better - worse`` is above zero,
@@ -135,22 +149,36 @@ def claims_table(claims: Sequence[Claim], results: Mapping[str, PerQuery], seed:
     """
     rows = {}
     for claim in claims:
-        diff = results[claim.better].difference(results[claim.worse], claim.metric, seed)
-        rows[claim.name] = {
+        better, worse = results[(claim.benchmark, *claim.better)], results[(claim.benchmark, *claim.worse)]
+        diff = better.difference(worse, claim.metric, seed)
+        rows[claim.benchmark, claim.name] = {
             "metric": claim.metric,
-            "better": str(results[claim.better].interval(claim.metric, seed)),
-            "worse": str(results[claim.worse].interval(claim.metric, seed)),
+            "better": str(better.interval(claim.metric, seed)),
+            "worse": str(worse.interval(claim.metric, seed)),
             "difference": diff.estimate,
             "95% low": diff.low,
             "95% high": diff.high,
             "verdict": diff.verdict(),
+            "asserted": claim.asserted,
         }
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("claim")
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "claim"])
 
 
-def interval_table(results: Mapping[str, PerQuery], metrics: Sequence[str], seed: int = 0) -> pd.DataFrame:
-    """``"estimate [low, high]"`` strings, rows = results, columns = metrics (missing ones blank)."""
-    return pd.DataFrame({
-        metric: {name: str(r.interval(metric, seed)) if metric in r.values else "" for name, r in results.items()}
-        for metric in metrics
-    }).rename_axis("result")
+def check_asserted(claims: pd.DataFrame) -> None:
+    """Fail, naming each one, when an asserted claim of :func:`claims_table` does not hold beyond its interval."""
+    failed = claims[claims["asserted"].astype(bool) & (claims["verdict"] != VERDICTS[0])]
+    if len(failed):
+        lines = [f"  {b}: {c} on {r['metric']}: difference {r['difference']:.2f} [{r['95% low']:.2f}, {r['95% high']:.2f}] "
+                 f"({r['verdict']})" for (b, c), r in failed.iterrows()]
+        raise AssertionError("paper orderings that no longer hold beyond their 95% interval:\n" + "\n".join(lines))
+
+
+def interval_table(results: Mapping[Label, PerQuery], metrics: Mapping[str, Sequence[str]], seed: int = 0) -> pd.DataFrame:
+    """``"estimate [low, high]"`` strings: rows = result labels without the benchmark, columns =
+    ``"<benchmark> <metric>"`` for the ``metrics`` of each benchmark."""
+    columns: dict[str, dict[str | Label, str]] = {}
+    for (benchmark, *label), result in results.items():
+        row = label[0] if len(label) == 1 else tuple(label)
+        for metric in metrics.get(benchmark, ()):
+            columns.setdefault(f"{benchmark} {metric}", {})[row] = str(result.interval(metric, seed))
+    return pd.DataFrame(columns)

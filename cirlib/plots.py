@@ -22,6 +22,11 @@ from cirlib.io import atomic_path
 
 GREEN = "#2ca02c"
 
+# Plain-text tables print one line per row instead of wrapping at 80 columns: where a table wraps
+# would otherwise depend on the width of the numbers in it, which the notebook tests mask (they
+# compare the text around the numbers). The HTML view in JupyterLab is unaffected.
+pd.set_option("display.width", 100_000)
+
 
 def save_figure(fig: matplotlib.figure.Figure, name: str, figdir: Path, dpi: int = 110) -> Path:
     """Save ``fig`` as ``<figdir>/<name>.png`` atomically (stable name, regenerated each run)."""

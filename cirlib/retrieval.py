@@ -79,8 +79,9 @@ def evaluate_baselines(
     transform_kind: TransformKind = "targetpad",
     target_ratio: float = DEFAULT_TARGET_RATIO,
     cache_dir: Path | str | None = None,
-) -> pd.DataFrame:
-    """Rows = zero-shot methods, columns = ``"<benchmark> <metric>"`` (percent)."""
+) -> tuple[pd.DataFrame, dict[tuple[str, str], PerQuery]]:
+    """Rows = zero-shot methods, columns = ``"<benchmark> <metric>"`` (percent); and the per-query
+    values behind them, keyed ``(benchmark, method)``, for bootstrap intervals."""
     unknown = set(methods) - set(BASELINES)
     if unknown:
         raise ValueError(f"unknown baseline(s) {sorted(unknown)}; choose from {list(BASELINES)}")
@@ -88,7 +89,8 @@ def evaluate_baselines(
     rows = {m: evaluate_features(splits, features, BASELINES[m]) for m in methods}
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "method"
-    return frame
+    per_query = {(b, m): r for m in methods for b, r in per_query_features(splits, features, BASELINES[m]).items()}
+    return frame, per_query
 
 
 def stack_results(results: Mapping[str, pd.DataFrame], level: str) -> pd.DataFrame:

@@ -1,7 +1,9 @@
-"""Shared fixtures: the hand-written real-format datasets under tests/fixtures/."""
+"""Shared fixtures (the hand-written real-format datasets under tests/fixtures/) and the order and
+failure reports of the notebook tests."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -36,3 +38,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_SESSION_START = time.time()
+NOTEBOOK_RESULTS = "test_notebook_results.py"
+
+
+@pytest.fixture(scope="session")
+def session_start() -> float:
+    """When this pytest run started: the notebook result tests only read tables written after it."""
+    return _SESSION_START
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The notebook result tests read the tables the nbval run of the notebooks writes: run them last."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0].endswith(NOTEBOOK_RESULTS))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing notebook cell says which notebook and cell it is, and how to accept an intended change."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and ".ipynb::" in item.nodeid:
+        notebook, cell = item.nodeid.split("::", 1)
+        report.sections.append(("notebook regression", (
+            f"{Path(notebook).name}, {cell}: its output no longer matches the reference in tests/notebooks/ "
+            "(numbers are masked there and checked with tolerances in tests/test_notebook_results.py, so this is "
+            "a change of text, table layout, warnings or an error). If the change is intended, run `make refs` "
+            "and commit the regenerated references.")))

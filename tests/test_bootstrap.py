@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from cirlib.bootstrap import Claim, Interval, PerQuery, claims_table, interval_table
+from cirlib.bootstrap import Claim, Interval, PerQuery, check_asserted, claims_table, interval_table
 
 
 def _single(values) -> PerQuery:
@@ -80,10 +79,15 @@ def test_bad_inputs_fail_clearly() -> None:
 def test_claims_and_interval_tables() -> None:
     a = _single([100.0] * 30 + [0.0] * 70)
     b = _single([0.0] * 100)
-    claims = claims_table([Claim("a beats b", "a", "b", "R@1"), Claim("b beats a", "b", "a", "R@1")], {"a": a, "b": b})
-    assert claims.loc["a beats b", "verdict"] == "holds" and claims.loc["b beats a", "verdict"] == "reversed"
-    assert claims.loc["a beats b", "difference"] == pytest.approx(30.0)
-    assert claims.loc["a beats b", "better"].startswith("30.0 [")
-    table = interval_table({"a": a, "b": b}, ["R@1", "R@5"])
-    assert isinstance(table, pd.DataFrame) and table.loc["b", "R@1"] == "0.0 [0.0, 0.0]" and table.loc["a", "R@5"] == ""
+    results = {("cirr", "a"): a, ("cirr", "b"): b}
+    claims = claims_table([Claim("cirr", ("a",), ("b",), "R@1", asserted=True), Claim("cirr", ("b",), ("a",), "R@1")], results)
+    assert claims.loc[("cirr", "a > b"), "verdict"] == "holds" and claims.loc[("cirr", "b > a"), "verdict"] == "reversed"
+    assert claims.loc[("cirr", "a > b"), "difference"] == pytest.approx(30.0)
+    assert claims.loc[("cirr", "a > b"), "better"].startswith("30.0 [")
+    check_asserted(claims)  # the reversed claim is printed, not asserted
+    claims.loc[("cirr", "b > a"), "asserted"] = True
+    with pytest.raises(AssertionError, match=r"cirr: b > a on R@1: difference -30.00"):
+        check_asserted(claims)
+    table = interval_table(results, {"cirr": ["R@1"], "fashioniq": ["R@10"]})
+    assert list(table.columns) == ["cirr R@1"] and table.loc["b", "cirr R@1"] == "0.0 [0.0, 0.0]"
     assert Interval(1.0, -1.0, 2.0).verdict() == "within noise"

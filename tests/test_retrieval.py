@@ -27,8 +27,13 @@ def test_encode_split_reuses_gallery_rows_for_references(tiny, fixture_splits, t
 
 
 def test_baselines_table_shape_and_sum_definition(tiny, fixture_splits, tmp_path: Path) -> None:
-    table = retrieval.evaluate_baselines(tiny, fixture_splits, cache_dir=tmp_path)
+    table, per_query = retrieval.evaluate_baselines(tiny, fixture_splits, cache_dir=tmp_path)
     assert list(table.index) == ["image", "text", "sum"]
+    assert sorted(per_query) == sorted((b, m) for b in ("cirr", "circo", "fashioniq") for m in table.index)
+    for (bench, method), result in per_query.items():  # the per-query values behind every number
+        for metric in ("R@10", "mAP@10", "average", "avg"):
+            if f"{bench} {metric}" in table.columns:
+                assert result.mean(metric) == pytest.approx(table.loc[method, f"{bench} {metric}"]), (bench, method, metric)
     for col in ("fashioniq R@10", "fashioniq average", "cirr R@1", "cirr Rsubset@1", "circo mAP@10"):
         assert col in table.columns
     assert ((table >= 0) & (table <= 100)).all().all()

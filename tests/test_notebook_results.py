@@ -1,0 +1,103 @@
+"""The numbers of the quick-mode notebook runs, checked with tolerances instead of digit for digit.
+
+nbval (``make test``) executes every notebook in quick mode and compares its outputs with the
+references in ``tests/notebooks/`` after masking numbers (``sanitize.cfg``): their arithmetic
+depends on the machine. The tables those runs write to ``data/quick/figures/`` are checked here:
+
+* against the values recorded by ``make refs`` (``tests/notebooks/expected/``), each within the
+  tolerance of its column (``tests/notebooks/tolerances.json``, sized by
+  ``tests/notebooks/record_results.py`` from the spread of quick runs under other arithmetic);
+* by invariants that hold on any machine and that a bug breaks (ranges, a combination that must
+  differ from its parts, the reference image never retrieved in CIRR).
+
+These tests run after the notebooks (``conftest.py`` orders them) and only read what the notebooks
+wrote during this session; without ``--nbval`` they are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "notebooks"))
+from record_results import EXPECTED, QUICK_FIGURES, TOLERANCES, numbers_in, read_grid  # noqa: E402
+
+TABLES = sorted(p.stem for p in EXPECTED.glob("*.csv"))
+NOTEBOOKS = {p.name[:2]: p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+REGENERATE = "If the change is intended, regenerate the references with `make refs` and commit them."
+
+
+def _fresh_table(name: str, request: pytest.FixtureRequest, session_start: float) -> Path:
+    """The table the quick run of this session wrote (not one left from an earlier run)."""
+    path = QUICK_FIGURES / f"{name}.csv"
+    if path.exists() and path.stat().st_mtime >= session_start:
+        return path
+    if request.config.getoption("nbval", default=False):
+        pytest.fail(f"{NOTEBOOKS.get(name[:2], name)} did not write {path.name} in this run: see its nbval failure above")
+    pytest.skip("the quick-mode notebooks did not run in this session (they run under `make test` / `make nbtest`)")
+
+
+def test_every_recorded_table_has_tolerances() -> None:
+    tables = json.loads(TOLERANCES.read_text(encoding="utf-8"))["tables"]
+    assert TABLES and sorted(tables) == TABLES, "run `make refs`: expected tables and tolerances are out of step"
+    for name in TABLES:
+        assert tables[name]["columns"] == read_grid(EXPECTED / f"{name}.csv")[0], name
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_quick_results_match_the_recorded_ones(name: str, request: pytest.FixtureRequest, session_start: float) -> None:
+    got = read_grid(_fresh_table(name, request, session_start))
+    expected = read_grid(EXPECTED / f"{name}.csv")
+    tolerance = json.loads(TOLERANCES.read_text(encoding="utf-8"))["tables"][name]["tolerance"]
+    where = f"{NOTEBOOKS.get(name[:2], name)}, table {name}"
+    assert [len(r) for r in got] == [len(r) for r in expected], (
+        f"{where}: shape changed from {len(expected)} rows to {len(got)}. {REGENERATE}")
+    moved = []
+    for i, (row_e, row_g) in enumerate(zip(expected, got)):
+        for j, (e, g) in enumerate(zip(row_e, row_g)):
+            ne, ng = numbers_in(e), numbers_in(g)
+            label = f"row {row_e[0]!r}, column {expected[0][j]!r}"
+            if ne is None or ng is None or len(ne) != len(ng):
+                # text: headers and labels must match; result-dependent words (a verdict, a target met) may differ
+                if e != g and not {e, g} <= {"True", "False", "holds", "within noise", "reversed"}:
+                    moved.append(f"{label}: {e!r} became {g!r}")
+                continue
+            for x, y in zip(ne, ng):
+                if abs(x - y) > tolerance[j]:
+                    moved.append(f"{label}: expected {x:g} ± {tolerance[j]:.3g}, got {y:g} (moved {y - x:+.4g})")
+    assert not moved, f"{where}: {len(moved)} value(s) outside tolerance\n  " + "\n  ".join(moved) + f"\n{REGENERATE}"
+
+
+def _table(name: str, request: pytest.FixtureRequest, session_start: float, index_cols: int | list[int] = 0) -> pd.DataFrame:
+    return pd.read_csv(_fresh_table(name, request, session_start), index_col=index_cols)
+
+
+def test_metrics_are_percentages(request: pytest.FixtureRequest, session_start: float) -> None:
+    for name in ("02_zero_shot_baselines", "03_retrieval_by_preprocessing", "04_sum_rows", "05_main_table",
+                 "06_combiner_variants", "06_two_stage_vs_end_to_end", "06_preprocessing_trained"):
+        table = pd.read_csv(_fresh_table(name, request, session_start))
+        values = table.select_dtypes("number")
+        assert ((values >= 0) & (values <= 100)).all().all(), f"{name}: a metric outside [0, 100]"
+
+
+def test_the_sum_differs_from_each_modality(request: pytest.FixtureRequest, session_start: float) -> None:
+    """The image+text sum must use both inputs: identical to image-only or text-only on every metric means one was dropped."""
+    baselines = _table("02_zero_shot_baselines", request, session_start)
+    for single in ("image", "text"):
+        assert (baselines.loc["sum"] - baselines.loc[single]).abs().max() > 0, (
+            f"02_backbone: the sum baseline scores exactly like {single}-only on every metric")
+
+
+def test_cirr_never_retrieves_the_reference(request: pytest.FixtureRequest, session_start: float) -> None:
+    """CIRR's protocol removes the reference image from the ranking. If it stayed, image-only retrieval
+    would always rank the reference itself first: R@1 and Rsubset@1 both exactly 0 on every query."""
+    baselines = _table("02_zero_shot_baselines", request, session_start)
+    image = baselines.loc["image"]
+    assert image["cirr R@1"] + image["cirr Rsubset@1"] > 0, (
+        "02_backbone: image-only CIRR R@1 and Rsubset@1 are both 0: is the reference still in the ranking?")
+
