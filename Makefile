@@ -50,7 +50,7 @@ notebooks: data
 # clone, so quick-mode data, checkpoints or caches left over from older code must not leak in):
 # 1. every notebook executed in quick mode into tests/notebooks/ (nbval compares the text of its
 #    outputs, numbers masked); 2. the result tables of that run recorded in tests/notebooks/expected/;
-# 3. the same quick run repeated under other arithmetic set-ups (fp32, 1 and 3 threads), whose spread
+# 3. the same quick run repeated under other arithmetic set-ups (record_results.py SETUPS), whose spread
 #    sizes the tolerances in tests/notebooks/tolerances.json (about 8 minutes).
 refs: fashion-mnist clean-quick
 	@mkdir -p tests/notebooks
@@ -66,12 +66,13 @@ test: fashion-mnist
 	$(PY) -m pytest tests $(PYTEST_NB)
 
 # The whole suite under three arithmetic set-ups that each move the numbers: the default (mixed
-# precision where the CPU has native bf16), fp32 forced, one torch thread. Each starts from a clean
-# data/quick, so every quick model is retrained in that arithmetic. CI runs this.
+# precision where the CPU has native bf16, else fp32); fp32 forced on one torch thread with oneDNN
+# limited to SSE4.1; ATen's generic kernels (the last two run the kernels of other x86 CPUs). Each
+# starts from a clean data/quick, so every quick model is retrained in that arithmetic. CI runs this.
 test-arithmetic: fashion-mnist
 	$(MAKE) clean-quick test
-	CIRLIB_PRECISION=fp32 $(MAKE) clean-quick test
-	OMP_NUM_THREADS=1 $(MAKE) clean-quick test
+	CIRLIB_PRECISION=fp32 OMP_NUM_THREADS=1 ONEDNN_MAX_CPU_ISA=SSE41 $(MAKE) clean-quick test
+	ATEN_CPU_CAPABILITY=default $(MAKE) clean-quick test
 
 unit: env
 	$(PY) -m pytest tests --ignore=tests/notebooks

@@ -118,12 +118,12 @@ class ScenesBenchConfig:
         return cls(
             seed=seed,
             long_side=64,
-            # 40 validation queries: enough that a quick run's CIRR numbers move in steps of 2.5
-            # points, not 10, and that a broken protocol shows (tests/test_notebook_results.py)
+            # 40 validation queries each: a quick run's CIRR and CIRCO numbers move in steps of 2.5
+            # points, not 8-10, and a broken protocol shows (tests/test_notebook_results.py)
             cirr_sets={"train": 12, "val": 20, "test1": 6},
             cirr_queries={"train": 36, "val": 40, "test1": 8},
-            circo_queries={"val": 12, "test": 6},
-            circo_gallery=150,
+            circo_queries={"val": 40, "test": 6},
+            circo_gallery=250,
         )
 
     def __post_init__(self) -> None:

@@ -25,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "notebooks"))
-from record_results import EXPECTED, QUICK_FIGURES, TOLERANCES, numbers_in, read_grid  # noqa: E402
+from record_results import (  # noqa: E402
+    EXPECTED, FLOOR, QUICK_FIGURES, TOLERANCES, compare_grids, numbers_in, read_grid, tolerances)
 
 TABLES = sorted(p.stem for p in EXPECTED.glob("*.csv"))
 NOTEBOOKS = {p.name[:2]: p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
@@ -54,23 +55,34 @@ def test_quick_results_match_the_recorded_ones(name: str, request: pytest.Fixtur
     got = read_grid(_fresh_table(name, request, session_start))
     expected = read_grid(EXPECTED / f"{name}.csv")
     tolerance = json.loads(TOLERANCES.read_text(encoding="utf-8"))["tables"][name]["tolerance"]
-    where = f"{NOTEBOOKS.get(name[:2], name)}, table {name}"
-    assert [len(r) for r in got] == [len(r) for r in expected], (
-        f"{where}: shape changed from {len(expected)} rows to {len(got)}. {REGENERATE}")
-    moved = []
-    for i, (row_e, row_g) in enumerate(zip(expected, got)):
-        for j, (e, g) in enumerate(zip(row_e, row_g)):
-            ne, ng = numbers_in(e), numbers_in(g)
-            label = f"row {row_e[0]!r}, column {expected[0][j]!r}"
-            if ne is None or ng is None or len(ne) != len(ng):
-                # text: headers and labels must match; result-dependent words (a verdict, a target met) may differ
-                if e != g and not {e, g} <= {"True", "False", "holds", "within noise", "reversed"}:
-                    moved.append(f"{label}: {e!r} became {g!r}")
-                continue
-            for x, y in zip(ne, ng):
-                if abs(x - y) > tolerance[j]:
-                    moved.append(f"{label}: expected {x:g} ± {tolerance[j]:.3g}, got {y:g} (moved {y - x:+.4g})")
-    assert not moved, f"{where}: {len(moved)} value(s) outside tolerance\n  " + "\n  ".join(moved) + f"\n{REGENERATE}"
+    moved = compare_grids(expected, got, tolerance)
+    assert not moved, (f"{NOTEBOOKS.get(name[:2], name)}, table {name}: {len(moved)} value(s) moved\n  "
+                       + "\n  ".join(moved) + f"\n{REGENERATE}")
+
+
+def test_compare_grids_reports_what_moved_and_by_how_much() -> None:
+    expected = [["method", "R@1", "interval", "verdict"], ["sum", "20.0000", "20.0 [10.0, 30.0]", "holds"]]
+    assert compare_grids(expected, [r[:] for r in expected], [0.0] * 4) == []
+    within = [expected[0], ["sum", "24.0000", "21.0 [11.0, 31.0]", "within noise"]]
+    assert compare_grids(expected, within, [0.0, 5.0, 1.5, 0.0]) == []  # verdicts may differ
+    moved = compare_grids(expected, [expected[0], ["sum", "26.0000", "20.0 [10.0, 33.0]", "holds"]], [0.0, 5.0, 1.5, 0.0])
+    assert moved == ["row 'sum', column 'R@1': expected 20 ± 5, got 26 (moved +6)",
+                     "row 'sum', column 'interval': expected 30 ± 1.5, got 33 (moved +3)"]
+    renamed = compare_grids(expected, [expected[0], ["text", *expected[1][1:]]], [1.0] * 4)
+    assert renamed == ["row 'sum', column 'method': 'sum' became 'text'"]
+    assert compare_grids(expected, expected[:1], [1.0] * 4)[0].startswith("shape changed")
+
+
+def test_tolerance_rule() -> None:
+    """Exact tables and columns at the floor; others at their kind's floor unless the measured spread is larger."""
+    header = ["method", "R@1", "R@50", "images"]
+    grid = [header, ["sum", "20.0", "80.0", "343"]]
+    assert tolerances("05_main_table", header, [0.0, 10.0, 0.0, 0.0], grid) == [15.0, 20.0, 15.0, FLOOR]
+    fractions = [header, ["sum", "0.2", "0.4", "343"]]
+    assert tolerances("05_similarity_gaps", header, [0.0] * 4, fractions) == [0.1, 0.1, 0.1, FLOOR]
+    assert tolerances("03_visible_area", header, [0.0, 1.0, 0.0, 0.0], grid) == [FLOOR] * 4
+    assert numbers_in("12.3 [10.1, 14.0]") == [12.3, 10.1, 14.0]
+    assert numbers_in("within noise") is None and numbers_in("R@10") is None and numbers_in("-2.5") == [-2.5]
 
 
 def _table(name: str, request: pytest.FixtureRequest, session_start: float, index_cols: int | list[int] = 0) -> pd.DataFrame:
