@@ -19,9 +19,8 @@ from torch import Tensor
 
 from cirlib.backbone import Backbone
 from cirlib.bootstrap import PerQuery
-from cirlib.combiner import apply_combine, combine_sum, merge_metrics, per_query_splits
+from cirlib.combiner import combine_sum, evaluate_splits, per_query_splits
 from cirlib.datasets import CIRSplit
-from cirlib.evaluate import evaluate_split
 from cirlib.features import SplitFeatures, encode_split
 from cirlib.metrics import indices_of, name_index, recall_at_k
 from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind
@@ -35,6 +34,18 @@ BASELINES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+def _by_benchmark(
+    splits: Mapping[str, CIRSplit], features: Mapping[str, SplitFeatures]
+) -> dict[str, tuple[dict[str, CIRSplit], dict[str, tuple[Tensor, Tensor, Tensor]]]]:
+    """Splits grouped by benchmark, each with its ``(reference, text, gallery)`` features."""
+    groups: dict[str, tuple[dict, dict]] = defaultdict(lambda: ({}, {}))
+    for name, split in splits.items():
+        f = features[name]
+        groups[split.dataset][0][name] = split
+        groups[split.dataset][1][name] = (f.reference, f.text, f.gallery)
+    return dict(groups)
+
+
 def evaluate_features(
     splits: Mapping[str, CIRSplit],
     features: Mapping[str, SplitFeatures],
@@ -43,16 +54,11 @@ def evaluate_features(
     """``{"<benchmark> <metric>": value}`` for every split, FashionIQ categories averaged.
 
     Keys look like ``"fashioniq R@10"``, ``"cirr Rsubset@1"``, ``"circo mAP@10"``; per-category and
-    per-aspect entries are dropped here (``evaluate_split`` gives them when needed).
+    per-aspect entries are dropped here (:func:`cirlib.evaluate.evaluate_split` gives them when needed).
     """
-    by_dataset: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
-    for name, split in splits.items():
-        f = features[name]
-        by_dataset[split.dataset][name] = evaluate_split(split, apply_combine(combine, f.reference, f.text), f.gallery)
     out: dict[str, float] = {}
-    for dataset, per_split in by_dataset.items():
-        merged = merge_metrics(per_split, dataset)
-        out |= {f"{dataset} {k}": v for k, v in merged.items() if "/" not in k}
+    for dataset, (group, feats) in _by_benchmark(splits, features).items():
+        out |= {f"{dataset} {k}": v for k, v in evaluate_splits(group, feats, combine).items() if "/" not in k}
     return out
 
 
@@ -62,14 +68,8 @@ def per_query_features(
     combine: Callable[[Tensor, Tensor], Tensor],
 ) -> dict[str, PerQuery]:
     """Per benchmark, the per-query values behind :func:`evaluate_features` (for bootstrap intervals)."""
-    by_dataset: dict[str, dict[str, CIRSplit]] = defaultdict(dict)
-    for name, split in splits.items():
-        by_dataset[split.dataset][name] = split
-    return {
-        dataset: per_query_splits(group, {n: (features[n].reference, features[n].text, features[n].gallery) for n in group},
-                                  combine)
-        for dataset, group in by_dataset.items()
-    }
+    return {dataset: per_query_splits(group, feats, combine)
+            for dataset, (group, feats) in _by_benchmark(splits, features).items()}
 
 
 def evaluate_baselines(
