@@ -9,7 +9,7 @@ KERNEL := cirlib
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PYTEST_NB := --nbval --nbval-current-env --nbval-sanitize-with tests/notebooks/sanitize.cfg --nbval-cell-timeout 1200
 
-.PHONY: all test test-arithmetic unit nbtest env fashion-mnist data notebooks refs bench clean-quick
+.PHONY: all test test-arithmetic unit nbtest env fashion-mnist data notebooks refs perf clean-quick
 
 all: notebooks
 
@@ -26,18 +26,18 @@ env: $(STAMP)
 
 # --- data ------------------------------------------------------------------------------------
 # Fashion-MNIST: the Debian package when present or installable, else the official files
-# (SHA256-checked); cirlib.fashion_mnist names both options when neither works.
+# (SHA256-checked); cirlib.data.fashion_mnist names both options when neither works.
 fashion-mnist: env
-	@$(PY) -m cirlib.fashion_mnist >/dev/null 2>&1 || { \
+	@$(PY) -m cirlib.data.fashion_mnist >/dev/null 2>&1 || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "Installing Debian package dataset-fashion-mnist"; \
 	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || true; \
 	  fi; }
-	$(PY) -m cirlib.fashion_mnist --download
+	$(PY) -m cirlib.data.fashion_mnist --download
 
 data: fashion-mnist
-	$(PY) -m cirlib.benchmarks
+	$(PY) -m cirlib.data.benchmarks
 
 # --- the course ------------------------------------------------------------------------------
 notebooks: data
@@ -80,9 +80,9 @@ unit: env
 nbtest: fashion-mnist
 	$(PY) -m pytest tests/notebooks $(PYTEST_NB)
 
-bench: data
-	$(PY) tests/benchmarks/bench_features.py
-	$(PY) tests/benchmarks/bench_combiner.py
+perf: data
+	$(PY) tests/perf/perf_features.py
+	$(PY) tests/perf/perf_combiner.py
 
 clean-quick:
 	rm -rf data/quick

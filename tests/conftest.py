@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixture_splits():
     """The val splits of the three fixture datasets (their dead links are expected; warnings silenced)."""
-    from cirlib import datasets
+    from cirlib.data import datasets
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""CLIP4Cir analysis numerics (cirlib.analysis) and their figures (cirlib.plots, Figs. 7-12)."""
+"""CLIP4Cir analysis numerics (cirlib.evaluation.analysis) and their figures (cirlib.viz.plots, Figs. 7-12)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 from matplotlib.colors import to_rgba
 
-from cirlib import analysis, plots
-from cirlib.backbone import load_backbone
-from cirlib.combiner import Combiner, combine_sum
+from cirlib.evaluation import analysis
+from cirlib.viz import plots
+from cirlib.models.backbone import load_backbone
+from cirlib.models.combiner import combine_sum, Combiner
 
 TINY_RN = "cirlib-test-tiny-RN"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cirlib import artifacts, paths
-from cirlib.backbone import load_backbone, save_backbone
+from cirlib.core import artifacts, paths
+from cirlib.models.backbone import load_backbone, save_backbone
 
 
 @pytest.fixture()

@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cirlib import fashion_mnist
-from cirlib.backbone import TINY_MODEL, CheckpointError, load_backbone, save_backbone, sidecar_path
-from cirlib.datasets import (
+from cirlib.data import fashion_mnist
+from cirlib.models.backbone import TINY_MODEL, CheckpointError, load_backbone, save_backbone, sidecar_path
+from cirlib.data.datasets import (
     AnnotationError,
     CaptionCountWarning,
     EmptyCaptionWarning,
@@ -40,8 +40,8 @@ from cirlib.datasets import (
     load_fashioniq,
     open_image,
 )
-from cirlib.pixels import PixelCache
-from cirlib.preprocess import build_transform
+from cirlib.data.pixels import PixelCache
+from cirlib.data.preprocess import build_transform
 
 _TIMEOUT_S = 30
 

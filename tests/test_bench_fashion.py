@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirlib import bench_fashion as bf
-from cirlib.bench_fashion import FashionBenchConfig, SplitSizes
+from cirlib.data.synth import fashion as bf
+from cirlib.data.synth.fashion import FashionBenchConfig, SplitSizes
 
 pytestmark = pytest.mark.skipif(
     not bf.fashion_mnist.DEBIAN_DIR.is_dir(), reason="needs Fashion-MNIST (Debian dataset-fashion-mnist)"

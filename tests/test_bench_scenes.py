@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cirlib import bench_scenes as bs
-from cirlib import datasets, stats
-from cirlib.bench_scenes import Scene, SceneObject, ScenesBenchConfig
+from cirlib.data.synth import scenes as bs
+from cirlib.data import datasets, stats
+from cirlib.data.synth.scenes import Scene, SceneObject, ScenesBenchConfig
 
 QUICK = ScenesBenchConfig.quick()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cirlib.bootstrap import Claim, Interval, PerQuery, check_asserted, claims_table, interval_table
+from cirlib.evaluation.bootstrap import Claim, Interval, PerQuery, check_asserted, claims_table, interval_table
 
 
 def _single(values) -> PerQuery:

@@ -10,22 +10,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cirlib.combiner import (
-    VARIANTS,
-    Combiner,
-    CombinerConfig,
-    CombinerData,
-    batch_slices,
-    best_epoch,
-    build_combiner_data,
-    CachedEvaluator,
-    combine_sum,
-    load_combiner,
-    merge_metrics,
-    train_combiner,
-)
-from cirlib.datasets import CIRSplit, Query, query_text
-from cirlib.evaluate import evaluate_split
+from cirlib.core.training import batch_slices, best_epoch
+from cirlib.evaluation.protocols import CachedEvaluator, merge_metrics
+from cirlib.methods.combiner_training import CombinerConfig, CombinerData, build_combiner_data, train_combiner
+from cirlib.models.combiner import VARIANTS, Combiner, combine_sum, load_combiner
+from cirlib.data.datasets import CIRSplit, Query, query_text
+from cirlib.evaluation.protocols import evaluate_split
 
 D = 8
 
@@ -403,7 +393,7 @@ def test_cached_evaluator_scores_combining_functions(tmp_path: Path) -> None:
 
 def test_cached_evaluator_reuses_the_features_of_encode_split(tmp_path: Path) -> None:
     """Notebooks encode validation splits with encode_split first; the Combiner's evaluator must hit that cache."""
-    from cirlib.features import encode_split
+    from cirlib.models.features import encode_split
 
     split = _fashion_split(tmp_path)
     split.split = "val"
@@ -415,7 +405,7 @@ def test_cached_evaluator_reuses_the_features_of_encode_split(tmp_path: Path) ->
 
 
 def test_build_is_seeded_whatever_the_global_rng_state() -> None:
-    from cirlib.combiner import CombinerConfig
+    from cirlib.methods.combiner_training import CombinerConfig
 
     torch.manual_seed(1)
     a = CombinerConfig.for_tiny(seed=3).build(16)

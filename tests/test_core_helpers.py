@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cirlib import device, io, paths
+from cirlib.core import device, io, paths
 
 
 def test_project_root_from_env_and_from_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,7 +22,7 @@ def test_project_root_from_env_and_from_cwd(tmp_path: Path, monkeypatch: pytest.
     assert paths.figures_dir(quick=False) == tmp_path.resolve() / "figures"
     assert paths.figures_dir(quick=True).is_dir() and paths.figures_dir(quick=True).parent.name == "quick"
     monkeypatch.delenv(paths.ROOT_ENV)
-    assert (paths.project_root() / "cirlib" / "paths.py").is_file()
+    assert (paths.project_root() / "cirlib" / "core" / "paths.py").is_file()
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:

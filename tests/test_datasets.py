@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirlib import datasets
-from cirlib.datasets import (
+from cirlib.data import datasets
+from cirlib.data.datasets import (
     AnnotationError,
     EmptyCaptionWarning,
     ImageLoadError,

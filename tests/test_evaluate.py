@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cirlib import metrics
-from cirlib.datasets import CIRSplit, Query
-from cirlib.evaluate import PROTOCOLS, evaluate_per_aspect, evaluate_split, per_query_metrics, topk
+from cirlib.evaluation import metrics
+from cirlib.data.datasets import CIRSplit, Query
+from cirlib.evaluation.protocols import PROTOCOLS, evaluate_per_aspect, evaluate_split, per_query_metrics, topk
 
 
 def make_split(dataset: str, queries: list[Query], gallery: list[str], split: str = "val") -> CIRSplit:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cirlib import fashion_mnist as fm
+from cirlib.data import fashion_mnist as fm
 
 
 def write_idx(path: Path, array: np.ndarray, magic: bytes | None = None) -> Path:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlib.device import autocast
-from cirlib.features import (
+from cirlib.core.device import autocast
+from cirlib.models.features import (
     encode_in_batches,
     encode_pixels,
     image_cache_key,
@@ -19,7 +19,7 @@ from cirlib.features import (
     prefetched_batches,
     text_features,
 )
-from cirlib.preprocess import transform_for
+from cirlib.data.preprocess import transform_for
 
 
 class CountingBackbone:
@@ -147,7 +147,7 @@ def test_cache_invalidation(images, tmp_path, change):
 
 def test_cache_key_names_the_arithmetic(images, monkeypatch):
     """Features computed in bf16 are never served to a run that would compute them in fp32."""
-    from cirlib import device
+    from cirlib.core import device
 
     backbone = CountingBackbone()
     keys = {}
@@ -241,7 +241,7 @@ def test_text_features():
 
 
 def test_with_the_real_tiny_backbone(images, tmp_path):
-    from cirlib.backbone import load_backbone
+    from cirlib.models.backbone import load_backbone
 
     backbone = load_backbone()
     feats = image_features(backbone, images, batch_size=4, cache_dir=tmp_path, progress=False)
@@ -289,7 +289,7 @@ def test_decoded_route_matches_files_and_shares_their_cache(images, tmp_path):
 
 def test_encode_pixels_matches_image_features(images, tmp_path):
     """Training loops' path (pre-decoded pixels) gives the galleries' features, in ``rows`` order."""
-    from cirlib.pixels import PixelCache
+    from cirlib.data.pixels import PixelCache
 
     backbone = CountingBackbone()
     cache = PixelCache(images, backbone.image_size, "squarepad", progress=False)
@@ -361,7 +361,7 @@ def test_same_size_same_mtime_rewrite_is_recomputed(images, tmp_path):
 
 
 def test_weight_edits_change_the_cache_key_without_refresh(tmp_path):
-    from cirlib.backbone import load_backbone
+    from cirlib.models.backbone import load_backbone
 
     backbone = load_backbone("cirlib-tiny-ViT", device="cpu")
     path = tmp_path / "a.png"

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from cirlib.backbone import Backbone, load_backbone
-from cirlib.combiner import Combiner, CachedEvaluator, combine_sum, load_combiner
-from cirlib.datasets import CIRSplit, Query
-from cirlib import finetune as finetune_module
-from cirlib.finetune import Stage1Config, finetune, stage1_evaluator, trainable_parameters
-from cirlib.pixels import PixelCache
+from cirlib.models.backbone import Backbone, load_backbone
+from cirlib.evaluation.protocols import CachedEvaluator
+from cirlib.models.combiner import combine_sum, Combiner, load_combiner
+from cirlib.data.datasets import CIRSplit, Query
+from cirlib.methods import stage1 as finetune_module
+from cirlib.methods.stage1 import Stage1Config, finetune, stage1_evaluator, trainable_parameters
+from cirlib.data.pixels import PixelCache
 
 MICRO_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 MICRO_CONFIGS = {
@@ -268,7 +269,7 @@ def test_finished_run_is_loaded_without_training(micro_models, toy, tmp_path: Pa
 
 def test_a_run_in_other_arithmetic_is_retrained(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
     """A finished bf16 run is not loaded by a machine that trains in fp32: it trains afresh."""
-    from cirlib import device
+    from cirlib.core import device
 
     train, val = toy
     config = replace(FAST, epochs=1)

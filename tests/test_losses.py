@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cirlib.losses import batch_contrastive_loss, contrastive_logits
+from cirlib.methods.losses import batch_contrastive_loss, contrastive_logits
 
 
 def _ce(row: list[float], positive: int) -> float:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cirlib import metrics
-from cirlib.metrics import (
+from cirlib.evaluation import metrics
+from cirlib.evaluation.metrics import (
     MISS_RANK,
     average_precision,
     cirr_recall,

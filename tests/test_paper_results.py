@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cirlib.paper_results import SOURCE, clip4cir_main_table, side_by_side
+from cirlib.evaluation.paper_results import SOURCE, clip4cir_main_table, side_by_side
 
 
 def test_source_names_the_paper_and_backbone():

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlib.pixels import PixelCache, file_list, normalise
-from cirlib.preprocess import build_transform
+from cirlib.data.pixels import PixelCache, file_list, normalise
+from cirlib.data.preprocess import build_transform
 
 
 @pytest.fixture

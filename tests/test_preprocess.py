@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlib.preprocess import (
+from cirlib.data.preprocess import (
     KINDS,
     build_transform,
     pad_amounts,

@@ -13,13 +13,13 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from cirlib import pretrain as P
-from cirlib.backbone import TINY_MODEL, load_backbone, sidecar_path
-from cirlib.bench_fashion import absolute_caption
-from cirlib.features import encode_pixels
-from cirlib.io import file_sha256
-from cirlib.pixels import PixelCache
-from cirlib.render import COLOURS
+from cirlib.methods import pretrain as P
+from cirlib.models.backbone import TINY_MODEL, load_backbone, sidecar_path
+from cirlib.data.synth.fashion import absolute_caption
+from cirlib.models.features import encode_pixels
+from cirlib.core.io import file_sha256
+from cirlib.data.pixels import PixelCache
+from cirlib.data.synth.render import COLOURS
 
 COLOUR_NAMES = ("red", "navy blue", "yellow", "green")
 PATTERN_NAMES = ("plain", "stripes")
@@ -55,7 +55,7 @@ def make_fashion_root(root: Path) -> Path:
                 names.append(name)
             (root / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(names))
             (root / "captions" / f"cap.{category}.{split}.json").write_text("[]")
-    meta = {"generator": "cirlib.bench_fashion/1", "seed": 0, "fingerprint": "synthetic", "attributes": attributes}
+    meta = {"generator": "cirlib.data.synth.fashion/1", "seed": 0, "fingerprint": "synthetic", "attributes": attributes}
     (root / "cirlib_meta.json").write_text(json.dumps(meta))
     return root
 
@@ -207,7 +207,7 @@ def test_finished_run_is_loaded_not_retrained(finished_run, fashion_root, monkey
 
 def test_arithmetic_is_part_of_the_fingerprint(monkeypatch):
     """A checkpoint trained in bf16 is never reused where the run would be fp32, and vice versa."""
-    from cirlib import device
+    from cirlib.core import device
 
     fingerprints = {}
     for native in (True, False):

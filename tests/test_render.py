@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirlib import render
+from cirlib.data.synth import render
 
 
 @pytest.fixture(scope="module")

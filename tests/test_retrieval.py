@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cirlib import retrieval
-from cirlib.backbone import load_backbone
+from cirlib.evaluation import baselines
+from cirlib.models.backbone import load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def tiny():
 
 def test_encode_split_reuses_gallery_rows_for_references(tiny, fixture_splits, tmp_path: Path) -> None:
     split = fixture_splits["cirr"]
-    f = retrieval.encode_split(tiny, split, cache_dir=tmp_path, progress=False)
+    f = baselines.encode_split(tiny, split, cache_dir=tmp_path, progress=False)
     assert f.gallery.shape == (len(split.gallery), tiny.embed_dim)
     assert f.reference.shape == f.text.shape == (len(split.queries), tiny.embed_dim)
     for row, q in enumerate(split.queries):
@@ -27,7 +27,7 @@ def test_encode_split_reuses_gallery_rows_for_references(tiny, fixture_splits, t
 
 
 def test_baselines_table_shape_and_sum_definition(tiny, fixture_splits, tmp_path: Path) -> None:
-    table, per_query = retrieval.evaluate_baselines(tiny, fixture_splits, cache_dir=tmp_path)
+    table, per_query = baselines.evaluate_baselines(tiny, fixture_splits, cache_dir=tmp_path)
     assert list(table.index) == ["image", "text", "sum"]
     assert sorted(per_query) == sorted((b, m) for b in ("cirr", "circo", "fashioniq") for m in table.index)
     for (bench, method), result in per_query.items():  # the per-query values behind every number
@@ -39,9 +39,9 @@ def test_baselines_table_shape_and_sum_definition(tiny, fixture_splits, tmp_path
     assert ((table >= 0) & (table <= 100)).all().all()
     image, text = torch.randn(4, 8), torch.randn(4, 8)
     expected = F.normalize(F.normalize(image, dim=-1) + F.normalize(text, dim=-1), dim=-1)
-    assert torch.allclose(retrieval.BASELINES["sum"](image, text), expected, atol=1e-6)
+    assert torch.allclose(baselines.BASELINES["sum"](image, text), expected, atol=1e-6)
     with pytest.raises(ValueError, match="unknown baseline"):
-        retrieval.evaluate_baselines(tiny, fixture_splits, methods=("oracle",))
+        baselines.evaluate_baselines(tiny, fixture_splits, methods=("oracle",))
 
 
 def test_redundancy_curves_with_hand_made_features(fixture_splits) -> None:
@@ -50,12 +50,12 @@ def test_redundancy_curves_with_hand_made_features(fixture_splits) -> None:
     gallery = torch.eye(g, 16)
     targets = [split.gallery.index(q.target) for q in split.queries]
     refs = [split.gallery.index(q.reference) for q in split.queries]
-    feats = retrieval.SplitFeatures(
+    feats = baselines.SplitFeatures(
         gallery=gallery,
         reference=gallery[refs] + 0.01 * gallery[targets],  # closest: itself (excluded), then the target
         text=-gallery[targets] + 0.001,                        # points away from the target: never first
     )
-    curves = retrieval.redundancy_curves({"cirr": split}, {"cirr": feats}, ks=(1, g - 1))
+    curves = baselines.redundancy_curves({"cirr": split}, {"cirr": feats}, ks=(1, g - 1))
     i2i = curves[(curves.modality == "I2I")].set_index("K")["recall"]
     t2i = curves[(curves.modality == "T2I")].set_index("K")["recall"]
     assert i2i[1] == 100.0 and t2i[1] == 0.0

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cirlib import plots, stats
-from cirlib.datasets import CIRSplit, Query
+from cirlib.data import stats
+from cirlib.viz import plots
+from cirlib.data.datasets import CIRSplit, Query
 
 
 def test_split_statistics_counts_fixture_splits(fixture_splits) -> None:

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cirlib import datasets
-from cirlib.backbone import TINY_MODEL, Backbone, load_backbone, save_backbone, sidecar_path
-from cirlib.device import autocast, get_device, grad_scaler, precision
-from cirlib.features import encode_pixels, eval_mode
-from cirlib.io import atomic_path, file_sha256, fingerprint
-from cirlib.pixels import PixelCache, normalise
-from cirlib.preprocess import TransformKind
+from cirlib.data import datasets
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone, save_backbone, sidecar_path
+from cirlib.core.device import autocast, get_device, grad_scaler, precision
+from cirlib.models.features import encode_pixels, eval_mode
+from cirlib.core.io import atomic_path, file_sha256, fingerprint
+from cirlib.data.pixels import PixelCache, normalise
+from cirlib.data.preprocess import TransformKind
 
 TRAINER_VERSION = 2  # bump when a change to this file changes what a given config trains
 META_FILE = "cirlib_meta.json"
@@ -75,9 +75,9 @@ class AttributedImage:
 def caption_function(benchmark: str) -> Callable[[dict[str, Any]], str]:
     """The absolute-caption rule of a generated benchmark."""
     if benchmark == "fashion":
-        from cirlib.bench_fashion import absolute_caption
+        from cirlib.data.synth.fashion import absolute_caption
     elif benchmark == "scenes":
-        from cirlib.bench_scenes import absolute_caption
+        from cirlib.data.synth.scenes import absolute_caption
     else:
         raise ValueError(f"no caption rule for benchmark {benchmark!r}; expected 'fashion' or 'scenes'")
     return absolute_caption
@@ -173,7 +173,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     time_budget_s: float | None = None  # stop early (and finish) after this much training time
-    amp: bool = True  # mixed precision where the device has it (cirlib.device.amp_dtype)
+    amp: bool = True  # mixed precision where the device has it (cirlib.core.device.amp_dtype)
 
     @classmethod
     def quick(cls) -> "PretrainConfig":
@@ -440,7 +440,7 @@ def zero_shot_accuracy(
 
     ``items`` are typically the val images of a generated root (:func:`load_attributed_images`);
     only those whose attributes contain ``attribute`` take part. ``image_features`` (aligned with
-    ``items``, e.g. from :func:`cirlib.features.encode_pixels`) skips decoding and encoding the images again when
+    ``items``, e.g. from :func:`cirlib.models.features.encode_pixels`) skips decoding and encoding the images again when
     several attributes are scored on the same images; ``cache_dir`` caches the decoded pixels.
     The default geometry is the one :class:`PretrainConfig` trains the tiny CLIP with.
     """

@@ -360,7 +360,7 @@ def check_image_size(size: tuple[int, int], where: str) -> None:
     if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
         raise ImageLoadError(
             f"{where}: refusing a {w}x{h} image, its aspect ratio is beyond "
-            f"cirlib.datasets.MAX_ASPECT_RATIO = {MAX_ASPECT_RATIO:g}:1 (padding it would take "
+            f"cirlib.data.datasets.MAX_ASPECT_RATIO = {MAX_ASPECT_RATIO:g}:1 (padding it would take "
             "memory growing with the square of its long side)"
         )
 

@@ -16,8 +16,8 @@ resize and centre-crop rounding) so figures can draw the surviving region on the
 analyses can report how much of each image a pipeline keeps.
 
 Padding holds the padded image in memory, whose area grows with the square of the long side. The
-pipelines therefore refuse, before any padding, images beyond :data:`cirlib.datasets.MAX_ASPECT_RATIO`
-or ``PIL.Image.MAX_IMAGE_PIXELS`` (the checks of :func:`cirlib.datasets.open_image`), and padding
+pipelines therefore refuse, before any padding, images beyond :data:`cirlib.data.datasets.MAX_ASPECT_RATIO`
+or ``PIL.Image.MAX_IMAGE_PIXELS`` (the checks of :func:`cirlib.data.datasets.open_image`), and padding
 that would make an image larger than ``PIL.Image.MAX_IMAGE_PIXELS``. Resizing before padding would
 bound the memory too, but bicubic resampling next to the black border gives other pixels.
 """
@@ -33,10 +33,10 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from torchvision.transforms import functional as TF
 from torchvision.transforms.functional import _compute_resized_output_size
 
-from cirlib.datasets import ImageLoadError, check_image_size, to_rgb
+from cirlib.data.datasets import ImageLoadError, check_image_size, to_rgb
 
 if TYPE_CHECKING:
-    from cirlib.backbone import Backbone
+    from cirlib.models.backbone import Backbone
 
 TransformKind = Literal["clip", "squarepad", "targetpad"]
 KINDS: tuple[TransformKind, ...] = ("clip", "squarepad", "targetpad")
@@ -103,7 +103,7 @@ def _describe(image: Image.Image) -> str:
 
 
 class ToRGB:
-    """RGB conversion with :func:`cirlib.datasets.open_image`'s rules, for images not loaded by it.
+    """RGB conversion with :func:`cirlib.data.datasets.open_image`'s rules, for images not loaded by it.
 
     It also applies open_image's size limits, so a pipeline fed images from elsewhere cannot be
     made to pad a 20000x1 image. Transparent pixels become white, 16-bit greyscale is rescaled.

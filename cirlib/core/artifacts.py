@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cirlib import paths
-from cirlib.backbone import TINY_MODEL, Backbone, load_backbone
-from cirlib.io import atomic_path
+from cirlib.core import paths
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
+from cirlib.core.io import atomic_path
 
 
 def checkpoints_dir(quick: bool) -> Path:

@@ -33,11 +33,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cirlib import fashion_mnist, render
-from cirlib.io import file_sha256, fingerprint, write_json
-from cirlib.metrics import CIRCO_ASPECTS
+from cirlib.data import fashion_mnist
+from cirlib.data.synth import render
+from cirlib.core.io import file_sha256, fingerprint, write_json
+from cirlib.evaluation.metrics import CIRCO_ASPECTS
 
-GENERATOR = "cirlib.bench_scenes"
+GENERATOR = "cirlib.data.synth.scenes"
 VERSION = 2  # 2: official CIRCO aspect spelling
 
 ITEM_KINDS: dict[int, str] = {

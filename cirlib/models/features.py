@@ -6,7 +6,7 @@ frozen backbone, at seconds (tiny model, CPU) to hours (RN50x4 on real galleries
 ``image_features`` therefore stores its result as one safetensors file per (weights, transform,
 ordered file list) and reuses it until any of those changes: other image-tower weights
 (``backbone.image_fingerprint``; text-encoder training leaves it alone),
-another pipeline or target ratio, or an image file whose bytes differ (:func:`cirlib.pixels.file_list`
+another pipeline or target ratio, or an image file whose bytes differ (:func:`cirlib.data.pixels.file_list`
 hashes them). Cache files are written atomically; an unreadable one is recomputed with a warning
 rather than trusted.
 
@@ -31,17 +31,17 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlib.datasets import CIRSplit, ImageLoadError, open_image, query_text
-from cirlib.device import autocast, precision
-from cirlib.io import atomic_path, fingerprint
-from cirlib.metrics import name_index
-from cirlib.pixels import CACHE_VERSION, PixelCache, file_list, normalise
-from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, kind_ratio, transform_for
+from cirlib.data.datasets import CIRSplit, ImageLoadError, open_image, query_text
+from cirlib.core.device import autocast, precision
+from cirlib.core.io import atomic_path, fingerprint
+from cirlib.evaluation.metrics import name_index
+from cirlib.data.pixels import CACHE_VERSION, PixelCache, file_list, normalise
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, kind_ratio, transform_for
 
 if TYPE_CHECKING:
-    from cirlib.backbone import Backbone
+    from cirlib.models.backbone import Backbone
 
-# CACHE_VERSION (from cirlib.pixels, one for both image caches): bump it when the extraction
+# CACHE_VERSION (from cirlib.data.pixels, one for both image caches): bump it when the extraction
 # itself changes in a way that alters numbers, to orphan old caches.
 
 
@@ -118,7 +118,7 @@ def encode_in_batches(
 ) -> torch.Tensor:
     """Apply an encoder to ready-made input batches; concatenate float32 CPU outputs.
 
-    Runs under ``torch.no_grad`` and (with ``amp``) :func:`cirlib.device.autocast`, with ``module``
+    Runs under ``torch.no_grad`` and (with ``amp``) :func:`cirlib.core.device.autocast`, with ``module``
     in eval mode. Not ``inference_mode``: autocast then re-casts every weight for every batch instead
     of once per call, which made bf16 encoding on this CPU ~15 % slower. An empty iterable gives a
     ``[0, 0]`` tensor.
@@ -185,18 +185,18 @@ def image_features(
 ) -> torch.Tensor:
     """Image embeddings ``[len(paths), D]`` (float32, CPU, unnormalised), cached under ``cache_dir``.
 
-    ``decoded=True`` reads the images through a :class:`~cirlib.pixels.PixelCache` (kept under
+    ``decoded=True`` reads the images through a :class:`~cirlib.data.pixels.PixelCache` (kept under
     ``cache_dir``) instead of decoding them for this call alone. That is the route for image sets
     several models encode, such as training triplets, which stage-1 fine-tuning already holds
     decoded: every later model skips decoding, ~40 % of an extraction with the tiny backbone on a
     CPU. Both routes feed the encoder the same inputs and share one feature cache. ``amp=False``
-    encodes in fp32 (:func:`cirlib.device.autocast`), under its own cache key.
+    encodes in fp32 (:func:`cirlib.core.device.autocast`), under its own cache key.
 
     With ``num_workers=0`` a background thread decodes the next batch while the model encodes this
     one (:func:`prefetched_batches`) when the encoder leaves a core free (a GPU, or more CPU cores
     than torch threads); on a CPU whose cores torch already uses, the thread only competes with it
     and decoding stays inline. ``num_workers > 0`` uses that many DataLoader processes instead
-    (tests/benchmarks/bench_features.py measures both).
+    (tests/perf/perf_features.py measures both).
     """
     paths = [Path(p) for p in paths]
     cache_file, key = None, ""
@@ -254,7 +254,7 @@ def encode_pixels(
 ) -> torch.Tensor:
     """Image embeddings ``[len(rows), D]`` (float32, CPU, unnormalised) of pre-decoded images.
 
-    ``pixels`` is a :class:`~cirlib.pixels.PixelCache` or a uint8 ``[N, 3, S, S]`` tensor already
+    ``pixels`` is a :class:`~cirlib.data.pixels.PixelCache` or a uint8 ``[N, 3, S, S]`` tensor already
     at the backbone's input size; ``rows`` (default: all) picks and orders the images. This is the
     path of training loops, which hold their images decoded; galleries use :func:`image_features`.
     """

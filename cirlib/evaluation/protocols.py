@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -20,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cirlib import metrics
-from cirlib.metrics import (
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
+from cirlib.evaluation import metrics
+from cirlib.evaluation.bootstrap import PerQuery
+from cirlib.evaluation.metrics import (
     IndexLike,
     average_precision,
+    fashioniq_average,
     index_lists,
     indices_of,
     mask_excluded,
@@ -35,9 +39,13 @@ from cirlib.metrics import (
     summarise,
     with_cirr_average,
 )
+from cirlib.models.combiner import apply_combine, CombineFn
+from cirlib.models.features import encode_split
+
+from cirlib.data.datasets import CIRSplit
 
 if TYPE_CHECKING:
-    from cirlib.datasets import CIRSplit
+    from cirlib.models.backbone import Backbone
 
 
 @dataclass(frozen=True)
@@ -217,3 +225,96 @@ def topk(scores: Tensor, k: int, exclude_idx: IndexLike | None = None) -> tuple[
             best[straddle], best_idx[straddle] = full[:, :k], full_idx[:, :k]
         values[rows], indices[rows] = best, best_idx
     return values, indices
+
+
+# The metric each benchmark's model selection uses (CLIP4Cir's validation scripts; CIRCO: iSEARLE).
+MAIN_METRICS = {"fashioniq": "average", "cirr": "avg", "circo": "mAP@10"}
+
+
+def main_metric_for(dataset: str) -> str:
+    """Default model-selection metric of a benchmark (see ``MAIN_METRICS``)."""
+    if dataset not in MAIN_METRICS:
+        raise ValueError(f"no default main metric for dataset {dataset!r}; pass main_metric explicitly")
+    return MAIN_METRICS[dataset]
+
+
+
+def merge_metrics(per_split: Mapping[str, Mapping[str, float]], dataset: str) -> dict[str, float]:
+    """One metric dict for the validation splits of one benchmark.
+
+    FashionIQ (one split per category) gets the category means plus ``average`` = (R@10 + R@50) / 2
+    (:func:`cirlib.evaluation.metrics.fashioniq_average`), other benchmarks their single split's dict. With
+    several splits every metric also appears prefixed by its split name (``"dress/R@10"``), so the
+    main metric keeps its name whether one category or three are validated.
+    """
+    if dataset == "fashioniq":
+        merged = fashioniq_average(per_split)
+    elif len(per_split) == 1:
+        merged = dict(next(iter(per_split.values())))
+    else:
+        raise ValueError(f"only FashionIQ categories are averaged; validate {dataset} one split at a time")
+    if len(per_split) > 1:
+        merged |= {f"{name}/{k}": float(v) for name, m in per_split.items() for k, v in m.items()}
+    return merged
+
+
+def _one_benchmark(splits: Mapping[str, CIRSplit]) -> str:
+    datasets = {split.dataset for split in splits.values()}
+    if len(datasets) != 1:
+        raise ValueError(f"validation splits must come from one benchmark, got {sorted(datasets)}")
+    return datasets.pop()
+
+
+def evaluate_splits(
+    splits: Mapping[str, CIRSplit], features: Mapping[str, tuple[Tensor, Tensor, Tensor]], combine: CombineFn
+) -> dict[str, float]:
+    """Benchmark metrics of ``combine`` given ``(reference, text, gallery)`` features per split."""
+    dataset = _one_benchmark(splits)
+    per_split = {
+        name: evaluate_split(split, apply_combine(combine, *features[name][:2]), features[name][2])
+        for name, split in splits.items()
+    }
+    return merge_metrics(per_split, dataset)
+
+
+def per_query_splits(
+    splits: Mapping[str, CIRSplit], features: Mapping[str, tuple[Tensor, Tensor, Tensor]], combine: CombineFn
+) -> PerQuery:
+    """The per-query values behind :func:`evaluate_splits`'s numbers, for bootstrap intervals."""
+    _one_benchmark(splits)
+    return PerQuery.from_splits({
+        name: {k: v.numpy() for k, v in per_query_metrics(
+            split, apply_combine(combine, *features[name][:2]), features[name][2]).items()}
+        for name, split in splits.items()
+    })
+
+
+
+class CachedEvaluator:
+    """Validation for frozen encoders: ``val_fn(combine) -> metrics``, ``val_fn.per_query(combine)``.
+
+    The splits' query and gallery features are extracted once (:func:`cirlib.models.features.encode_split`,
+    so they share the cache of the notebooks' other evaluations); every call only applies
+    ``combine`` and the benchmark protocol (:func:`cirlib.evaluation.protocols.evaluate_split`), so it serves the
+    zero-shot/stage-1 Sum rows and every epoch of Combiner training alike.
+    """
+
+    def __init__(
+        self,
+        splits: CIRSplit | Mapping[str, CIRSplit],
+        backbone: "Backbone",
+        transform_kind: TransformKind = "targetpad",
+        target_ratio: float = DEFAULT_TARGET_RATIO,
+        cache_dir: Path | str | None = None,
+    ) -> None:
+        self.splits = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
+        self.features = {}
+        for name, split in self.splits.items():
+            f = encode_split(backbone, split, transform_kind, target_ratio, cache_dir)
+            self.features[name] = (f.reference, f.text, f.gallery)
+
+    def __call__(self, combine: CombineFn) -> dict[str, float]:
+        return evaluate_splits(self.splits, self.features, combine)
+
+    def per_query(self, combine: CombineFn) -> PerQuery:
+        return per_query_splits(self.splits, self.features, combine)

@@ -2,7 +2,7 @@
 
 The baselines of iSEARLE Tables II–IV (image-only, text-only, image+text sum) and the
 modality-redundancy curves of iSEARLE Fig. 7 all need the same three feature sets per split:
-gallery images, reference images and query texts, which :func:`cirlib.features.encode_split`
+gallery images, reference images and query texts, which :func:`cirlib.models.features.encode_split`
 computes once (reference rows are taken from the gallery features whenever the reference is a
 gallery image).
 """
@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from cirlib.backbone import Backbone
-from cirlib.bootstrap import PerQuery
-from cirlib.combiner import combine_sum, evaluate_splits, per_query_splits
-from cirlib.datasets import CIRSplit
-from cirlib.features import SplitFeatures, encode_split
-from cirlib.metrics import indices_of, name_index, recall_at_k
-from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind
+from cirlib.models.backbone import Backbone
+from cirlib.evaluation.bootstrap import PerQuery
+from cirlib.evaluation.protocols import evaluate_splits, per_query_splits
+from cirlib.models.combiner import combine_sum
+from cirlib.data.datasets import CIRSplit
+from cirlib.models.features import SplitFeatures, encode_split
+from cirlib.evaluation.metrics import indices_of, name_index, recall_at_k
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
 
 
 # The zero-shot combining functions of iSEARLE's baseline rows.
@@ -54,7 +55,7 @@ def evaluate_features(
     """``{"<benchmark> <metric>": value}`` for every split, FashionIQ categories averaged.
 
     Keys look like ``"fashioniq R@10"``, ``"cirr Rsubset@1"``, ``"circo mAP@10"``; per-category and
-    per-aspect entries are dropped here (:func:`cirlib.evaluate.evaluate_split` gives them when needed).
+    per-aspect entries are dropped here (:func:`cirlib.evaluation.protocols.evaluate_split` gives them when needed).
     """
     out: dict[str, float] = {}
     for dataset, (group, feats) in _by_benchmark(splits, features).items():

@@ -3,17 +3,17 @@
 1. ``re-encode (files)``: what CLIP4Cir's ``combiner_train.py`` does, every batch decodes and
    preprocesses the reference and target images and runs the frozen encoders on them and on the
    captions, then takes one Combiner step;
-2. ``re-encode (pixels)``: the same with images pre-decoded (:class:`cirlib.pixels.PixelCache`),
+2. ``re-encode (pixels)``: the same with images pre-decoded (:class:`cirlib.data.pixels.PixelCache`),
    i.e. the encoders' share of the cost alone;
-3. ``cached features``: :func:`cirlib.combiner.train_combiner` on features extracted once
-   (:func:`cirlib.combiner.build_combiner_data`; its one-off cost is printed separately).
+3. ``cached features``: :func:`cirlib.methods.combiner_training.train_combiner` on features extracted once
+   (:func:`cirlib.methods.combiner_training.build_combiner_data`; its one-off cost is printed separately).
 
 The Combiner is ``CombinerConfig.for_tiny()``'s (widths 2d / 4d) or, with ``--paper-widths``,
 CLIP4Cir's 4d / 8d. Goal: a cached epoch at least 50x cheaper than a re-encoding one. Times are the
 best of ``--repeats`` rounds with the methods interleaved, which spreads the noise of a shared
 machine evenly. Weights are random (speed does not depend on them).
 
-    /tmp/v1/bin/python tests/benchmarks/bench_combiner.py [--triplets 512] [--batch-size 256] [--model NAME]
+    /tmp/v1/bin/python tests/perf/perf_combiner.py [--triplets 512] [--batch-size 256] [--model NAME]
         [--paper-widths]
 """
 
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cirlib.backbone import TINY_MODEL, Backbone, load_backbone
-from cirlib.combiner import CombinerConfig, CombinerData, batch_slices, build_combiner_data, train_combiner
-from cirlib.datasets import CIRSplit, Query, query_text
-from cirlib.device import autocast
-from cirlib.losses import batch_contrastive_loss
-from cirlib.pixels import PixelCache
-from cirlib.preprocess import transform_for
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
+from cirlib.core.training import batch_slices
+from cirlib.methods.combiner_training import build_combiner_data, CombinerConfig, CombinerData, train_combiner
+from cirlib.data.datasets import CIRSplit, Query, query_text
+from cirlib.core.device import autocast
+from cirlib.methods.losses import batch_contrastive_loss
+from cirlib.data.pixels import PixelCache
+from cirlib.data.preprocess import transform_for
 
 
 def toy_split(folder: Path, n_triplets: int, seed: int = 0) -> CIRSplit:

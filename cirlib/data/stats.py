@@ -1,6 +1,6 @@
 """Dataset statistics shown in the data-preparation notebook.
 
-They work on loaded :class:`~cirlib.datasets.CIRSplit` objects, so the same tables describe the
+They work on loaded :class:`~cirlib.data.datasets.CIRSplit` objects, so the same tables describe the
 embedded benchmarks and the real FashionIQ / CIRR / CIRCO.
 """
 
@@ -12,8 +12,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from cirlib.datasets import CIRSplit
-from cirlib.metrics import CIRCO_ASPECTS
+from cirlib.data.datasets import CIRSplit
+from cirlib.evaluation.metrics import CIRCO_ASPECTS
 
 
 

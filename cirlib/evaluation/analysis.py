@@ -10,7 +10,7 @@
   point where it points.
 - :func:`top_k_names` (Figs. 11-12): ranked gallery names for qualitative result grids.
 
-Plots live in :mod:`cirlib.plots` (``similarity_histograms``, ``gap_histograms``,
+Plots live in :mod:`cirlib.viz.plots` (``similarity_histograms``, ``gap_histograms``,
 ``gradcam_grid``, ``retrieval_grid``). Everything here is seeded and device-agnostic.
 """
 
@@ -29,15 +29,15 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
-from cirlib.combiner import apply_combine
-from cirlib.datasets import CIRSplit, open_image, query_text
-from cirlib.evaluate import PROTOCOLS, topk
-from cirlib.metrics import IndexLike, index_lists, indices_of, name_index
-from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, transform_for
+from cirlib.models.combiner import apply_combine
+from cirlib.data.datasets import CIRSplit, open_image, query_text
+from cirlib.evaluation.protocols import PROTOCOLS, topk
+from cirlib.evaluation.metrics import IndexLike, index_lists, indices_of, name_index
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, transform_for
 
 if TYPE_CHECKING:
-    from cirlib.backbone import Backbone
-    from cirlib.features import SplitFeatures
+    from cirlib.models.backbone import Backbone
+    from cirlib.models.features import SplitFeatures
 
 ArrayLike = Tensor | np.ndarray
 _CHUNK_ELEMENTS = 1 << 24  # similarity-matrix entries computed at once
@@ -371,7 +371,7 @@ def gradcam_examples(
     seed: int = 0,
     transform_kind: TransformKind = "targetpad",
 ) -> list[tuple[Image.Image, str, np.ndarray]]:
-    """Rows for :func:`cirlib.plots.gradcam_grid`: ``n`` random queries with a target, each with the
+    """Rows for :func:`cirlib.viz.plots.gradcam_grid`: ``n`` random queries with a target, each with the
     Grad-CAM of cos(combined query, target image features) over its reference image."""
     candidates = [q for q in split.queries if q.target is not None]
     rng = np.random.default_rng(seed)

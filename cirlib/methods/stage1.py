@@ -5,13 +5,13 @@ batch contrastive loss (Eq. 1) against the target image features, so that captio
 *displacement vectors* in the image space ("additivity"). The image encoder, the text encoder or
 both are updated (Tables 1-2: IFT, TFT, both; the CVPRW poster fine-tunes the text encoder only);
 the other encoder is frozen and its features are computed once and reused. With a
-:class:`~cirlib.combiner.Combiner` as combining function the same loop trains encoders and
+:class:`~cirlib.models.combiner.Combiner` as combining function the same loop trains encoders and
 Combiner end to end (Tables 5-6).
 
 As in the reference implementation the whole CLIP model stays in eval mode: ResNet batch-norm
 layers keep their running statistics (and their affine parameters are frozen too), and CLIP has
 no dropout to switch on. Images are decoded and preprocessed once into a uint8 tensor cache
-(:class:`~cirlib.pixels.PixelCache`), so training time goes into the encoders rather than into PNG decoding; on a
+(:class:`~cirlib.data.pixels.PixelCache`), so training time goes into the encoders rather than into PNG decoding; on a
 CPU the encoders' cost then decides the budget (see ``Stage1Config.epoch_size``).
 """
 
@@ -28,29 +28,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cirlib.backbone import save_backbone, sidecar_path, state_digest
-from cirlib.combiner import (
-    CombineFn,
-    Combiner,
-    TrainingLoop,
-    batch_slices,
-    combine_sum,
-    epoch_seed,
-    evaluate_splits,
-    main_metric_for,
-    optimizer_step,
-    training_triplets,
-)
-from cirlib.datasets import CIRSplit, Query, query_text
-from cirlib.device import autocast, grad_scaler, precision
-from cirlib.features import encode_pixels, image_features, text_features
-from cirlib.io import fingerprint, write_json
-from cirlib.losses import batch_contrastive_loss
-from cirlib.pixels import PixelCache
-from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind
+from cirlib.models.backbone import save_backbone, sidecar_path, state_digest
+from cirlib.models.combiner import CombineFn, Combiner, combine_sum
+from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step
+from cirlib.evaluation.protocols import evaluate_splits, main_metric_for
+from cirlib.methods.combiner_training import training_triplets
+from cirlib.data.datasets import CIRSplit, Query, query_text
+from cirlib.core.device import autocast, grad_scaler, precision
+from cirlib.models.features import encode_pixels, image_features, text_features
+from cirlib.core.io import fingerprint, write_json
+from cirlib.methods.losses import batch_contrastive_loss
+from cirlib.data.pixels import PixelCache
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
 
 if TYPE_CHECKING:
-    from cirlib.backbone import Backbone
+    from cirlib.models.backbone import Backbone
 
 Encoders = Literal["image", "text", "both"]
 
@@ -78,7 +70,7 @@ class Stage1Config:
     transform_kind: TransformKind = "targetpad"
     target_ratio: float = DEFAULT_TARGET_RATIO
     caption_augment: bool = True  # FashionIQ: random caption order or a single caption
-    amp: bool = True  # mixed precision where the device has it (cirlib.device.amp_dtype)
+    amp: bool = True  # mixed precision where the device has it (cirlib.core.device.amp_dtype)
     grad_checkpointing: bool = True  # transformer towers, CUDA only
     main_metric: str | None = None
     combiner_lr: float = 2e-5  # end-to-end training only
@@ -127,7 +119,7 @@ def stage1_evaluator(
     *current* weights, then scores ``combine(reference, caption)`` with the benchmark protocol.
     Image features are reused while the image tower's weights are unchanged (text-encoder
     fine-tuning), which is most of the cost. Several splits (the FashionIQ categories) are merged
-    as in :func:`cirlib.combiner.evaluate_splits`.
+    as in :func:`cirlib.evaluation.protocols.evaluate_splits`.
     """
     return _Stage1Evaluator(splits, transform_kind, target_ratio, cache_dir, amp)
 
@@ -302,7 +294,7 @@ def finetune(
     ``val_fn(backbone, combine)`` (see :func:`stage1_evaluator`) runs after every epoch; the epoch
     with the best ``config.main_metric`` is kept. ``out_dir`` receives ``checkpoint.pt`` (resumable;
     a finished run with the same config, weights and data is loaded instead of retrained),
-    ``history.json`` and ``backbone.safetensors`` (+ JSON, for :func:`cirlib.backbone.load_backbone`).
+    ``history.json`` and ``backbone.safetensors`` (+ JSON, for :func:`cirlib.models.backbone.load_backbone`).
     With ``combiner`` the Combiner replaces the element-wise sum and is trained jointly (end-to-end,
     learning rate ``config.combiner_lr``); it is updated in place as well. ``cache_dir`` keeps the
     decoded training images (:class:`PixelCache`) for later runs.

@@ -45,10 +45,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cirlib import fashion_mnist, paths, render
-from cirlib.io import fingerprint, write_json
+from cirlib.core import paths
+from cirlib.data import fashion_mnist
+from cirlib.data.synth import render
+from cirlib.core.io import fingerprint, write_json
 
-GENERATOR = "cirlib.bench_fashion/1"
+GENERATOR = "cirlib.data.synth.fashion/1"
 CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CLASS_OF: dict[str, int] = {cat: label for label, cat in fashion_mnist.FASHIONIQ_CATEGORIES.items()}

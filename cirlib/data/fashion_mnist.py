@@ -2,7 +2,7 @@
 
 The course never downloads anything by default: the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist``) or a copy under ``data/fashion-mnist/`` is used. Only an
-explicit ``download=True`` (CLI: ``python -m cirlib.fashion_mnist --download``) fetches Zalando's
+explicit ``download=True`` (CLI: ``python -m cirlib.data.fashion_mnist --download``) fetches Zalando's
 official files, each checked against its SHA256 before it is kept.
 
 The idx files are read with numpy alone (no torchvision datasets), so a malformed file gives an
@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-from cirlib import paths
-from cirlib.io import atomic_path, file_sha256
+from cirlib.core import paths
+from cirlib.core.io import atomic_path, file_sha256
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -89,7 +89,7 @@ def ensure_fashion_mnist(root: str | os.PathLike | None = None, download: bool =
             "Fashion-MNIST not found in "
             + " or ".join(str(d) for d in candidates)
             + ". Either install the Debian package (`sudo apt-get install dataset-fashion-mnist`) "
-            "or download the official files once with `python -m cirlib.fashion_mnist --download`."
+            "or download the official files once with `python -m cirlib.data.fashion_mnist --download`."
         )
     dest = candidates[-1]
     for name in FILES:

@@ -11,10 +11,11 @@ import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cirlib import datasets, paths
-from cirlib.bench_fashion import FashionBenchConfig, generate_fashion
-from cirlib.bench_scenes import ScenesBenchConfig, generate_scenes
-from cirlib.fashion_mnist import ensure_fashion_mnist
+from cirlib.core import paths
+from cirlib.data import datasets
+from cirlib.data.synth.fashion import FashionBenchConfig, generate_fashion
+from cirlib.data.synth.scenes import ScenesBenchConfig, generate_scenes
+from cirlib.data.fashion_mnist import ensure_fashion_mnist
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
-"""Throughput of ``cirlib.features.image_features`` against a plain open_clip loop.
+"""Throughput of ``cirlib.models.features.image_features`` against a plain open_clip loop.
 
 The baseline is what one writes first: open each image with PIL, apply open_clip's own eval
 preprocessing, stack a batch and call ``model.encode_image`` under ``torch.no_grad``, in the same
-arithmetic as ours (``cirlib.device.autocast``: bf16 on a CPU with native bf16), so the ratio
+arithmetic as ours (``cirlib.core.device.autocast``: bf16 on a CPU with native bf16), so the ratio
 measures the pipeline rather than the precision. Ours uses the
 same batch size on the same generated images, with 0 and 1 DataLoader workers, for the ``clip``
 pipeline (same pixels as the baseline) and ``targetpad``; then a second call served from the cache.
 
-    /tmp/v1/bin/python tests/benchmarks/bench_features.py [--n 500] [--batch-size 64] [--model NAME]
+    /tmp/v1/bin/python tests/perf/perf_features.py [--n 500] [--batch-size 64] [--model NAME]
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import open_clip
 import torch
 from PIL import Image
 
-from cirlib.backbone import TINY_MODEL, Backbone, load_backbone
-from cirlib.device import autocast
-from cirlib.features import image_features
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
+from cirlib.core.device import autocast
+from cirlib.models.features import image_features
 
 Key = tuple[str, str]  # (method, DataLoader workers)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cirlib.datasets import CIRSplit, open_image, query_text
-from cirlib.io import atomic_path
+from cirlib.data.datasets import CIRSplit, open_image, query_text
+from cirlib.core.io import atomic_path
 
 GREEN = "#2ca02c"
 
@@ -191,7 +191,7 @@ def preprocessing_comparison(
     images: Sequence[Path], kinds: Sequence[str], image_size: int, target_ratio: float
 ) -> matplotlib.figure.Figure:
     """CLIP4Cir Fig. 6: each image as stored and as each pipeline hands it to the encoder."""
-    from cirlib.preprocess import build_transform, visible_fraction
+    from cirlib.data.preprocess import build_transform, visible_fraction
 
     transforms = {k: build_transform(k, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), target_ratio) for k in kinds}
     fig, axes = plt.subplots(len(images), len(kinds) + 1, figsize=(2.2 * (len(kinds) + 1), 2.3 * len(images)),
@@ -213,7 +213,7 @@ def visible_area_table(
     aspect_ratios_wh: Sequence[float], kinds: Sequence[str], target_ratio: float, image_size: int = 224
 ) -> pd.DataFrame:
     """Fraction of the image area each pipeline keeps, per aspect ratio (w/h), from exact geometry."""
-    from cirlib.preprocess import visible_fraction
+    from cirlib.data.preprocess import visible_fraction
 
     base = 1000
     rows = {}
@@ -226,13 +226,13 @@ def visible_area_table(
 
 
 # --------------------------------------------------------------------------------------------
-# CLIP4Cir analysis figures (Figs. 7-12); the numbers come from cirlib.analysis
+# CLIP4Cir analysis figures (Figs. 7-12); the numbers come from cirlib.evaluation.analysis
 # --------------------------------------------------------------------------------------------
 
 from typing import TYPE_CHECKING  # noqa: E402  (this section was appended as a unit)
 
 if TYPE_CHECKING:
-    from cirlib.analysis import GapStats
+    from cirlib.evaluation.analysis import GapStats
 
 TARGET_VIOLET = "#8e44ad"
 GAP_RED = "#d62728"
@@ -257,7 +257,7 @@ def similarity_histograms(
     """CLIP4Cir Fig. 7: density histograms of pairwise cosine similarities, mean marked.
 
     ``groups`` maps a row label (e.g. "out-of-the-box", "fine-tuned") to ``{kind: similarities}``
-    (e.g. "image", "text" from :func:`cirlib.analysis.pairwise_similarities`); columns are kinds and
+    (e.g. "image", "text" from :func:`cirlib.evaluation.analysis.pairwise_similarities`); columns are kinds and
     share their bins, so a column compares the models directly. Lower means = less cone effect.
     """
     kinds = list(dict.fromkeys(kind for per_kind in groups.values() for kind in per_kind))
@@ -330,8 +330,8 @@ def gradcam_grid(
     """CLIP4Cir Figs. 9-10: reference | caption | Grad-CAM over the reference, one query per row.
 
     Each row is ``(preprocessed reference, caption, cam)`` as from
-    :func:`cirlib.analysis.reference_input` and :func:`cirlib.analysis.gradcam`; ``layer`` names
-    where the map was read (:func:`cirlib.analysis.gradcam_layer`) and goes into the title.
+    :func:`cirlib.evaluation.analysis.reference_input` and :func:`cirlib.evaluation.analysis.gradcam`; ``layer`` names
+    where the map was read (:func:`cirlib.evaluation.analysis.gradcam_layer`) and goes into the title.
     """
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.2, 2.3 * len(rows)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1.4, 1]})
@@ -357,7 +357,7 @@ def retrieval_grid(
     """CLIP4Cir Figs. 11-12: reference | caption | top-``k`` results, ground truths framed green.
 
     ``ranked_names[i]`` ranks the gallery for query ``query_indices[i]`` (e.g. from
-    :func:`cirlib.analysis.top_k_names`). A result is a ground truth if it is in the query's
+    :func:`cirlib.evaluation.analysis.top_k_names`). A result is a ground truth if it is in the query's
     ``ground_truths`` (CIRCO: every annotated target) or is its ``target``.
     """
     if len(ranked_names) != len(query_indices):

@@ -38,8 +38,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from safetensors.torch import save_file
 
-from cirlib.device import get_device
-from cirlib.io import atomic_path, file_sha256, write_json
+from cirlib.core.device import get_device
+from cirlib.core.io import atomic_path, file_sha256, write_json
 
 TINY_MODEL = "cirlib-tiny-ViT"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"

@@ -55,7 +55,7 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     CUDA: bf16 where supported, else fp16. CPU: bf16 where the CPU has native bf16. On this
     project's AMD EPYC (AVX512-BF16) that made a tiny-CLIP training step 1.56x faster and image
     encoding 1.86x faster than fp32 (measured with 2 threads), which is what fits the course
-    into its CPU budget. Losses stay fp32 (:func:`cirlib.losses.contrastive_logits`).
+    into its CPU budget. Losses stay fp32 (:func:`cirlib.methods.losses.contrastive_logits`).
     ``$CIRLIB_PRECISION=fp32`` makes it None everywhere.
     """
     if not mixed_precision_allowed():

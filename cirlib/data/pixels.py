@@ -3,7 +3,7 @@
 Training loops (tiny-CLIP pretraining, stage-1 fine-tuning) visit the same images every epoch; PNG
 decoding and resizing would otherwise cost as much as the tiny encoder itself on a CPU. The
 preprocessing pipeline runs with mean 0 / std 1, whose output is exactly ``k / 255``; storing ``k``
-and normalising per batch gives bit-identical inputs to :func:`cirlib.preprocess.build_transform`
+and normalising per batch gives bit-identical inputs to :func:`cirlib.data.preprocess.build_transform`
 at a quarter of the memory of float tensors. With a ``cache_dir`` the array is written once as an
 ``.npy`` file keyed by the file list (paths, sizes, content digests) and the pipeline, and
 memory-mapped, so regenerated images are never served stale and a corrupt cache is rebuilt rather
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cirlib.datasets import ImageLoadError, open_image
-from cirlib.io import atomic_path, fingerprint
-from cirlib.preprocess import DEFAULT_TARGET_RATIO, TransformKind, build_transform, kind_ratio
+from cirlib.data.datasets import ImageLoadError, open_image
+from cirlib.core.io import atomic_path, fingerprint
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, build_transform, kind_ratio
 
-# The version of every on-disk image cache (these pixel arrays and cirlib.features' feature files).
+# The version of every on-disk image cache (these pixel arrays and cirlib.models.features' feature files).
 # Bump when decoding or extraction changes what a given file list yields, to orphan old caches.
 CACHE_VERSION = 2  # 2: files keyed by content digest instead of mtime
 
