@@ -132,3 +132,27 @@ def test_stale_temporaries_are_swept_by_the_next_write(tmp_path: Path) -> None:
     io.write_json(tmp_path / "a.json", {"x": 1})
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["a.json", live.name, fresh.name, unrelated.name])
+
+
+def test_eval_mode_restores_each_flag_and_ignores_none() -> None:
+    from cirlib.core.tensors import eval_mode
+
+    a, b = torch.nn.Dropout(), torch.nn.Dropout()
+    b.eval()
+    with eval_mode(a, None, b):
+        assert not a.training and not b.training
+    assert a.training and not b.training
+    with pytest.raises(RuntimeError), eval_mode(a):
+        raise RuntimeError("flags come back on errors too")
+    assert a.training
+
+
+def test_row_chunks_cover_rows_once_within_budget() -> None:
+    from cirlib.core.tensors import row_chunks
+
+    chunks = list(row_chunks(10, 4, chunk_elements=12))
+    assert [(s.start, s.stop) for s in chunks] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [(s.start, s.stop) for s in row_chunks(3, 100, chunk_elements=10)] == [(0, 1), (1, 2), (2, 3)]
+    assert list(row_chunks(0, 5)) == []
+    with pytest.raises(ValueError):
+        list(row_chunks(-1, 5))
