@@ -196,7 +196,7 @@ def test_corrupt_cache_is_recomputed_with_a_warning(images, tmp_path, damage):
         (other_file,) = other.iterdir()
         other_file.replace(cache_file)
     calls = backbone.image_calls
-    with pytest.warns(UserWarning, match="unreadable.*recomputing"):
+    with pytest.warns(UserWarning, match="feature cache .* is unusable.*recomputing"):
         again = image_features(backbone, images, cache_dir=cache, progress=False)
     assert backbone.image_calls > calls
     torch.testing.assert_close(again, first)

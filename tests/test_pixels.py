@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlib.data.pixels import PixelCache, file_list, normalise
+from cirlib.core.cache import file_list
+from cirlib.data.pixels import PixelCache, normalise
 from cirlib.data.preprocess import build_transform
 
 
@@ -92,15 +93,17 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(images, tmp_path):
     expected = PixelCache(images, 16, "squarepad", cache_dir=tmp_path, progress=False).tensor()  # a copy:
     (cache_file,) = tmp_path.glob("pixels-*.npy")  # the array itself maps the file damaged below
     cache_file.write_bytes(b"not an array")
-    with pytest.warns(UserWarning, match="unusable.*rebuilding"):
+    with pytest.warns(UserWarning, match="pixel cache .* is unusable.*recomputing"):
         again = PixelCache(images, 16, "squarepad", cache_dir=tmp_path, progress=False)
     assert torch.equal(again.tensor(), expected)
 
 
 def test_missing_file_is_named(images, tmp_path):
     missing = tmp_path / "images" / "gone.png"
-    with pytest.raises(FileNotFoundError, match="gone.png"):
+    with pytest.raises(OSError, match="gone.png"):
         PixelCache([*images, missing], 16, "squarepad", progress=False)
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        PixelCache([*images, missing], 16, "squarepad", cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(FileNotFoundError, match="gone.png"):
         file_list([missing])
 

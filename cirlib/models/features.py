@@ -3,26 +3,23 @@ image galleries.
 
 Every evaluation and analysis notebook encodes the same galleries again and again with the same
 frozen backbone, at seconds (tiny model, CPU) to hours (RN50x4 on real galleries) a time.
-``image_features`` therefore stores its result as one safetensors file per (weights, transform,
-ordered file list) and reuses it until any of those changes: other image-tower weights
-(``backbone.image_fingerprint``; text-encoder training leaves it alone),
-another pipeline or target ratio, or an image file whose bytes differ (:func:`cirlib.data.pixels.file_list`
-hashes them). Cache files are written atomically; an unreadable one is recomputed with a warning
-rather than trusted.
+``image_features`` therefore stores its result as one safetensors entry of :mod:`cirlib.core.cache`
+per (weights, transform, ordered file list) and reuses it until any of those changes: other
+image-tower weights (``backbone.image_fingerprint``; text-encoder training leaves it alone), another
+pipeline or target ratio, or an image file whose bytes differ. An unreadable entry is recomputed
+with a warning rather than trusted.
 
 Features are returned unnormalised, float32, on the CPU, one row per input in input order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -31,18 +28,16 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlib.data.datasets import CIRSplit, ImageLoadError, open_image, query_text
+from cirlib.core.cache import cache_entry, cache_key
 from cirlib.core.device import autocast, precision
-from cirlib.core.io import atomic_path, fingerprint
-from cirlib.evaluation.metrics import name_index
-from cirlib.data.pixels import CACHE_VERSION, PixelCache, file_list, normalise
+from cirlib.core.tensors import eval_mode
+from cirlib.data.datasets import CIRSplit, ImageLoadError, open_image, query_text
+from cirlib.data.pixels import PixelCache, normalise
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, kind_ratio, transform_for
+from cirlib.evaluation.metrics import name_index
 
 if TYPE_CHECKING:
     from cirlib.models.backbone import Backbone
-
-# CACHE_VERSION (from cirlib.data.pixels, one for both image caches): bump it when the extraction
-# itself changes in a way that alters numbers, to orphan old caches.
 
 
 class ImageFileDataset(Dataset):
@@ -64,20 +59,6 @@ class ImageFileDataset(Dataset):
             if str(path) in str(err):
                 raise
             raise ImageLoadError(f"{path}: {err}") from err
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module | None) -> Iterator[None]:
-    """Encode in eval mode (dropout off, frozen BN) and give the caller its training flag back."""
-    if module is None:
-        yield
-        return
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def prefetched_batches(dataset: Dataset, batch_size: int, depth: int = 2) -> Iterator[torch.Tensor]:
@@ -131,6 +112,23 @@ def encode_in_batches(
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 
+def _image_cache_inputs(
+    backbone: "Backbone", transform_kind: TransformKind, target_ratio: float, amp: bool
+) -> dict[str, Any]:
+    """Everything besides the files that an image feature matrix depends on."""
+    return {
+        "image_tower": backbone.image_fingerprint,
+        "precision": precision(backbone.device, amp),  # mixed precision gives other numbers
+        "transform": {
+            "kind": transform_kind,
+            "target_ratio": kind_ratio(transform_kind, target_ratio),
+            "image_size": int(backbone.image_size),
+            "mean": [float(m) for m in backbone.mean],
+            "std": [float(s) for s in backbone.std],
+        },
+    }
+
+
 def image_cache_key(
     backbone: "Backbone",
     paths: Sequence[Path],
@@ -138,37 +136,18 @@ def image_cache_key(
     target_ratio: float = DEFAULT_TARGET_RATIO,
     amp: bool = True,
 ) -> str:
-    """Fingerprint of everything an image feature matrix depends on."""
-    return fingerprint(
-        {
-            "version": CACHE_VERSION,
-            "image_tower": backbone.image_fingerprint,
-            "precision": precision(backbone.device, amp),  # mixed precision gives other numbers
-            "transform": {
-                "kind": transform_kind,
-                "target_ratio": kind_ratio(transform_kind, target_ratio),
-                "image_size": int(backbone.image_size),
-                "mean": [float(m) for m in backbone.mean],
-                "std": [float(s) for s in backbone.std],
-            },
-            "files": file_list(paths),
-        }
-    )
+    """Fingerprint of everything an image feature matrix depends on (the key of its cache entry)."""
+    return cache_key(_image_cache_inputs(backbone, transform_kind, target_ratio, amp), paths)
 
 
-def _load_cache(file: Path, key: str, n: int) -> torch.Tensor | None:
-    """The cached matrix, or None (with a warning) when the file cannot be trusted."""
-    try:
-        with safe_open(file, framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                raise ValueError("its key does not match its inputs")
-            feats = f.get_tensor("features")
-        if feats.shape[0] != n or feats.dtype != torch.float32:
-            raise ValueError(f"holds {tuple(feats.shape)} {feats.dtype}, expected {n} float32 rows")
-        return feats
-    except Exception as err:  # any failure to read means: recompute, never crash on a cache
-        warnings.warn(f"feature cache {file} is unreadable ({err}); recomputing", stacklevel=3)
-        return None
+def _read_features(file: Path, key: str, n: int) -> torch.Tensor:
+    with safe_open(file, framework="pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            raise ValueError("its key does not match its inputs")
+        feats = f.get_tensor("features")
+    if feats.shape[0] != n or feats.dtype != torch.float32:
+        raise ValueError(f"holds {tuple(feats.shape)} {feats.dtype}, expected {n} float32 rows")
+    return feats
 
 
 def image_features(
@@ -199,11 +178,12 @@ def image_features(
     (tests/perf/perf_features.py measures both).
     """
     paths = [Path(p) for p in paths]
-    cache_file, key = None, ""
+    entry = None
     if cache_dir is not None:
-        key = image_cache_key(backbone, paths, transform_kind, target_ratio, amp)
-        cache_file = Path(cache_dir) / f"images-{key}.safetensors"
-        if cache_file.exists() and (cached := _load_cache(cache_file, key, len(paths))) is not None:
+        inputs = _image_cache_inputs(backbone, transform_kind, target_ratio, amp)
+        entry = cache_entry(cache_dir, "feature", "images", ".safetensors", inputs, paths)
+        cached = entry.load(lambda file: _read_features(file, entry.key, len(paths)))
+        if cached is not None:
             return cached
     if not paths:
         return torch.empty(0, backbone.embed_dim)
@@ -234,14 +214,10 @@ def image_features(
             progress=progress,
             amp=amp,
         )
-    _save_cache(cache_file, key, feats)
+    if entry is not None:
+        metadata = {"key": entry.key, "n": str(len(feats))}
+        entry.save(lambda tmp: save_file({"features": feats.contiguous()}, str(tmp), metadata=metadata))
     return feats
-
-
-def _save_cache(file: Path | None, key: str, feats: torch.Tensor) -> None:
-    if file is not None:
-        with atomic_path(file) as tmp:
-            save_file({"features": feats.contiguous()}, str(tmp), metadata={"key": key, "n": str(len(feats))})
 
 
 def encode_pixels(

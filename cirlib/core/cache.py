@@ -1,0 +1,121 @@
+"""The on-disk cache of values computed from a list of files (decoded pixels, image features).
+
+An entry is one file named by its key: the fingerprint of :data:`CACHE_VERSION`, of what the
+computation depends on (model, pipeline, precision) and of the file list, which gives each input's
+absolute path, size and content digest. Digests, not mtimes: a same-size rewrite that keeps the
+mtime (``cp -p``, ``rsync -t``, an extracted archive) must not serve stale values. Within a process
+each digest is remembered per (path, size, mtime, ctime, inode, device), which any rewrite changes,
+so repeated keys of one gallery hash it once.
+
+Entries are written atomically; one that cannot be read or fails its check is recomputed with a
+warning, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cirlib.core.io import atomic_path, fingerprint
+
+CACHE_VERSION = 2  # 2: files keyed by content digest instead of mtime
+"""Version of every on-disk cache entry. Bump it when decoding or extraction changes what a given
+file list yields, to orphan the entries written before."""
+
+T = TypeVar("T")
+
+_digests: dict[tuple[str, int, int, int, int, int], str] = {}
+_digests_lock = threading.Lock()
+
+
+def _regular_stat(abspath: str, shown: str | os.PathLike) -> os.stat_result:
+    try:
+        st = os.stat(abspath)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {shown}") from None
+    if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever
+        raise OSError(f"{shown}: not a regular file, so it cannot be read or cached")
+    return st
+
+
+def _sized_digest(abspath: str, shown: str | os.PathLike, chunk: int = 1 << 20) -> tuple[int, str]:
+    st = _regular_stat(abspath, shown)
+    memo = (abspath, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    with _digests_lock:
+        known = _digests.get(memo)
+    if known is not None:
+        return st.st_size, known
+    h = hashlib.blake2b(digest_size=16)
+    with open(abspath, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    digest = h.hexdigest()
+    with _digests_lock:
+        _digests[memo] = digest
+    return st.st_size, digest
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """blake2b-128 of a regular file's bytes, remembered while its stat identity stays the same."""
+    return _sized_digest(os.path.abspath(path), path)[1]
+
+
+def file_list(paths: Sequence[Path | str]) -> list[tuple[str, int, str]]:
+    """(absolute path, size, content digest) per file: what makes a cache of these files stale."""
+    entries = []
+    for p in paths:
+        abspath = os.path.abspath(p)
+        entries.append((abspath, *_sized_digest(abspath, p)))
+    return entries
+
+
+def cache_key(inputs: dict[str, Any], paths: Sequence[Path | str]) -> str:
+    """Key of a value computed from the files ``paths`` (in this order) with the settings ``inputs``."""
+    return fingerprint({"version": CACHE_VERSION, **inputs, "files": file_list(paths)})
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached value: the file that holds it, the key it was written for, and its kind for messages."""
+
+    file: Path
+    key: str
+    kind: str  # "feature", "pixel", ...
+
+    def load(self, read: Callable[[Path], T]) -> T | None:
+        """``read(file)``, or None when the entry is absent or ``read`` fails (then with a warning).
+
+        ``read`` raises on anything it does not trust (wrong key, shape or dtype); the caller then
+        recomputes and :meth:`save` overwrites the bad file.
+        """
+        if not self.file.exists():
+            return None
+        try:
+            return read(self.file)
+        except Exception as err:  # any failure to read means: recompute, never crash on a cache
+            warnings.warn(f"{self.kind} cache {self.file} is unusable ({err}); recomputing it", stacklevel=3)
+            return None
+
+    def save(self, write: Callable[[Path], None]) -> Path:
+        """Run ``write(tmp)`` on a temporary file and move it onto the entry only if it succeeds."""
+        with atomic_path(self.file) as tmp:
+            write(tmp)
+        return self.file
+
+
+def cache_entry(
+    cache_dir: Path | str, kind: str, prefix: str, suffix: str, inputs: dict[str, Any], paths: Sequence[Path | str]
+) -> CacheEntry:
+    """The entry ``<cache_dir>/<prefix>-<key><suffix>`` of a value computed from ``paths`` with ``inputs``."""
+    key = cache_key(inputs, paths)
+    return CacheEntry(Path(cache_dir) / f"{prefix}-{key}{suffix}", key, kind)
+
+
+__all__ = ["CACHE_VERSION", "CacheEntry", "cache_entry", "cache_key", "content_digest", "file_list"]
