@@ -9,7 +9,7 @@ KERNEL := cirlib
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PYTEST_NB := --nbval --nbval-current-env --nbval-sanitize-with tests/notebooks/sanitize.cfg --nbval-cell-timeout 1200
 
-.PHONY: all test test-arithmetic unit nbtest env fashion-mnist data notebooks refs perf clean-quick
+.PHONY: all test lint test-arithmetic unit nbtest env fashion-mnist data notebooks refs perf clean-quick
 
 all: notebooks
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, found {sys.version.split()[0]} ($(PYTHON)); run make PYTHON=python3.11"'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[notebooks,test]"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cirlib)" >/dev/null
 	@touch $@
 
@@ -40,10 +40,11 @@ data: fashion-mnist
 	$(PY) -m cirlib.data.benchmarks
 
 # --- the course ------------------------------------------------------------------------------
+# No -p: the parameters cells default to the full run, so papermill leaves no injected cell behind.
 notebooks: data
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== papermill $$nb"; \
-	  $(VENV)/bin/papermill "$$nb" "$$nb" -k $(KERNEL) --cwd notebooks -p quick False --log-level WARNING || exit 1; \
+	  $(VENV)/bin/papermill "$$nb" "$$nb" -k $(KERNEL) --cwd notebooks --log-level WARNING || exit 1; \
 	done
 
 # References of the notebook regression tests, regenerated from scratch (CI starts from a clean
@@ -62,8 +63,11 @@ refs: fashion-mnist clean-quick
 	$(PY) tests/notebooks/record_results.py spread
 
 # --- tests -----------------------------------------------------------------------------------
-test: fashion-mnist
+test: fashion-mnist lint
 	$(PY) -m pytest tests $(PYTEST_NB)
+
+lint: env
+	$(VENV)/bin/ruff check cirlib tests notebooks
 
 # The whole suite under three arithmetic set-ups that each move the numbers: the default (mixed
 # precision where the CPU has native bf16, else fp32); fp32 forced on one torch thread with oneDNN

@@ -40,6 +40,8 @@ def test_notebook_shape(path: Path) -> None:
     assert re.search(r"(Table|Fig\.|§)", first.source), "say which paper tables/figures it mirrors"
     params = [c for c in nb.cells if "parameters" in _tags(c)]
     assert len(params) == 1 and re.search(r"^quick\s*=", params[0].source, re.M)
+    injected = [c for c in nb.cells if "injected-parameters" in _tags(c)]
+    assert not injected, f"{path.name}: remove the leftover papermill injected-parameters cell"
     assert last.cell_type == "code" and "What we saw" in last.source
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -56,8 +58,7 @@ def test_reference_matches_notebook(path: Path) -> None:
     injected = [c for c in ref.cells if "injected-parameters" in _tags(c)]
     assert len(injected) == 1 and re.search(r"^quick = True$", injected[0].source, re.M)
     ref_cells = [c for c in ref.cells if "injected-parameters" not in _tags(c)]
-    nb_cells = [c for c in nb.cells if "injected-parameters" not in _tags(c)]  # `make all` runs in place
-    assert [(c.cell_type, c.source) for c in ref_cells] == [(c.cell_type, c.source) for c in nb_cells], (
+    assert [(c.cell_type, c.source) for c in ref_cells] == [(c.cell_type, c.source) for c in nb.cells], (
         f"{ref_path.name} is stale: run `make refs` after editing {path.name}"
     )
     errors = [o for c in ref.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]

@@ -26,11 +26,22 @@ def _conda_pip_requirements() -> tuple[list[str], list[str]]:
     return conda, pip
 
 
+def _all_requirements() -> list[str]:
+    project = _pyproject()["project"]
+    return [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+
+
 def test_environment_yml_mirrors_pyproject() -> None:
-    deps = _pyproject()["project"]["dependencies"]
     conda, pip = _conda_pip_requirements()
-    assert "-e ." in pip, "environment.yml must install cirlib itself"
-    assert sorted(p for p in pip if p != "-e .") == sorted(deps)
+    extras = sorted(_pyproject()["project"]["optional-dependencies"])
+    install = f"-e .[{','.join(extras)}]"
+    assert install in pip, f"environment.yml must install cirlib itself with every extra ({install})"
+    assert sorted(p for p in pip if p != install) == sorted(_all_requirements())
+
+
+def test_test_tools_are_not_runtime_dependencies() -> None:
+    runtime = {re.split("[=<>]", d)[0] for d in _pyproject()["project"]["dependencies"]}
+    assert not runtime & {"pytest", "nbval", "papermill", "ruff", "jupyterlab"}
 
 
 def test_python_version_agrees() -> None:
@@ -46,7 +57,7 @@ def test_torch_pins() -> None:
 
 
 def test_every_dependency_is_pinned() -> None:
-    for dep in _pyproject()["project"]["dependencies"]:
+    for dep in _all_requirements():
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.]*", dep), dep
 
 

@@ -1,0 +1,92 @@
+"""What every course notebook does first: its benchmark roots, splits, folders and backbones.
+
+One call turns a notebook's ``parameters`` cell into a :class:`Course`, so notebooks hold narrative
+and calls only and a real dataset root or another backbone changes one parameter, not six copies of
+set-up code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from cirlib.core import artifacts, paths
+from cirlib.data import benchmarks
+from cirlib.data.datasets import CIRSplit
+from cirlib.models.backbone import TINY_MODEL, Backbone
+
+HEADLINE: dict[str, list[str]] = {"fashioniq": ["R@10", "R@50"], "cirr": ["R@1", "R@5"]}
+"""The two numbers per benchmark that CLIP4Cir's tables lead with."""
+
+MAIN: dict[str, str] = {"fashioniq": "R@10", "cirr": "R@1"}
+"""The one number per benchmark a bar chart or a bootstrap claim uses."""
+
+
+@dataclass
+class Course:
+    """A notebook's view of the course: parameters, benchmark roots and what earlier notebooks left."""
+
+    quick: bool
+    seed: int
+    roots: benchmarks.BenchmarkRoots
+    backbone_name: str = TINY_MODEL
+    pretrained: str | None = None
+    device: str = "auto"
+    _splits: dict[str, dict[str, CIRSplit]] = field(default_factory=dict, init=False, repr=False)
+
+    @cached_property
+    def figdir(self) -> Path:
+        """Where figures and tables go: ``figures/`` (``data/quick/figures/`` in quick mode)."""
+        return paths.figures_dir(self.quick)
+
+    @cached_property
+    def cache(self) -> Path:
+        """The feature cache every notebook shares."""
+        return artifacts.feature_cache_dir(self.quick)
+
+    def splits(self, split: str) -> dict[str, CIRSplit]:
+        """``fashioniq/<category>``, ``cirr`` (and ``circo`` unless ``split="train"``), loaded once."""
+        if split not in self._splits:
+            self._splits[split] = benchmarks.load_splits(self.roots, split)
+        return self._splits[split]
+
+    @property
+    def train_splits(self) -> dict[str, CIRSplit]:
+        return self.splits("train")
+
+    @property
+    def val_splits(self) -> dict[str, CIRSplit]:
+        return self.splits("val")
+
+    @property
+    def trainable(self) -> dict[str, list[str]]:
+        """Benchmarks with training triplets and their validation splits (CIRCO is zero-shot only)."""
+        return {"fashioniq": [k for k in self.val_splits if k.startswith("fashioniq/")], "cirr": ["cirr"]}
+
+    def backbone(self) -> Backbone:
+        """The course backbone: given weights, else the tiny CLIP notebook 02 pretrained."""
+        return artifacts.course_backbone(self.quick, self.backbone_name, self.pretrained, self.device)
+
+    def stage1_backbone(self, benchmark: str, encoders: str) -> Backbone:
+        """The backbone notebook 04 fine-tuned on ``benchmark``; ``"zero-shot"`` is :meth:`backbone`."""
+        if encoders == "zero-shot":
+            return self.backbone()
+        return artifacts.stage1_backbone(self.quick, benchmark, encoders, self.backbone_name, self.device)
+
+
+def setup_course(
+    quick: bool = False,
+    seed: int = 0,
+    backbone: str = TINY_MODEL,
+    pretrained: str | None = None,
+    device: str = "auto",
+    fashioniq_root: str | Path | None = None,
+    cirr_root: str | Path | None = None,
+    circo_root: str | Path | None = None,
+) -> Course:
+    """Prepare the benchmark roots (generating the embedded ones not given) and return the course."""
+    roots = benchmarks.prepare_benchmarks(
+        quick=quick, seed=seed, fashioniq_root=fashioniq_root, cirr_root=cirr_root, circo_root=circo_root
+    )
+    return Course(quick, seed, roots, backbone, pretrained, device)

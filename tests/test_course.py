@@ -1,0 +1,63 @@
+"""The notebooks' shared set-up, on the real-format fixtures (no benchmark is generated)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+from cirlib.core import paths
+from cirlib.course import HEADLINE, MAIN, setup_course
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _complete_fashioniq(root: Path) -> Path:
+    """The fixture FashionIQ root with every category in val and train (the fixture has a few files)."""
+    shutil.copytree(FIXTURES / "fashioniq", root)
+    for category in ("dress", "shirt", "toptee"):
+        for split, source in (("val", "dress.val"), ("train", "shirt.train")):
+            for folder, kind in (("captions", "cap"), ("image_splits", "split")):
+                target = root / folder / f"{kind}.{category}.{split}.json"
+                if not target.exists():
+                    shutil.copy(root / folder / f"{kind}.{source}.json", target)
+    return root
+
+
+@pytest.fixture
+def course(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(paths.ROOT_ENV, str(tmp_path))
+    return setup_course(quick=True, fashioniq_root=_complete_fashioniq(tmp_path / "fashionIQ"),
+                        cirr_root=FIXTURES / "cirr", circo_root=FIXTURES / "circo")
+
+
+def test_given_roots_are_used_and_nothing_is_generated(course, tmp_path: Path) -> None:
+    assert course.roots.fashioniq == tmp_path / "fashionIQ" and course.roots.circo == FIXTURES / "circo"
+    assert not (tmp_path / "data" / "quick" / "fashion").exists()
+    assert course.figdir == tmp_path / "data" / "quick" / "figures" and course.figdir.is_dir()
+    assert course.cache == tmp_path / "data" / "quick" / "features" and course.cache.is_dir()
+
+
+def test_splits_are_loaded_once_and_grouped_by_benchmark(course) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixtures' deliberately missing images
+        val = course.val_splits
+        train = course.train_splits
+    assert course.splits("val") is val, "a second call must not reload the annotations"
+    assert set(val) == {"fashioniq/dress", "fashioniq/shirt", "fashioniq/toptee", "cirr", "circo"}
+    assert "circo" not in train, "CIRCO has no train split"
+    assert course.trainable == {"fashioniq": ["fashioniq/dress", "fashioniq/shirt", "fashioniq/toptee"],
+                                "cirr": ["cirr"]}
+    assert set(HEADLINE) == set(MAIN) == set(course.trainable)
+    assert all(MAIN[b] == HEADLINE[b][0] for b in MAIN)
+
+
+def test_backbones_say_which_notebook_to_run_first(course) -> None:
+    with pytest.raises(FileNotFoundError, match="02_backbone"):
+        course.backbone()
+    with pytest.raises(FileNotFoundError, match="02_backbone"):
+        course.stage1_backbone("cirr", "zero-shot")  # zero-shot is the course backbone
+    with pytest.raises(FileNotFoundError, match="04_stage1"):
+        course.stage1_backbone("cirr", "both")
