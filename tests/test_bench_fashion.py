@@ -13,6 +13,7 @@ from PIL import Image
 
 from cirlib.data.synth import fashion as bf
 from cirlib.data.synth.fashion import FashionBenchConfig, SplitSizes
+from cirlib.data.synth.meta import META_FILE
 
 pytestmark = pytest.mark.skipif(
     not bf.fashion_mnist.DEBIAN_DIR.is_dir(), reason="needs Fashion-MNIST (Debian dataset-fashion-mnist)"
@@ -64,7 +65,7 @@ def test_exact_fashioniq_layout(quick_root: Path, meta: dict) -> None:
     expected = {f"captions/cap.{c}.{s}.json" for c in bf.CATEGORIES for s in bf.SPLITS}
     expected |= {f"image_splits/split.{c}.{s}.json" for c in bf.CATEGORIES for s in bf.SPLITS}
     json_files = {str(p.relative_to(quick_root)) for p in quick_root.rglob("*.json")}
-    assert json_files == expected | {bf.META_FILE}
+    assert json_files == expected | {META_FILE}
     for category in bf.CATEGORIES:
         for split in bf.SPLITS:
             captions = read(quick_root, "captions", category, split)
@@ -193,7 +194,7 @@ def test_deterministic_and_seeded(tmp_path: Path) -> None:
     assert bf.load_meta(a)["fingerprint"] != bf.load_meta(c)["fingerprint"]
     # regenerating another seed into a root replaces the old benchmark, images included
     bf.generate_fashion(a, replace(TINY, seed=1), workers=1)
-    assert (a / bf.META_FILE).read_bytes() == (c / bf.META_FILE).read_bytes()
+    assert (a / META_FILE).read_bytes() == (c / META_FILE).read_bytes()
     assert sorted(p.name for p in (a / "images").iterdir()) == sorted(p.name for p in (c / "images").iterdir())
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cirlib.data.synth import scenes as bs
 from cirlib.data import datasets, stats
@@ -167,7 +168,7 @@ def test_circo_layout_and_fields(root: Path) -> None:
     for img in info["images"]:
         assert img["file_name"] == f"{img['id']:012d}.jpg"
         path = circo / "COCO2017_unlabeled" / "unlabeled2017" / img["file_name"]
-        with bs.Image.open(path) as im:
+        with Image.open(path) as im:
             assert im.format == "JPEG" and im.size == (img["width"], img["height"])
     gallery = set(ids)
     val = read(circo / "annotations" / "val.json")
@@ -424,13 +425,14 @@ def test_absolute_caption() -> None:
         "a large grey ankle boot on a light grey background")
 
 
-def test_render_scene_size_mirror_and_zoom() -> None:
+def test_scene_renderer_size_mirror_and_zoom() -> None:
+    render = bs.SceneRenderer()
     s = scene(obj(0, "sneaker", "red", (0, 0)), obj(1, "triangle", "navy blue", (1, 2), "small"), pattern="dots")
-    image = np.asarray(bs.render_scene(s.attrs))
+    image = np.asarray(render(s.attrs))
     assert image.shape == (85, 128, 3)
-    mirrored = np.asarray(bs.render_scene(replace(s, mirrored=True).attrs))
+    mirrored = np.asarray(render(replace(s, mirrored=True).attrs))
     assert np.array_equal(mirrored, image[:, ::-1])
-    zoomed = np.asarray(bs.render_scene(replace(s, close_up=True).attrs))
+    zoomed = np.asarray(render(replace(s, close_up=True).attrs))
     assert not np.array_equal(zoomed, image)
     red = np.array([205, 32, 40])
     # the sneaker sits in the top-left cell; the bottom-right cell holds only navy and background

@@ -1,4 +1,4 @@
-"""Where notebooks leave artifacts for later notebooks (SPEC §5), and how they pick them up.
+"""Where notebooks leave artifacts for later notebooks, and how they pick them up.
 
 Each notebook can be re-run alone once its predecessors have run: the backbone pretrained by 02,
 the stage-1 checkpoints of 04 and the Combiners of 05 live at fixed places under ``data/``.
@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from cirlib.core import paths
-from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
 from cirlib.core.io import atomic_path
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
 
 
 def checkpoints_dir(quick: bool) -> Path:
@@ -51,11 +51,15 @@ def stage1_dir(quick: bool, benchmark: str, encoders: str) -> Path:
     return checkpoints_dir(quick) / "stage1" / benchmark / encoders
 
 
-def stage1_backbone(quick: bool, benchmark: str, encoders: str, model: str = TINY_MODEL, device: str = "auto") -> Backbone:
+def stage1_backbone(
+    quick: bool, benchmark: str, encoders: str, model: str = TINY_MODEL, device: str = "auto"
+) -> Backbone:
     """A stage-1 fine-tuned backbone exported by notebook 04."""
     ckpt = stage1_dir(quick, benchmark, encoders) / "backbone.safetensors"
     if not ckpt.exists():
-        raise FileNotFoundError(f"{ckpt} does not exist: run notebooks/04_stage1_finetuning.ipynb first (quick={quick})")
+        raise FileNotFoundError(
+            f"{ckpt} does not exist: run notebooks/04_stage1_finetuning.ipynb first (quick={quick})"
+        )
     return load_backbone(model, ckpt, device)
 
 

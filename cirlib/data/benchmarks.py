@@ -2,7 +2,7 @@
 
 By default the embedded benchmarks are generated (deterministically, idempotently) under
 ``data/`` (or ``data/quick`` for quick runs); a user with the real datasets passes their roots
-instead and nothing else in the notebooks changes (SPEC §1).
+instead and nothing else in the notebooks changes.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from cirlib.core import paths
 from cirlib.data import datasets
+from cirlib.data.fashion_mnist import ensure_fashion_mnist
 from cirlib.data.synth.fashion import FashionBenchConfig, generate_fashion
 from cirlib.data.synth.scenes import ScenesBenchConfig, generate_scenes
-from cirlib.data.fashion_mnist import ensure_fashion_mnist
 
 
 @dataclass(frozen=True)

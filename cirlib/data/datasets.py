@@ -2,7 +2,7 @@
 
 Every notebook handles the three benchmarks through one record type (:class:`Query` inside a
 :class:`CIRSplit`), whether a root is an embedded benchmark generated under ``data/`` or a real
-dataset the user downloaded (SPEC §1). Paths and field names are those of the official releases
+dataset the user downloaded. Paths and field names are those of the official releases
 as read by the CLIP4Cir and SEARLE code:
 
 FashionIQ ``<root>/``
@@ -48,6 +48,19 @@ FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_SPLITS = ("train", "val", "test")
 CIRR_SPLITS = ("train", "val", "test1")
 CIRCO_SPLITS = ("val", "test")
+# The semantic aspects a CIRCO query is tagged with (``semantic_aspects``), in the spelling and order
+# of the official CIRCO annotations and evaluation script (iSEARLE Table I).
+CIRCO_ASPECTS = (
+    "cardinality",
+    "addition",
+    "negation",
+    "direct_addressing",
+    "compare_change",
+    "comparative_statement",
+    "statement_with_conjunction",
+    "spatial_relations_background",
+    "viewpoint",
+)
 FASHIONIQ_N_CAPTIONS = 2  # relative captions per triplet in the real release
 
 # The widest aspect ratio (long side / short side) an image may have. Padding pipelines grow with

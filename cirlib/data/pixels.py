@@ -55,7 +55,8 @@ class PixelCache:
         self.transform = build_transform(transform_kind, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), target_ratio)
         entry = None
         if cache_dir is not None:
-            inputs = {"kind": transform_kind, "ratio": kind_ratio(transform_kind, target_ratio), "size": self.image_size}
+            ratio = kind_ratio(transform_kind, target_ratio)
+            inputs = {"kind": transform_kind, "ratio": ratio, "size": self.image_size}
             entry = cache_entry(cache_dir, "pixel", "pixels", ".npy", inputs, self.paths)
         array = entry.load(self._read) if entry is not None else None
         if array is None:

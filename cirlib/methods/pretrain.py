@@ -39,6 +39,8 @@ from cirlib.models.features import encode_pixels, eval_mode
 from cirlib.core.io import atomic_path, file_sha256, fingerprint
 from cirlib.data.pixels import PixelCache, normalise
 from cirlib.data.preprocess import TransformKind
+from cirlib.data.synth import fashion, scenes
+from cirlib.data.synth.meta import meta_path, read_meta
 
 TRAINER_VERSION = 2  # bump when a change to this file changes what a given config trains
 META_FILE = "cirlib_meta.json"
@@ -101,24 +103,14 @@ def _split_images(root: Path, split: str) -> dict[str, Path]:
 
 def load_attributed_images(roots: Sequence[str | os.PathLike], split: str = "train") -> list[AttributedImage]:
     """The images of ``split`` in each generated root, with their attributes from ``cirlib_meta.json``."""
+    benchmark_of = {fashion.GENERATOR: "fashion", scenes.GENERATOR: "scenes"}
     items: list[AttributedImage] = []
     for root in map(Path, roots):
-        meta_path = root / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{meta_path} not found: pretraining needs a generated benchmark root (its image attributes)"
-            )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        generator = str(meta.get("generator", ""))
-        benchmark = next((b for b in ("fashion", "scenes") if b in generator), None)
-        if benchmark is None:
-            raise ValueError(f"{meta_path}: field 'generator' is {generator!r}, not a fashion or scenes generator")
-        attributes = meta.get("attributes")
-        if not isinstance(attributes, dict):
-            raise ValueError(f"{meta_path}: field 'attributes' must be an object of image name -> attributes")
+        meta = read_meta(root, benchmark_of)
+        attributes, benchmark = meta["attributes"], benchmark_of[meta["generator"]]
         for name, path in sorted(_split_images(root, split).items()):
             if name not in attributes:
-                raise ValueError(f"{meta_path}: field 'attributes' has no entry for image {name!r} ({path})")
+                raise ValueError(f"{meta_path(root)}: field 'attributes' has no entry for image {name!r} ({path})")
             items.append(AttributedImage(path, name, attributes[name], benchmark))
     return items
 

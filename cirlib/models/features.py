@@ -241,7 +241,10 @@ def encode_pixels(
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            raw = pixels.tensor(chunk) if isinstance(pixels, PixelCache) else pixels[torch.tensor(chunk, device=pixels.device)]
+            if isinstance(pixels, PixelCache):
+                raw = pixels.tensor(chunk)
+            else:
+                raw = pixels[torch.tensor(chunk, device=pixels.device)]
             yield normalise(raw.to(backbone.device), backbone.mean, backbone.std)
 
     return encode_in_batches(backbone.encode_image, batches(), backbone.device, module=backbone.model,

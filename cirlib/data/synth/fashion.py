@@ -1,4 +1,4 @@
-"""The embedded ``fashion`` benchmark, written exactly in the FashionIQ layout (SPEC §2.1).
+"""The embedded ``fashion`` benchmark, written exactly in the FashionIQ layout.
 
 Items are real Fashion-MNIST product photos (dress, shirt, T-shirt/top -> ``dress``, ``shirt``,
 ``toptee``). Every gallery image is one *rendering* of an item: colour x pattern x chest print,
@@ -46,9 +46,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cirlib.core import paths
+from cirlib.core.io import fingerprint, write_json
 from cirlib.data import fashion_mnist
 from cirlib.data.synth import render
-from cirlib.core.io import fingerprint, write_json
+from cirlib.data.synth.meta import meta_path, peek_meta, read_meta, write_meta
 
 GENERATOR = "cirlib.data.synth.fashion/1"
 CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
@@ -62,7 +63,6 @@ ASPECT_RANGES: dict[str, tuple[float, float]] = {
 }
 ATTRIBUTES: tuple[str, ...] = ("colour", "pattern", "logo")
 CATEGORY_NOUNS: dict[str, str] = {"dress": "dress", "shirt": "shirt", "toptee": "top"}
-META_FILE = "cirlib_meta.json"
 CHUNK_SIZE = 500  # images per worker task
 PARALLEL_FROM = 3000  # images; smaller benchmarks render in-process by default
 PNG_COMPRESS_LEVEL = 1  # twice as fast to encode as the default 6, files ~10 % larger
@@ -386,14 +386,8 @@ def _file_lists(root: Path) -> list[Path]:
 
 
 def _is_complete(root: Path, fp: str) -> bool:
-    meta_path = root / META_FILE
-    if not meta_path.is_file():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return False
-    if meta.get("fingerprint") != fp or meta.get("generator") != GENERATOR:
+    meta = peek_meta(root)
+    if meta is None or meta.get("fingerprint") != fp or meta.get("generator") != GENERATOR:
         return False
     if not all(p.is_file() for p in _file_lists(root)):
         return False
@@ -436,8 +430,8 @@ def generate_fashion(
 
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    if (root / META_FILE).is_file():  # a previous generation: drop its images
-        (root / META_FILE).unlink()
+    if meta_path(root).is_file():  # a previous generation: drop its images
+        meta_path(root).unlink()
         for stale in images_dir.glob("*.png"):
             stale.unlink()
     jobs = [
@@ -460,16 +454,13 @@ def generate_fashion(
         "fingerprint": fp,
         "attributes": attributes,
     }
-    write_json(root / META_FILE, meta, indent=None)  # last: its presence marks a complete benchmark
+    write_meta(root, meta)  # last: its presence marks a complete benchmark
     return root
 
 
 def load_meta(root: str | os.PathLike) -> dict:
-    """``cirlib_meta.json`` of a generated root (attributes of every image)."""
-    path = Path(root) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a generated fashion benchmark (run generate_fashion first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """``cirlib_meta.json`` of a root written by :func:`generate_fashion` (attributes of every image)."""
+    return read_meta(root, {GENERATOR})
 
 
 def _read_json(path: Path) -> list:

@@ -1,0 +1,97 @@
+"""Drawing scene graphs, and saving the drawings in background threads."""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cirlib.data import fashion_mnist
+from cirlib.data.synth import render
+from cirlib.data.synth.scenes.graph import BACKGROUNDS, SHAPE_KINDS, ZOOM
+
+OBJECT_SIDE = {"small": 0.55, "large": 0.92}  # object side as a fraction of the grid cell
+
+
+@functools.lru_cache(maxsize=512)
+def _background_image(colour: str, pattern: str, width: int, height: int) -> np.ndarray:
+    """Read-only pale texture; the few (colour, pattern, canvas) combinations recur constantly."""
+    size = (width, height)
+    tex = render.texture(pattern, BACKGROUNDS[colour], size, period=max(6.0, 0.09 * max(size)))
+    out = (255.0 - 0.4 * (255.0 - tex)).astype(np.float32)  # a pale tint keeps the objects readable
+    out.setflags(write=False)
+    return out
+
+
+class SceneRenderer:
+    """Draws scene graphs (attribute dicts) from the Fashion-MNIST arrays they index.
+
+    Coloured item layers are cached: the six images of a set share most of their objects.
+    """
+
+    def __init__(self, images: dict[str, np.ndarray] | None = None, cache_size: int = 4096):
+        self.images = images or {}
+        self._item = functools.lru_cache(maxsize=cache_size)(self._item_layer)
+
+    def _item_layer(self, fmnist: str, index: int, side: int, colour: str) -> tuple[np.ndarray, np.ndarray]:
+        if fmnist not in self.images:
+            self.images[fmnist] = fashion_mnist.load_split(fmnist)[0]
+        return render.item_layer(self.images[fmnist][index], (side, side), colour, margin=0.03)
+
+    def __call__(self, attrs: dict) -> Image.Image:
+        w, h = attrs["width"], attrs["height"]
+        rows, cols = attrs["grid"]
+        zoom = ZOOM if attrs["view"]["close_up"] else 1.0
+        mirrored = attrs["view"]["mirrored"]
+        canvas = _background_image(attrs["background"]["colour"], attrs["background"]["pattern"], w, h)
+        canvas = np.array(canvas)  # the scene is drawn unmirrored; a mirrored view flips the whole picture
+        cell = min(w / cols, h / rows)
+        for o in attrs["objects"]:
+            side = max(6, round(cell * OBJECT_SIDE[o["size"]] * zoom))
+            x = (1.0 - o["x"]) if mirrored else o["x"]
+            if o["kind"] in SHAPE_KINDS:
+                alpha = render.logo_mask(o["kind"], side)[0]
+                rgb = np.broadcast_to(np.asarray(render.COLOURS[o["colour"]], np.float32), (side, side, 3))
+            else:
+                rgb, alpha = self._item(attrs["fmnist"], o["item"], side, o["colour"])
+            render.paste_layer(canvas, rgb, alpha, (round(x * w - side / 2), round(o["y"] * h - side / 2)))
+        if mirrored:
+            canvas = canvas[:, ::-1]
+        return Image.fromarray(np.rint(np.clip(canvas, 0, 255)).astype(np.uint8), "RGB")
+
+
+
+class ImageWriter:
+    """Renders in this thread and encodes/saves in a few others (Pillow and file I/O release the GIL)."""
+
+    def __init__(self, renderer: SceneRenderer, workers: int = 4):
+        self.renderer = renderer
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pending: list[Future] = []
+
+    def write(self, attrs: dict, path: Path, **save_options: Any) -> None:
+        image = self.renderer(attrs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.pending.append(self.pool.submit(image.save, path, **save_options))
+        if len(self.pending) > 256:
+            self.drain()
+
+    def drain(self) -> None:
+        for f in self.pending:
+            f.result()  # re-raises a failed save here
+        self.pending.clear()
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.drain()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+

@@ -1,0 +1,299 @@
+"""Writing the ``scenes`` benchmark: CIRR image sets and the CIRCO gallery, in their public layouts."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cirlib.core.io import file_sha256, fingerprint, write_json
+from cirlib.data import fashion_mnist
+from cirlib.data.synth.meta import META_FILE, peek_meta, read_meta, write_meta
+from cirlib.data.synth.scenes.captions import Change, describe_change
+from cirlib.data.synth.scenes.config import CIRCO_SPLITS, CIRR_SPLITS, ScenesBenchConfig
+from cirlib.data.synth.scenes.drawing import ImageWriter, SceneRenderer
+from cirlib.data.synth.scenes.graph import ITEM_KINDS, Scene, is_valid, satisfies
+from cirlib.data.synth.scenes.sampler import Sampler, apply_edit
+
+GENERATOR = "cirlib.data.synth.scenes"
+VERSION = 2  # 2: official CIRCO aspect spelling
+CIRCO_MAX_ID = 581_929  # COCO 2017 unlabeled ids are at most this large
+PARTIAL_MARKER = ".cirlib_partial"  # present while a root is being (re)generated
+
+
+
+# (slice, slices) of the Fashion-MNIST split each part draws items from: CIRR train uses the train
+# set; CIRR val, CIRR test1 and CIRCO use disjoint thirds of the test set (no item in two of them).
+_POOL_SLICE: dict[str, tuple[int, int]] = {"train": (0, 1), "val": (0, 3), "test1": (1, 3), "circo": (2, 3)}
+
+
+def _item_pools(labels: np.ndarray, part: int, parts: int) -> dict[str, np.ndarray]:
+    """Indices per item kind, restricted to one of ``parts`` disjoint slices of the split."""
+    idx = np.arange(len(labels))
+    keep = idx % parts == part
+    return {kind: idx[keep & (labels == label)] for label, kind in ITEM_KINDS.items()}
+
+
+def _fmnist_fingerprint() -> dict[str, str]:
+    folder = fashion_mnist.ensure_fashion_mnist()
+    return {name: file_sha256(folder / name) for name in fashion_mnist.FILES}
+
+
+def _config_fingerprint(config: ScenesBenchConfig) -> str:
+    return fingerprint({"generator": GENERATOR, "version": VERSION, "config": asdict(config),
+                        "fashion_mnist": _fmnist_fingerprint()})
+
+
+def _reset(root: Path, generated: Iterable[str]) -> None:
+    """Clear what an earlier run (other config, or interrupted) left, so no stale file survives.
+
+    Only folders this generator wrote are touched: a root that holds other files (say, a real
+    CIRR download passed by mistake) is refused rather than emptied.
+    """
+    marker = root / PARTIAL_MARKER
+    meta = peek_meta(root)
+    ours = marker.exists() or (meta is not None and meta.get("generator") == GENERATOR)
+    if root.is_dir() and any(root.iterdir()) and not ours:
+        raise RuntimeError(f"refusing to overwrite {root}: it holds files not written by {GENERATOR}")
+    for name in (*generated, META_FILE):
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def _finish(root: Path, meta: dict, writer: ImageWriter) -> None:
+    """Write the meta file last (after every image is on disk): it marks the root complete."""
+    writer.drain()
+    write_meta(root, meta)
+    (root / PARTIAL_MARKER).unlink()
+
+
+def _split_evenly(total: int, parts: int) -> list[int]:
+    return [(total * (i + 1)) // parts - (total * i) // parts for i in range(parts)]
+
+
+def _cirr_set(sampler: Sampler, split: str, wanted: int, p_two: float
+              ) -> tuple[list[Scene], list[tuple[int, int, Change]]] | None:
+    """Six variations of one base scene and up to ``wanted`` queries inside the set.
+
+    Queries go from the base scene to a variant or back; each must single out its target among
+    the six (no other member satisfies its constraints).
+    """
+    base = sampler.scene(split)
+    members = [base]
+    for _ in range(40):
+        if len(members) == 6:
+            break
+        out = sampler.mutate(base, p_two)
+        if out is not None and all(out[0].key != m.key for m in members):
+            members.append(out[0])
+    if len(members) < 6:
+        return None
+    attrs = [m.attrs for m in members]
+    candidates = [(0, i) for i in range(1, 6)] + [(i, 0) for i in range(1, 6)]
+    queries = []
+    for k in sampler.rng.permutation(len(candidates)):
+        if len(queries) == wanted:
+            break
+        r, t = candidates[int(k)]
+        change = describe_change(attrs[r], attrs[t], sampler.rng)
+        if change is None or any(satisfies(attrs[j], change.constraints) for j in range(6) if j != t):
+            continue
+        queries.append((r, t, change))
+    return members, queries
+
+
+def _cirr_image_name(prefix: str, set_id: int, member: int) -> str:
+    return f"{prefix}-{set_id}-{member // 2}-img{member % 2}"  # NLVR2-style, like "dev-147-1-img1"
+
+
+def _generate_cirr(root: Path, config: ScenesBenchConfig, fp: str, labels: dict[str, np.ndarray],
+                   writer: ImageWriter) -> dict[str, Any]:
+    _reset(root, ("cirr", *CIRR_SPLITS.values()))
+    attributes: dict[str, dict] = {}
+    meta_queries: dict[str, list[dict]] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    pairid = 0
+    for s_index, (split, prefix) in enumerate(CIRR_SPLITS.items()):
+        fm = "train" if split == "train" else "test"
+        pools = _item_pools(labels[fm], *_POOL_SLICE[split])
+        sampler = Sampler(np.random.default_rng([config.seed, 1, s_index]), pools, fm, config)
+        p_two = config.p_conjunction_cirr
+        quotas = _split_evenly(config.cirr_queries[split], config.cirr_sets[split])
+        name_to_rel: dict[str, str] = {}
+        captions: list[dict] = []
+        records: list[dict] = []
+        debt = 0
+        for set_id in tqdm(range(config.cirr_sets[split]), desc=f"CIRR {split}", leave=False):
+            out = None
+            while out is None:
+                out = _cirr_set(sampler, split, quotas[set_id] + debt, p_two)
+            members, queries = out
+            debt = quotas[set_id] + debt - len(queries)
+            names = [_cirr_image_name(prefix, set_id, m) for m in range(6)]
+            folder = f"./train/{set_id % 100}" if split == "train" else f"./{prefix}"
+            for name, scene in zip(names, members):
+                rel = f"{folder}/{name}.png"
+                writer.write(scene.attrs, root / rel, compress_level=1)
+                name_to_rel[name] = rel
+                attributes[name] = scene.attrs
+            order = [int(i) for i in sampler.rng.permutation(6)]
+            listed = [names[i] for i in order]
+            for r, t, change in queries:
+                img_set = {"id": set_id, "members": listed, "reference_rank": order.index(r)}
+                entry: dict[str, Any] = {"pairid": pairid, "reference": names[r]}
+                if split != "test1":
+                    entry |= {"target_hard": names[t], "target_soft": {names[t]: 1.0}}
+                    img_set["target_rank"] = order.index(t)
+                entry |= {"caption": change.caption, "img_set": img_set}
+                captions.append(entry)
+                records.append({"pairid": pairid, "reference": names[r], "target": names[t], "caption": change.caption,
+                                "aspects": list(change.aspects), "constraints": list(change.constraints),
+                                "shared_concept": change.shared_concept})
+                pairid += 1
+        write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", captions)
+        write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", name_to_rel)
+        meta_queries[split] = records
+        sizes[split] = {"sets": config.cirr_sets[split], "queries": len(captions), "images": len(name_to_rel)}
+    meta = {"generator": GENERATOR, "version": VERSION, "seed": config.seed, "sizes": sizes, "fingerprint": fp,
+            "config": asdict(config), "attributes": attributes, "queries": meta_queries}
+    _finish(root, meta, writer)
+    return meta
+
+
+def _ground_truths(gallery: list[dict], constraints: Sequence[dict], by_kind: dict[str, set[int]]) -> list[int]:
+    """Indices of every gallery scene satisfying the constraints (pre-filtered by required kinds)."""
+    need = [by_kind.get(c["kind"], set()) for c in constraints if c["op"] == "has" and c["min"] >= 1]
+    candidates = set.intersection(*need) if need else set(range(len(gallery)))
+    return sorted(i for i in candidates if satisfies(gallery[i], constraints))
+
+
+def _generate_circo(root: Path, config: ScenesBenchConfig, fp: str, labels: dict[str, np.ndarray],
+                    writer: ImageWriter) -> dict[str, Any]:
+    _reset(root, ("annotations", "COCO2017_unlabeled"))
+    sampler = Sampler(np.random.default_rng([config.seed, 2]), _item_pools(labels["test"], *_POOL_SLICE["circo"]),
+                       "test", config)
+    scenes: list[Scene] = []
+    keys: set[str] = set()
+
+    def keep(scene: Scene) -> int | None:
+        if scene.key in keys:
+            return None
+        keys.add(scene.key)
+        scenes.append(scene)
+        return len(scenes) - 1
+
+    groups: list[tuple[str, int, int, Change]] = []
+    for split in CIRCO_SPLITS:
+        for _ in tqdm(range(config.circo_queries[split]), desc=f"CIRCO {split} queries", leave=False):
+            while True:  # reference and target must be pictures not already in the gallery
+                ref = sampler.scene(split)
+                out = sampler.mutate(ref, config.p_conjunction_circo)
+                if out is not None and ref.key not in keys and out[0].key not in keys:
+                    break
+            tgt, edits, change = out
+            r_idx, t_idx = keep(ref), keep(tgt)
+            groups.append((split, r_idx, t_idx, change))
+            lo, hi = config.circo_extra_positives
+            for _ in range(int(sampler.rng.integers(lo, hi + 1))):  # more true positives
+                for _ in range(10):
+                    cand = sampler.nuisance(tgt)
+                    if satisfies(cand.attrs, change.constraints) and keep(cand) is not None:
+                        break
+            near = [apply_edit(ref, e) for e in edits] if len(edits) > 1 else []  # half of a conjunction
+            lo, hi = config.circo_near_misses
+            for _ in range(int(sampler.rng.integers(lo, hi + 1))):  # same base scene, other edits
+                other = sampler.mutate(ref, config.p_conjunction_circo)
+                near.append(other[0] if other is not None else sampler.nuisance(ref))
+            for cand in near:
+                if cand is not None and is_valid(cand):
+                    keep(cand)
+    while len(scenes) < config.circo_gallery:  # unrelated scenes: easy negatives
+        keep(sampler.scene("distractor"))
+
+    ids = sorted(int(i) + 1 for i in sampler.rng.choice(CIRCO_MAX_ID, len(scenes), replace=False))
+    ids = [ids[int(i)] for i in sampler.rng.permutation(len(ids))]  # no link between id order and groups
+    gallery = [s.attrs for s in scenes]
+    by_kind: dict[str, set[int]] = {}
+    for i, a in enumerate(gallery):
+        for o in a["objects"]:
+            by_kind.setdefault(o["kind"], set()).add(i)
+
+    image_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    info = []
+    for img_id, attrs in tqdm(sorted(zip(ids, gallery), key=lambda p: p[0]), desc="CIRCO images", leave=False):
+        file_name = f"{img_id:012d}.jpg"
+        writer.write(attrs, image_dir / file_name, quality=92)
+        info.append({"id": img_id, "file_name": file_name, "width": attrs["width"], "height": attrs["height"]})
+    write_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json",
+               {"info": {"description": "cirlib scenes benchmark in the COCO 2017 unlabeled layout"}, "images": info},
+               indent=None)
+
+    meta_queries: dict[str, list[dict]] = {s: [] for s in CIRCO_SPLITS}
+    annotations: dict[str, list[dict]] = {s: [] for s in CIRCO_SPLITS}
+    for split, r_idx, t_idx, change in groups:
+        qid = len(annotations[split])
+        gts = _ground_truths(gallery, change.constraints, by_kind)
+        gt_ids = [ids[t_idx]] + sorted(ids[i] for i in gts if i != t_idx)
+        entry: dict[str, Any] = {"id": qid, "reference_img_id": ids[r_idx]}
+        if split == "val":
+            entry["target_img_id"] = ids[t_idx]
+        entry |= {"relative_caption": change.caption, "shared_concept": change.shared_concept}
+        if split == "val":
+            entry |= {"gt_img_ids": gt_ids, "semantic_aspects": list(change.aspects)}
+        annotations[split].append(entry)
+        meta_queries[split].append({"id": qid, "reference_img_id": ids[r_idx], "target_img_id": ids[t_idx],
+                                    "caption": change.caption, "aspects": list(change.aspects),
+                                    "constraints": list(change.constraints), "shared_concept": change.shared_concept,
+                                    "gt_img_ids": gt_ids})
+    for split in CIRCO_SPLITS:
+        write_json(root / "annotations" / f"{split}.json", annotations[split])
+    sizes = {s: {"queries": len(annotations[s]),
+                 "mean_ground_truths": round(float(np.mean([len(q["gt_img_ids"]) for q in meta_queries[s]] or [0])), 2)}
+             for s in CIRCO_SPLITS}
+    sizes["gallery"] = {"images": len(scenes)}
+    meta = {"generator": GENERATOR, "version": VERSION, "seed": config.seed, "sizes": sizes, "fingerprint": fp,
+            "config": asdict(config), "attributes": {str(i): a for i, a in zip(ids, gallery)}, "queries": meta_queries}
+    _finish(root, meta, writer)
+    return meta
+
+
+def generate_scenes(root: str | Path, config: ScenesBenchConfig | None = None) -> Path:
+    """Write ``root/CIRR`` and ``root/CIRCO`` (skipped when their fingerprints already match); return root.
+
+    Each root's ``cirlib_meta.json`` holds the scene graph of every image under ``attributes``
+    (keyed by CIRR name / CIRCO id as str; ``split`` is the CIRR split, or for CIRCO the query
+    split an image was made for, or ``distractor``) and every query's caption, aspects and
+    constraints under ``queries`` (CIRCO test ground truths included, for offline analyses).
+    """
+    config = config or ScenesBenchConfig()
+    root = Path(root)
+    fp = _config_fingerprint(config)
+    todo = [name for name in ("CIRR", "CIRCO") if (peek_meta(root / name) or {}).get("fingerprint") != fp]
+    if not todo:
+        return root
+    images, labels = {}, {}
+    for split in ("train", "test"):
+        images[split], labels[split] = fashion_mnist.load_split(split)
+    with ImageWriter(SceneRenderer(images)) as writer:
+        if "CIRR" in todo:
+            _generate_cirr(root / "CIRR", config, fp, labels, writer)
+        if "CIRCO" in todo:
+            _generate_circo(root / "CIRCO", config, fp, labels, writer)
+    return root
+
+
+
+def load_meta(root: str | Path) -> dict[str, Any]:
+    """The ``cirlib_meta.json`` of a CIRR or CIRCO root written by :func:`generate_scenes`."""
+    return read_meta(root, {GENERATOR})
