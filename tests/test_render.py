@@ -35,8 +35,13 @@ def test_size_mode_and_background(tee: np.ndarray) -> None:
     assert tuple(grey[0, 0]) == (10, 20, 30)
 
 
+def _alpha(item28: np.ndarray, size: tuple[int, int], margin: float = 0.0) -> np.ndarray:
+    """The item's silhouette as the renderers use it: the alpha of :func:`render.item_layer`."""
+    return render.item_layer(item28, size, "grey", margin=margin)[1]
+
+
 def test_mask_fits_item_aspect(tee: np.ndarray) -> None:
-    mask = render.item_mask(tee, (200, 100))
+    mask = _alpha(tee, (200, 100))
     assert mask.shape == (100, 200) and mask.dtype == np.float32
     assert 0.0 <= mask.min() and mask.max() == 1.0
     rows = np.nonzero(mask.max(axis=1) > 0.5)[0]
@@ -55,7 +60,7 @@ def test_mask_fits_item_aspect(tee: np.ndarray) -> None:
 def test_plain_colour_matches_name(tee: np.ndarray) -> None:
     for name, rgb in render.COLOURS.items():
         arr = np.asarray(render.render_item(tee, (128, 128), name, "plain")).astype(float)
-        inside = render.item_mask(tee, (128, 128), margin=0.06) > 0.99
+        inside = _alpha(tee, (128, 128), margin=0.06) > 0.99
         median = np.median(arr[inside], axis=0)
         assert np.abs(median - rgb).max() <= 12, name
         nearest = min(render.COLOURS, key=lambda c: np.sum((np.asarray(render.COLOURS[c]) - median) ** 2))
@@ -65,7 +70,7 @@ def test_plain_colour_matches_name(tee: np.ndarray) -> None:
 def test_shading_is_kept(tee: np.ndarray) -> None:
     """The lighter half of the source item stays lighter once coloured."""
     arr = np.asarray(render.render_item(tee, (128, 128), "green", "plain", margin=0.0)).astype(float)
-    mask = render.item_mask(tee, (128, 128))
+    mask = _alpha(tee, (128, 128))
     cols = np.nonzero(mask.max(axis=0) > 0.5)[0]
     row = int(0.75 * 128)
     left = arr[row, cols[0] + int(0.3 * len(cols)), 1]
@@ -78,7 +83,7 @@ def test_patterns_differ(tee: np.ndarray) -> None:
     for i, a in enumerate(render.PATTERNS):
         for b in render.PATTERNS[i + 1 :]:
             assert np.abs(imgs[a] - imgs[b]).mean() > 3, (a, b)
-    inside = render.item_mask(tee, (96, 128), margin=0.06) > 0.99
+    inside = _alpha(tee, (96, 128), margin=0.06) > 0.99
     assert imgs["plain"][inside].std(axis=0).max() < 10 < imgs["stripes"][inside].std(axis=0).max()
 
 
@@ -134,9 +139,9 @@ def test_paste_layer_clips_and_blends() -> None:
 
 def test_bad_item_shape_and_empty_item() -> None:
     with pytest.raises(ValueError, match="28x28"):
-        render.item_mask(np.zeros((32, 32), np.uint8), (64, 64))
+        _alpha(np.zeros((32, 32), np.uint8), (64, 64))
     with pytest.raises(ValueError, match="empty"):
-        render.item_mask(np.zeros((28, 28), np.uint8), (64, 64))
+        _alpha(np.zeros((28, 28), np.uint8), (64, 64))
 
 
 def test_speed(tee: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Device selection, mixed precision and seeding: GPU code that also runs on this CPU.
+"""Device selection and mixed precision: GPU code that also runs on this CPU.
 
 ``CIRLIB_PRECISION=fp32`` in the environment turns mixed precision off everywhere (training,
 feature extraction, every notebook kernel started from that environment): the documented switch
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 
-import numpy as np
 import torch
 
 
@@ -88,12 +86,3 @@ def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradSca
     """A GradScaler that is only active for fp16 autocast on CUDA (bf16 and CPU need none)."""
     active = enabled and device.type == "cuda" and amp_dtype(device) == torch.float16
     return torch.amp.GradScaler("cuda", enabled=active)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch Generator for explicit use in samplers."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
-    return torch.Generator().manual_seed(seed)

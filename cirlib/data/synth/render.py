@@ -149,20 +149,6 @@ def _fit_item(item28: np.ndarray, size: Size, margin: float) -> tuple[np.ndarray
     return _fit(np.ascontiguousarray(item28, dtype=np.uint8).tobytes(), (w, h), float(margin))
 
 
-def item_mask(item28: np.ndarray, size: Size, margin: float = 0.0) -> np.ndarray:
-    """Soft silhouette ``float32 [H, W]`` in [0, 1] of the item fitted and centred in ``size`` = (w, h)."""
-    return _fit_item(item28, size, margin)[0].copy()
-
-
-def item_shading(item28: np.ndarray, size: Size, margin: float = 0.0) -> np.ndarray:
-    """Multiplicative shading ``float32 [H, W]`` (about 1 on the item, 1 outside) that keeps folds and seams.
-
-    It is the item's low-passed luminance divided by its median, range-compressed: fine source
-    prints are blurred away (they would contradict the "plain" pattern), folds stay.
-    """
-    return _fit_item(item28, size, margin)[1].copy()
-
-
 # -------------------------------------------------------------------------------------- textures
 def _band(coord: np.ndarray, period: float, duty: float) -> np.ndarray:
     """Anti-aliased coverage of bands of width ``duty * period`` repeating every ``period`` px."""
