@@ -29,7 +29,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cirlib.data import fashion_mnist
-from cirlib.models.backbone import TINY_MODEL, CheckpointError, load_backbone, save_backbone, sidecar_path
 from cirlib.data.datasets import (
     AnnotationError,
     CaptionCountWarning,
@@ -42,6 +41,7 @@ from cirlib.data.datasets import (
 )
 from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import build_transform
+from cirlib.models.backbone import TINY_MODEL, CheckpointError, load_backbone, save_backbone, sidecar_path
 
 _TIMEOUT_S = 30
 

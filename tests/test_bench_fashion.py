@@ -72,7 +72,8 @@ def test_exact_fashioniq_layout(quick_root: Path, meta: dict) -> None:
             keys = ["candidate", "captions"] if split == "test" else ["target", "candidate", "captions"]
             assert captions and all(list(t) == keys for t in captions), (category, split)
             for t in captions:
-                assert len(t["captions"]) == 2 and all(isinstance(c, str) and c == c.strip() and c for c in t["captions"])
+                assert len(t["captions"]) == 2
+                assert all(isinstance(c, str) and c == c.strip() and c for c in t["captions"])
             gallery = read(quick_root, "image_splits", category, split)
             assert isinstance(gallery, list) and len(gallery) == len(set(gallery))
             assert all(isinstance(n, str) for n in gallery)
@@ -93,7 +94,8 @@ def test_attributes_and_images_agree(quick_root: Path, meta: dict) -> None:
     for category in bf.CATEGORIES:
         for split in bf.SPLITS:
             gallery = read(quick_root, "image_splits", category, split)
-            assert {(meta["attributes"][n]["split"], meta["attributes"][n]["category"]) for n in gallery} == {(split, category)}
+            placed = {(meta["attributes"][n]["split"], meta["attributes"][n]["category"]) for n in gallery}
+            assert placed == {(split, category)}
 
 
 def test_triplets_are_in_gallery_and_on_disk(quick_root: Path) -> None:
@@ -147,7 +149,9 @@ def test_gallery_defeats_single_modalities(quick_root: Path, meta: dict) -> None
             tgt = attrs[t["target"]]
             same_item = [n for n in gallery if attrs[n]["item"] == tgt["item"]]
             same_look = [
-                n for n in gallery if attrs[n]["item"] != tgt["item"] and all(attrs[n][a] == tgt[a] for a in bf.ATTRIBUTES)
+                n
+                for n in gallery
+                if attrs[n]["item"] != tgt["item"] and all(attrs[n][a] == tgt[a] for a in bf.ATTRIBUTES)
             ]
             assert len(same_item) >= cfg.renderings_per_item
             assert len(same_look) >= cfg.text_distractors
@@ -213,7 +217,8 @@ def test_absolute_caption() -> None:
     assert bf.absolute_caption(attrs) == "a red striped dress with a star print"
     plain = {**attrs, "category": "toptee", "colour": "navy blue", "pattern": "plain", "logo": "none"}
     assert bf.absolute_caption(plain) == "a plain navy blue top"
-    assert bf.absolute_caption({**attrs, "pattern": "dots", "category": "shirt"}) == "a red polka-dot shirt with a star print"
+    shirt = {**attrs, "pattern": "dots", "category": "shirt"}
+    assert bf.absolute_caption(shirt) == "a red polka-dot shirt with a star print"
 
 
 def test_relative_captions() -> None:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirlib.data.synth import scenes as bs
 from cirlib.data import datasets, stats
+from cirlib.data.synth import scenes as bs
 from cirlib.data.synth.scenes import Scene, SceneObject, ScenesBenchConfig
 
 QUICK = ScenesBenchConfig.quick()

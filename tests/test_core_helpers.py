@@ -148,3 +148,49 @@ def test_row_chunks_cover_rows_once_within_budget() -> None:
     assert list(row_chunks(0, 5)) == []
     with pytest.raises(ValueError):
         list(row_chunks(-1, 5))
+
+
+def test_cache_key_entry_save_and_load(tmp_path: Path) -> None:
+    from cirlib.core import cache
+
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"abc")
+    key = cache.cache_key({"size": 3}, [src])
+    # the key of every cache entry written since CACHE_VERSION 2: keeping it keeps old entries valid
+    assert key == io.fingerprint({"version": cache.CACHE_VERSION, "size": 3, "files": cache.file_list([src])})
+    assert cache.cache_key({"size": 4}, [src]) != key
+    entry = cache.cache_entry(tmp_path / "c", "test", "things", ".txt", {"size": 3}, [src])
+    assert entry.file == tmp_path / "c" / f"things-{key}.txt" and entry.key == key
+    assert entry.load(lambda f: f.read_text()) is None  # absent: no warning, nothing to read
+    entry.save(lambda tmp: tmp.write_text("cached"))
+    assert entry.load(lambda f: f.read_text()) == "cached"
+
+    def distrust(f: Path) -> str:
+        raise ValueError("wrong shape")
+
+    with pytest.warns(UserWarning, match=r"test cache .*things-.* is unusable \(wrong shape\); recomputing"):
+        assert entry.load(distrust) is None
+    src.write_bytes(b"abd")  # same size, other bytes
+    assert cache.cache_key({"size": 3}, [src]) != key
+
+
+def test_generator_meta_round_trip_and_errors(tmp_path: Path) -> None:
+    from cirlib.data.synth import meta
+
+    root = tmp_path / "root"
+    with pytest.raises(FileNotFoundError, match=r"root/cirlib_meta.json not found"):
+        meta.read_meta(root)
+    assert meta.peek_meta(root) is None
+    root.mkdir()
+    written = {"generator": "g/1", "fingerprint": "f", "attributes": {"img": {"colour": "red"}}}
+    assert meta.write_meta(root, written) == root / meta.META_FILE
+    assert meta.read_meta(root, {"g/1"}) == written == meta.peek_meta(root)
+    with pytest.raises(ValueError, match=r"cirlib_meta.json: field 'generator' is 'g/1', expected 'h/2'"):
+        meta.read_meta(root, {"h/2"})
+    (root / meta.META_FILE).write_text(json.dumps({"generator": "g/1", "attributes": []}))
+    with pytest.raises(ValueError, match=r"cirlib_meta.json: field 'attributes' must be an object"):
+        meta.read_meta(root)
+    (root / meta.META_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=r"cirlib_meta.json: not valid UTF-8 JSON"):
+        meta.read_meta(root)
+    assert meta.peek_meta(root) is None

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cirlib.core.device import autocast
+from cirlib.data.preprocess import transform_for
 from cirlib.models.features import (
     encode_in_batches,
     encode_pixels,
@@ -19,7 +20,6 @@ from cirlib.models.features import (
     prefetched_batches,
     text_features,
 )
-from cirlib.data.preprocess import transform_for
 
 
 class CountingBackbone:
@@ -284,7 +284,8 @@ def test_decoded_route_matches_files_and_shares_their_cache(images, tmp_path):
         rtol=0,
     )
     assert len(list(cache.glob("pixels-*.npy"))) == 1
-    torch.testing.assert_close(image_features(backbone, images, progress=False, decoded=True), from_files, atol=1e-6, rtol=0)
+    from_pixels = image_features(backbone, images, progress=False, decoded=True)
+    torch.testing.assert_close(from_pixels, from_files, atol=1e-6, rtol=0)
 
 
 def test_encode_pixels_matches_image_features(images, tmp_path):

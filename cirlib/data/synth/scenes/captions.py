@@ -21,6 +21,7 @@ from cirlib.data.synth.scenes.graph import REGIONS, RELATIONS, count_matching, i
 # CIRCO's official spelling and order; the annotations use these strings.
 ASPECTS: tuple[str, ...] = CIRCO_ASPECTS
 CARD, ADD, NEG, DIRECT, CC, COMP, CONJ, SPATIAL, VIEW = ASPECTS
+
 _REGION_AT = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 _REGION_TO = {"left": "to the left", "right": "to the right", "top": "to the top", "bottom": "to the bottom"}
 _RELATION_TEXT = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}

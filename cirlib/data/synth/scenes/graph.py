@@ -16,7 +16,7 @@ from typing import Any
 
 from cirlib.data.synth import render
 
-ITEM_KINDS: dict[int, str] = {
+ITEM_KINDS: dict[int, str] = {  # Fashion-MNIST label -> object kind
     8: "bag",
     7: "sneaker",
     9: "ankle boot",
@@ -55,6 +55,8 @@ RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
 @dataclass(frozen=True)
 class SceneObject:
+    """One object of a scene: a Fashion-MNIST item or a shape, in a grid cell."""
+
     id: int
     kind: str
     colour: str
@@ -80,14 +82,17 @@ class Scene:
     close_up: bool = False
 
     def object(self, oid: int) -> SceneObject:
+        """The object with id ``oid``."""
         return next(o for o in self.objects if o.id == oid)
 
     def free_cells(self) -> list[tuple[int, int]]:
+        """Grid cells no object occupies, in reading order."""
         used = {o.cell for o in self.objects}
         return [(r, c) for r in range(self.grid[0]) for c in range(self.grid[1]) if (r, c) not in used]
 
     @functools.cached_property
     def attrs(self) -> dict[str, Any]:
+        """The scene graph as JSON: object centres in normalised image coordinates, as seen in the view."""
         rows, cols = self.grid
         objects = []
         for o in sorted(self.objects, key=lambda o: o.id):
@@ -125,14 +130,15 @@ def is_valid(scene: Scene) -> bool:
     return bool(scene.objects) and all(o.colour != hidden for o in scene.objects)
 
 
-
 def in_region(obj: dict, region: str) -> bool:
+    """Whether an object (of an attribute dict) lies in one of :data:`REGIONS` of the image."""
     x, y = obj["x"], obj["y"]
     return {"left": x < REGION_MARGIN, "right": x > 1 - REGION_MARGIN,
             "top": y < REGION_MARGIN, "bottom": y > 1 - REGION_MARGIN}[region]
 
 
 def related(a: dict, b: dict, relation: str) -> bool:
+    """Whether object ``a`` is in one of :data:`RELATIONS` to object ``b``."""
     return {"left of": a["x"] < b["x"] - RELATION_GAP, "right of": a["x"] > b["x"] + RELATION_GAP,
             "above": a["y"] < b["y"] - RELATION_GAP, "below": a["y"] > b["y"] + RELATION_GAP}[relation]
 
@@ -147,6 +153,7 @@ def _matches(obj: dict, spec: dict) -> bool:
 
 
 def count_matching(attrs: dict, spec: dict) -> int:
+    """How many objects of a scene graph match ``spec`` {kind, colour?, size?, region?}."""
     return sum(_matches(o, spec) for o in attrs["objects"])
 
 

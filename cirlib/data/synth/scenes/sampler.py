@@ -71,20 +71,25 @@ class Sampler:
         self.rng, self.pools, self.fmnist, self.cfg = rng, pools, fmnist, config
 
     def choice(self, options: Sequence[Any]) -> Any:
+        """One of ``options``, uniformly."""
         return options[int(self.rng.integers(len(options)))]
 
     def jitter(self) -> tuple[float, float]:
+        """A random offset of an object centre within its cell."""
         return tuple(round(float(v), 3) for v in self.rng.uniform(-JITTER, JITTER, 2))
 
     def item(self, kind: str) -> int | None:
+        """A Fashion-MNIST index of that kind (None for shapes)."""
         return int(self.choice(self.pools[kind])) if kind in self.pools else None
 
     def new_object(self, scene_bg: str, oid: int, cell: tuple[int, int], kind: str | None = None) -> SceneObject:
+        """A random object (of ``kind`` when given) in ``cell``, in a colour that shows on the background."""
         kind = kind or self.choice(KINDS)
         colour = self.choice([c for c in OBJECT_COLOURS if c != BACKGROUNDS[scene_bg]])
         return SceneObject(oid, kind, colour, self.choice(SIZES), cell, self.jitter(), self.item(kind))
 
     def scene(self, split: str) -> Scene:
+        """A random scene: canvas ratio, background, 1-4 objects in distinct grid cells."""
         ratio = ASPECT_RATIOS[int(self.rng.integers(len(ASPECT_RATIOS)))]
         long = self.cfg.long_side
         if ratio[0] >= ratio[1]:
@@ -192,6 +197,7 @@ class Sampler:
 
     @staticmethod
     def touched(scene: Scene, e: Edit) -> set[str]:
+        """What an edit changes (kinds, "background", "layout"): a second edit must leave it alone."""
         if e.op == "background":
             return {"background"}
         if e.op in ("view", "move"):
