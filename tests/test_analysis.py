@@ -13,9 +13,9 @@ import torch
 from matplotlib.colors import to_rgba
 
 from cirlib.evaluation import analysis
-from cirlib.viz import plots
 from cirlib.models.backbone import load_backbone
-from cirlib.models.combiner import combine_sum, Combiner
+from cirlib.models.combiner import Combiner, combine_sum
+from cirlib.viz import plots
 
 TINY_RN = "cirlib-test-tiny-RN"
 

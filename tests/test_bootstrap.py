@@ -80,8 +80,11 @@ def test_claims_and_interval_tables() -> None:
     a = _single([100.0] * 30 + [0.0] * 70)
     b = _single([0.0] * 100)
     results = {("cirr", "a"): a, ("cirr", "b"): b}
-    claims = claims_table([Claim("cirr", ("a",), ("b",), "R@1", asserted=True), Claim("cirr", ("b",), ("a",), "R@1")], results)
-    assert claims.loc[("cirr", "a > b"), "verdict"] == "holds" and claims.loc[("cirr", "b > a"), "verdict"] == "reversed"
+    claims = claims_table(
+        [Claim("cirr", ("a",), ("b",), "R@1", asserted=True), Claim("cirr", ("b",), ("a",), "R@1")], results
+    )
+    assert claims.loc[("cirr", "a > b"), "verdict"] == "holds"
+    assert claims.loc[("cirr", "b > a"), "verdict"] == "reversed"
     assert claims.loc[("cirr", "a > b"), "difference"] == pytest.approx(30.0)
     assert claims.loc[("cirr", "a > b"), "better"].startswith("30.0 [")
     check_asserted(claims)  # the reversed claim is printed, not asserted

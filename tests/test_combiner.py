@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cirlib.core.training import batch_slices, best_epoch
-from cirlib.evaluation.protocols import CachedEvaluator, merge_metrics
-from cirlib.methods.combiner_training import CombinerConfig, CombinerData, build_combiner_data, train_combiner
-from cirlib.models.combiner import VARIANTS, Combiner, combine_sum, load_combiner
 from cirlib.data.datasets import CIRSplit, Query, query_text
-from cirlib.evaluation.protocols import evaluate_split
+from cirlib.evaluation.protocols import CachedEvaluator, evaluate_split, merge_metrics
+from cirlib.methods.combiner_training import CombinerConfig, CombinerData, build_combiner_data, train_combiner
+from cirlib.models.combiner import VARIANTS, Combiner, apply_combine, combine_sum, load_combiner
 
 D = 8
 
@@ -141,6 +140,17 @@ def test_custom_dimensions() -> None:
 
 
 # ----------------------------------------------------------------------------- shared loop pieces
+
+
+def test_apply_combine_runs_in_eval_mode_and_restores_the_flag() -> None:
+    torch.manual_seed(0)
+    net = Combiner(8).train()  # dropout on: apply_combine must switch it off
+    image, text = torch.randn(5, 8), torch.randn(5, 8)
+    out = apply_combine(net, image, text, batch_size=2)
+    assert net.training and all(m.training for m in net.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(out, net.eval()(image, text))
+    assert apply_combine(combine_sum, image[:0], text[:0]).shape == (0, 8)
 
 
 def test_batch_slices_drop_the_partial_batch_unless_it_is_all() -> None:

@@ -11,9 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cirlib.evaluation import metrics
+from cirlib.core.tensors import row_chunks
 from cirlib.data.datasets import CIRSplit, Query
-from cirlib.evaluation.protocols import PROTOCOLS, evaluate_per_aspect, evaluate_split, per_query_metrics, topk
+from cirlib.evaluation.metrics import per_aspect
+from cirlib.evaluation.protocols import (
+    PROTOCOLS,
+    benchmark_columns,
+    evaluate_split,
+    per_query_metrics,
+    similarity_chunks,
+    topk,
+)
 
 
 def make_split(dataset: str, queries: list[Query], gallery: list[str], split: str = "val") -> CIRSplit:
@@ -109,14 +117,15 @@ def test_cirr_protocol_hand_computed():
         "Rsubset@3": 100.0,
         "avg": 75.0,
     }
-    kept = evaluate_split(split, features, one_hot_gallery(10), exclude_reference=False)
-    assert (kept["R@1"], kept["Rsubset@1"], kept["Rsubset@2"]) == (0.0, 0.0, 50.0)
+    # Keeping the reference in both rankings costs q1 its R@1 and its Rsubset@1 (no R@5: no avg).
+    kept = evaluate_split(split, features, one_hot_gallery(10), ks=(1, 4), exclude_reference=False)
+    assert kept == {"R@1": 0.0, "R@4": 50.0, "Rsubset@1": 0.0, "Rsubset@2": 50.0, "Rsubset@3": 100.0}
 
 
 def test_chunked_evaluation_matches_one_shot(monkeypatch):
     split, features = cirr_split()
     one_shot = per_query_metrics(split, features, one_hot_gallery(10))
-    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 1)  # one query per chunk, one row per comparison
+    monkeypatch.setattr(row_chunks, "__defaults__", (1,))  # one query per chunk, one row per comparison
     chunked = per_query_metrics(split, features, one_hot_gallery(10))
     assert one_shot.keys() == chunked.keys()
     assert all(torch.equal(one_shot[name], chunked[name]) for name in one_shot)
@@ -172,6 +181,20 @@ def test_circo_protocol_hand_computed():
     assert list(results) == list(expected)  # mAP, then recall, then aspects in the official order
 
 
+def test_circo_reference_exclusion_lifts_ground_truths_and_targets():
+    def query(target: str, gts: tuple[str, ...]) -> Query:
+        return Query(reference="a", captions=("c",), target=target, ground_truths=gts, shared_concept="thing")
+
+    # The reference "a" is first but never a ground truth: removing it lifts every GT one place.
+    split = make_split("circo", [query("b", ("b",)), query("d", ("b", "d"))], [*"abcdefgh"])
+    features = torch.linspace(0.8, 0.1, 8).repeat(2, 1)  # a > b > ... > h
+    kept = evaluate_split(split, features, one_hot_gallery(8), ks=(1, 2), exclude_reference=False)
+    removed = evaluate_split(split, features, one_hot_gallery(8), ks=(1, 2))
+    assert kept == pytest.approx({"mAP@1": 0.0, "mAP@2": (50 + 25) / 2, "R@1": 0.0, "R@2": 50.0})
+    assert removed == pytest.approx({"mAP@1": 100.0, "mAP@2": (100 + 50) / 2, "R@1": 50.0, "R@2": 50.0})
+    assert list(kept) == list(removed) == ["mAP@1", "mAP@2", "R@1", "R@2"]
+
+
 def test_circo_defaults_and_reference_exclusion():
     split, features = circo_split()
     results = evaluate_split(split, features, one_hot_gallery(9))
@@ -183,19 +206,23 @@ def test_circo_defaults_and_reference_exclusion():
     assert kept["mAP@5"][3].item() == 50.0  # b is second behind its reference a
 
 
-def test_evaluate_per_aspect_table():
+def test_per_aspect_table_of_per_query_values():
     split, features = circo_split()
-    table = evaluate_per_aspect(split, features, one_hot_gallery(9))
+    per_query = per_query_metrics(split, features, one_hot_gallery(9))
+    aspects = [q.semantic_aspects for q in split.queries]
+    table = per_aspect({name: per_query[name] for name in ("mAP@10", "R@5")}, aspects)
     assert list(table.index) == ["addition", "negation", "viewpoint"]
     assert table["queries"].tolist() == [2, 1, 1]
     assert table.loc["viewpoint", "mAP@10"] == pytest.approx(100 / 8)
-    recall = evaluate_per_aspect(split, features, one_hot_gallery(9), metric="R@5")
-    assert recall["R@5"].tolist() == [100.0, 100.0, 0.0]
-    with pytest.raises(ValueError, match="'mAP@7' is not computed"):
-        evaluate_per_aspect(split, features, one_hot_gallery(9), metric="mAP@7")
+    assert table["R@5"].tolist() == [100.0, 100.0, 0.0]
     cirr, cirr_features = cirr_split()
-    with pytest.raises(ValueError, match="no semantic aspects"):
-        evaluate_per_aspect(cirr, cirr_features, one_hot_gallery(10))
+    assert not [name for name in evaluate_split(cirr, cirr_features, one_hot_gallery(10)) if "/" in name]
+
+
+def test_benchmark_columns_keep_benchmark_level_metrics():
+    results = {"R@10": 1.0, "average": 2.0, "dress/R@10": 3.0, "mAP@10/addition": 4.0}
+    assert benchmark_columns("fashioniq", results) == {"fashioniq R@10": 1.0, "fashioniq average": 2.0}
+    assert benchmark_columns("cirr", {}) == {}
 
 
 # ----------------------------------------------------------------------------- failure modes
@@ -246,8 +273,16 @@ def test_topk_chunked_matches_one_shot(monkeypatch):
     scores = torch.randint(0, 4, (25, 12), generator=torch.Generator().manual_seed(0)).float()
     exclude = torch.arange(25) % 12
     one_shot = topk(scores, 5, exclude)
-    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 30)
+    monkeypatch.setattr(row_chunks, "__defaults__", (30,))
     chunked = topk(scores, 5, exclude)
     assert all(torch.equal(a, b) for a, b in zip(one_shot, chunked))
     with pytest.raises(ValueError, match="at least 1"):
         topk(scores, 0)
+
+
+def test_similarity_chunks_cover_the_score_matrix(monkeypatch):
+    queries, gallery = torch.randn(7, 4), torch.randn(5, 4)
+    monkeypatch.setattr(row_chunks, "__defaults__", (10,))  # two rows of five scores per chunk
+    chunks = list(similarity_chunks(queries, gallery))
+    assert [(rows.start, rows.stop) for rows, _ in chunks] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    torch.testing.assert_close(torch.cat([scores for _, scores in chunks]), queries @ gallery.T)

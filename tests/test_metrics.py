@@ -1,29 +1,43 @@
-"""Metrics on small score matrices whose ranks, recalls and APs are worked out by hand."""
+"""Metrics on small score matrices whose ranks, recalls and APs are worked out by hand.
+
+The benchmark protocols built on them (CIRR, CIRCO) are checked on hand-made splits in
+``test_evaluate.py``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import pytest
 import torch
 
-from cirlib.evaluation import metrics
+from cirlib.core.tensors import row_chunks
 from cirlib.evaluation.metrics import (
     MISS_RANK,
+    IndexLike,
     average_precision,
-    cirr_recall,
     fashioniq_average,
     index_lists,
     indices_of,
-    map_at_k,
     name_index,
     per_aspect,
+    per_query_hits,
     rank_of,
-    recall_at_k,
     subset_rank,
+    summarise,
+    with_cirr_average,
 )
 
 GALLERY8 = list("abcdefgh")
 # One row per query; gallery a..h always scored in that order (a best), so positions are obvious.
 DESCENDING8 = torch.linspace(0.8, 0.1, 8)
+
+
+def recall_at_k(
+    scores: torch.Tensor, target: IndexLike, ks: Sequence[int], exclude: IndexLike | None = None
+) -> dict[str, float]:
+    """Recall@K in percent, as the protocols compute it: the mean of the per-query hits."""
+    return summarise(per_query_hits(rank_of(scores, target, exclude), ks))
 
 
 # ----------------------------------------------------------------------------- rank_of / recall
@@ -90,6 +104,21 @@ def test_rank_of_rejects_bad_input(scores, target, message):
 def test_ks_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         recall_at_k(torch.tensor([[0.1, 0.2]]), [0], ks=(0, 5))
+    with pytest.raises(ValueError, match="positive"):
+        average_precision(torch.tensor([[0.1, 0.2]]), [[0]], ks=())
+
+
+def test_summaries_and_cirr_average():
+    per_query = per_query_hits(torch.tensor([0, 3, MISS_RANK, 1]), (1, 5), prefix="Rsubset")
+    assert {k: v.tolist() for k, v in per_query.items()} == {
+        "Rsubset@1": [100.0, 0.0, 0.0, 0.0],
+        "Rsubset@5": [100.0, 100.0, 0.0, 100.0],
+    }
+    assert summarise(per_query) == {"Rsubset@1": 25.0, "Rsubset@5": 75.0}
+    assert with_cirr_average({"R@5": 60.0, "Rsubset@1": 30.0}) == {"R@5": 60.0, "Rsubset@1": 30.0, "avg": 45.0}
+    assert with_cirr_average({"R@10": 60.0}) == {"R@10": 60.0}  # FashionIQ, CIRCO: no CIRR average
+    with pytest.raises(ValueError, match="zero queries"):
+        summarise({"R@1": torch.zeros(0)})
 
 
 # ----------------------------------------------------------------------------- CIRR
@@ -107,11 +136,14 @@ CIRR_TARGETS = ["g3", "g7"]
 CIRR_GROUPS = [["g0", "g1", "g2", "g3", "g4", "g5"], ["g6", "g7", "g8", "g9", "g0", "g1"]]
 
 
-def test_subset_rank_on_six_member_groups_without_the_reference():
+def test_global_and_subset_ranks_without_the_reference():
     index = name_index(G10)
     target, reference = indices_of(CIRR_TARGETS, index), indices_of(CIRR_REFS, index)
     groups = index_lists(CIRR_GROUPS, index)
     assert groups.shape == (2, 6)
+    # Global ranks: q0's target g3 is below g0 (the reference), g9, g8 and g1; q1's below g6 only.
+    assert rank_of(CIRR_SCORES, target).tolist() == [4, 1]
+    assert rank_of(CIRR_SCORES, target, reference).tolist() == [3, 0]
     # q0: members minus g0 are g1 .85 > g3 .80 > g4 .70 > g2 .50 > g5 .10 -> rank 1.
     # q1: g6 (the reference) is the only member above g7; removing it makes g7 first.
     assert subset_rank(CIRR_SCORES, target, groups, reference).tolist() == [1, 0]
@@ -119,34 +151,6 @@ def test_subset_rank_on_six_member_groups_without_the_reference():
     # A target outside its group or outside the gallery is a subset miss.
     outside = index_lists([["g0", "g1", "g2", "g4", "g5", "g6"], CIRR_GROUPS[1]], index)
     assert subset_rank(CIRR_SCORES, torch.tensor([3, -1]), outside, reference).tolist() == [MISS_RANK] * 2
-
-
-def test_cirr_recall_hand_computed():
-    results = cirr_recall(CIRR_SCORES, G10, CIRR_REFS, CIRR_TARGETS, CIRR_GROUPS)
-    # global ranks without the reference: q0 -> 3 (g9, g8, g1 above), q1 -> 0
-    assert results == {
-        "R@1": 50.0,
-        "R@5": 100.0,
-        "R@10": 100.0,
-        "R@50": 100.0,
-        "Rsubset@1": 50.0,
-        "Rsubset@2": 100.0,
-        "Rsubset@3": 100.0,
-        "avg": 75.0,
-    }
-
-
-def test_cirr_reference_exclusion_changes_the_result():
-    # Keeping the reference in the ranking (excluding a non-gallery name instead) costs q1 its R@1.
-    kept = cirr_recall(CIRR_SCORES, G10, ["absent", "absent"], CIRR_TARGETS, CIRR_GROUPS, ks=(1, 4))
-    assert kept == {"R@1": 0.0, "R@4": 50.0, "Rsubset@1": 0.0, "Rsubset@2": 50.0, "Rsubset@3": 100.0}
-
-
-def test_cirr_recall_checks_lengths():
-    with pytest.raises(ValueError, match="target_names"):
-        cirr_recall(CIRR_SCORES, G10, CIRR_REFS, CIRR_TARGETS[:1], CIRR_GROUPS)
-    with pytest.raises(ValueError, match="gallery names"):
-        cirr_recall(CIRR_SCORES, G10[:9], CIRR_REFS, CIRR_TARGETS, CIRR_GROUPS)
 
 
 # ----------------------------------------------------------------------------- CIRCO mAP@K
@@ -163,25 +167,25 @@ MAP_EXPECTED = {
 }
 
 
-def test_map_at_k_hand_computed():
+def test_average_precision_hand_computed():
     scores = DESCENDING8.repeat(3, 1)
-    results = map_at_k(scores, GALLERY8, MAP_GTS, ks=(2, 5, 10))
-    for k, aps in MAP_EXPECTED.items():
-        assert results[f"mAP@{k}"] == pytest.approx(100 * sum(aps) / 3, abs=1e-9)
-    assert list(results) == ["mAP@2", "mAP@5", "mAP@10"]
-    per_query = average_precision(scores, index_lists(MAP_GTS, name_index(GALLERY8)), (2, 5, 10), [3, 6, 1])
+    gts = index_lists(MAP_GTS, name_index(GALLERY8))
+    per_query = average_precision(scores, gts, (2, 5, 10), [len(set(names)) for names in MAP_GTS])
     expected = torch.tensor([[MAP_EXPECTED[k][q] for k in (2, 5, 10)] for q in range(3)], dtype=torch.float64)
     torch.testing.assert_close(per_query, expected)
+    # Without the annotated counts, "zz" (not in the gallery) no longer counts for query 1.
+    listed = average_precision(scores, gts, (10,))
+    assert listed[1].item() == pytest.approx((1 / 2 + 2 / 3 + 3 / 5 + 4 / 7 + 5 / 8) / 5)
 
 
-def test_map_exclusion_and_circo_recall():
+def test_map_exclusion_lifts_every_ground_truth():
     scores = DESCENDING8.repeat(2, 1)
-    gts = [["b"], ["b", "d"]]
+    gts = [[1, -1], [1, 3]]  # "b"; "b" and "d"
     # The reference "a" is first but never a ground truth: removing it lifts every GT one place.
-    kept = map_at_k(scores, GALLERY8, gts, ks=(1, 2), target_names=["b", "d"])
-    removed = map_at_k(scores, GALLERY8, gts, ks=(1, 2), exclude=["a", "a"], target_names=["b", "d"])
-    assert kept == pytest.approx({"mAP@1": 0.0, "mAP@2": (50 + 25) / 2, "R@1": 0.0, "R@2": 50.0})
-    assert removed == pytest.approx({"mAP@1": 100.0, "mAP@2": (100 + 50) / 2, "R@1": 50.0, "R@2": 50.0})
+    kept = average_precision(scores, gts, ks=(1, 2))
+    removed = average_precision(scores, gts, ks=(1, 2), exclude_idx=[0, 0])
+    torch.testing.assert_close(kept, torch.tensor([[0.0, 0.5], [0.0, 0.25]], dtype=torch.float64))
+    torch.testing.assert_close(removed, torch.tensor([[1.0, 1.0], [1.0, 0.5]], dtype=torch.float64))
 
 
 def test_map_ties_put_non_ground_truths_first():
@@ -244,7 +248,7 @@ def test_chunking_gives_identical_results(monkeypatch):
     scores = torch.randint(0, 5, (30, 20), generator=torch.Generator().manual_seed(1)).float()  # many ties
     one_shot = _everything(scores, torch.Generator().manual_seed(2))
     for budget in (1, 37, 500):  # one row per chunk, a few rows, most rows
-        monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", budget)
+        monkeypatch.setattr(row_chunks, "__defaults__", (budget,))  # every caller's chunk budget
         chunked = _everything(scores, torch.Generator().manual_seed(2))
         assert all(torch.equal(a, b) for a, b in zip(one_shot, chunked))
 

@@ -31,7 +31,9 @@ def test_the_papers_orderings_hold_in_the_numbers():
 
 
 def test_side_by_side_labels_both_sources():
-    index = pd.MultiIndex.from_tuples([("zero-shot", "Sum"), ("both", "Combiner")], names=["stage-1", "combining function"])
+    index = pd.MultiIndex.from_tuples(
+        [("zero-shot", "Sum"), ("both", "Combiner")], names=["stage-1", "combining function"]
+    )
     ours = pd.DataFrame({"fashioniq R@10": [5.0, 60.0], "cirr R@1": [9.0, 30.0], "extra": [0, 0]}, index=index)
     table = side_by_side(ours, ["fashioniq R@10", "cirr R@1"], "ours", "CLIP4Cir")
     assert list(table.columns.get_level_values(0).unique()) == ["ours", "CLIP4Cir"]

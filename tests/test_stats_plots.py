@@ -1,4 +1,4 @@
-"""Dataset statistics and the figure/table writers of the notebooks."""
+"""Dataset statistics and the figure and table writers of the notebooks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from cirlib.data import stats
-from cirlib.viz import plots
 from cirlib.data.datasets import CIRSplit, Query
+from cirlib.viz import plots, tables
 
 
 def test_split_statistics_counts_fixture_splits(fixture_splits) -> None:
@@ -40,14 +40,14 @@ def test_aspect_coverage_counts_and_rejects_unknown(fixture_splits) -> None:
 
 def test_markdown_table_is_exact() -> None:
     df = pd.DataFrame({"R@10": [1.234, 50.0]}, index=pd.Index(["sum", "image"], name="method"))
-    assert plots.to_markdown(df) == "| method | R@10 |\n|---|---|\n| sum | 1.23 |\n| image | 50.00 |\n"
+    assert tables.to_markdown(df) == "| method | R@10 |\n|---|---|\n| sum | 1.23 |\n| image | 50.00 |\n"
     multi = pd.DataFrame({("circo", "%"): [5.0]}, index=pd.Index(["addition"], name="aspect"))
-    assert plots.to_markdown(multi).splitlines()[0] == "| aspect | circo % |"
+    assert tables.to_markdown(multi).splitlines()[0] == "| aspect | circo % |"
 
 
 def test_save_table_and_figure_write_stable_names(tmp_path: Path) -> None:
     df = pd.DataFrame({"a": [1.0]})
-    plots.save_table(df, "t", tmp_path)
+    tables.save_table(df, "t", tmp_path)
     assert pd.read_csv(tmp_path / "t.csv", index_col=0)["a"].tolist() == [1.0]
     fig = plots.histogram(np.array([1, 2, 2, 3]), "x", bins=range(1, 5))
     path = plots.save_figure(fig, "h", tmp_path)
@@ -64,5 +64,26 @@ def test_triplet_grid_frames_target_and_aspect_ratios(fixture_splits) -> None:
     target_ax = axes[2]
     assert target_ax.spines["left"].get_edgecolor()[:3] == pytest.approx((0x2C / 255, 0xA0 / 255, 0x2C / 255))
     plt.close(fig)
-    ratios = plots.aspect_ratios(split)
+    ratios = stats.aspect_ratios(split)
     assert len(ratios) == len(split.gallery) and (ratios > 0).all()
+
+
+def test_extreme_aspect_examples_are_the_tallest_and_widest(fixture_splits) -> None:
+    ranked = sorted((r, split.image_paths[name]) for split in fixture_splits.values()
+                    for name, r in zip(split.gallery, stats.aspect_ratios(split)))
+    assert stats.extreme_aspect_examples(fixture_splits, n=3) == [ranked[0][1], ranked[1][1], ranked[-1][1]]
+
+
+def test_visible_area_table_from_geometry() -> None:
+    table = stats.visible_area_table([1.0, 2.0, 0.5, 1.2], ["clip", "squarepad", "targetpad"], target_ratio=1.25)
+    assert table.index.name == "aspect ratio (w/h)"
+    assert table.loc[1.0].tolist() == pytest.approx([1.0, 1.0, 1.0])  # a square loses nothing
+    assert table["squarepad"].tolist() == pytest.approx([1.0] * 4)  # padding to a square keeps everything
+    # 2:1 and 1:2: the centre crop keeps half; padded to 1.25:1 first, the crop keeps 1 / 1.25.
+    assert table.loc[[2.0, 0.5], "clip"].tolist() == pytest.approx([0.5, 0.5])
+    assert table.loc[[2.0, 0.5], "targetpad"].tolist() == pytest.approx([0.8, 0.8])
+    assert table.loc[1.2, "targetpad"] == table.loc[1.2, "clip"] < 1.0  # below the target ratio: no padding
+
+
+def test_importing_tables_stops_pandas_from_wrapping() -> None:
+    assert pd.get_option("display.width") == 100_000

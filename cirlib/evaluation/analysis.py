@@ -3,11 +3,12 @@
 - :func:`pairwise_similarities` (Fig. 7): cosine similarities of random feature pairs. A narrow
   distribution far from 0 is the "cone effect" of Liang et al.: the features fill a small cone
   of the embedding space, so every item looks alike to a cosine-similarity search.
-- :func:`similarity_gap` (Fig. 8): how far the combined query features are from their targets
-  compared with non-target gallery images; the gap of the means and the overlap of the two
-  histograms track retrieval quality better than the target similarity alone.
-- :func:`gradcam` (Figs. 9-10): which regions of the reference image make the combined query
-  point where it points.
+- :func:`similarity_gap` and :func:`split_similarity_gap` (Fig. 8): how far the combined query
+  features are from their targets compared with non-target gallery images; the gap of the means
+  and the overlap of the two histograms track retrieval quality better than the target
+  similarity alone.
+- :func:`gradcam` and :func:`gradcam_examples` (Figs. 9-10): which regions of the reference image
+  make the combined query point where it points.
 - :func:`top_k_names` (Figs. 11-12): ranked gallery names for qualitative result grids.
 
 Plots live in :mod:`cirlib.viz.plots` (``similarity_histograms``, ``gap_histograms``,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,18 +30,31 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
-from cirlib.models.combiner import apply_combine
+from cirlib.core.tensors import eval_mode
 from cirlib.data.datasets import CIRSplit, open_image, query_text
-from cirlib.evaluation.protocols import PROTOCOLS, topk
-from cirlib.evaluation.metrics import IndexLike, index_lists, indices_of, name_index
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, transform_for
+from cirlib.evaluation.metrics import IndexLike, index_lists, indices_of, name_index
+from cirlib.evaluation.protocols import PROTOCOLS, similarity_chunks, topk
+from cirlib.models.combiner import CombineFn, apply_combine
 
 if TYPE_CHECKING:
     from cirlib.models.backbone import Backbone
     from cirlib.models.features import SplitFeatures
 
+__all__ = [
+    "GapStats",
+    "gap_stats",
+    "gradcam",
+    "gradcam_examples",
+    "gradcam_layer",
+    "pairwise_similarities",
+    "reference_input",
+    "similarity_gap",
+    "split_similarity_gap",
+    "top_k_names",
+]
+
 ArrayLike = Tensor | np.ndarray
-_CHUNK_ELEMENTS = 1 << 24  # similarity-matrix entries computed at once
 
 
 def _unit_rows(features: ArrayLike, what: str) -> Tensor:
@@ -178,10 +192,8 @@ def similarity_gap(
     rng = np.random.default_rng(seed)
     target_sims: list[np.ndarray] = []
     other_sims: list[np.ndarray] = []
-    step = max(1, _CHUNK_ELEMENTS // max(1, n_gallery))
-    for start in range(0, q.shape[0], step):
-        scores = (q[start : start + step] @ g.T).double().cpu().numpy()
-        for row, scores_row in enumerate(scores, start):
+    for rows, chunk in similarity_chunks(q, g):
+        for row, scores_row in enumerate(chunk.double().cpu().numpy(), rows.start):
             if targets[row] < 0:
                 continue
             others = np.setdiff1d(np.arange(n_gallery), np.append(excluded[row], targets[row]))
@@ -227,7 +239,7 @@ def reference_input(
 
 def gradcam(
     backbone: "Backbone",
-    combine_fn: Callable[[Tensor, Tensor], Tensor],
+    combine_fn: CombineFn,
     reference_pixels: Tensor,
     text: str,
     target_features: ArrayLike | None = None,
@@ -256,12 +268,11 @@ def gradcam(
     if reference_pixels.dim() != 4 or reference_pixels.shape[:2] != (1, 3):
         raise ValueError(f"reference_pixels must be one image [1, 3, S, S], got {tuple(reference_pixels.shape)}")
     modules = [backbone.model] + ([combine_fn] if isinstance(combine_fn, nn.Module) else [])
-    modes = [(m, m.training) for module in modules for m in module.modules()]
     combine_param = next(combine_fn.parameters(), None) if isinstance(combine_fn, nn.Module) else None
     combine_device = combine_param.device if combine_param is not None else backbone.device
-    try:
-        for module in modules:
-            module.eval()
+    # Every submodule is listed (parents first), so mixed flags such as one block in train mode
+    # inside an eval-mode model come back as they were.
+    with eval_mode(*(m for module in modules for m in module.modules())):
         with torch.no_grad():
             text_features = backbone.encode_text([text]).float().to(combine_device)
         target = text_features if target_features is None else torch.as_tensor(target_features)
@@ -272,9 +283,6 @@ def gradcam(
             combined = combine_fn(pooled.float().to(combine_device), text_features)
             score = F.cosine_similarity(combined, target, dim=-1).sum()
             (grads,) = torch.autograd.grad(score, tokens)
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
     side = round(tokens.shape[1] ** 0.5)
     if side * side != tokens.shape[1]:
         raise ValueError(f"{tokens.shape[1]} image tokens do not form a square grid")
@@ -322,22 +330,10 @@ def top_k_names(
     return [[split.gallery[j] for j, ok in zip(row, oks) if ok] for row, oks in zip(best.tolist(), keep)]
 
 
-__all__ = [
-    "GapStats",
-    "gap_stats",
-    "gradcam",
-    "gradcam_layer",
-    "pairwise_similarities",
-    "reference_input",
-    "similarity_gap",
-    "top_k_names",
-]
-
-
 def split_similarity_gap(
     splits: Mapping[str, CIRSplit],
     features: Mapping[str, "SplitFeatures"],
-    combine: Callable[[Tensor, Tensor], Tensor],
+    combine: CombineFn,
     n_bins: int = 100,
     seed: int = 0,
 ) -> GapStats:
@@ -365,7 +361,7 @@ def split_similarity_gap(
 
 def gradcam_examples(
     backbone: "Backbone",
-    combine: Callable[[Tensor, Tensor], Tensor],
+    combine: CombineFn,
     split: CIRSplit,
     n: int = 3,
     seed: int = 0,

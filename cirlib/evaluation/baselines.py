@@ -4,31 +4,29 @@ The baselines of iSEARLE Tables II–IV (image-only, text-only, image+text sum) 
 modality-redundancy curves of iSEARLE Fig. 7 all need the same three feature sets per split:
 gallery images, reference images and query texts, which :func:`cirlib.models.features.encode_split`
 computes once (reference rows are taken from the gallery features whenever the reference is a
-gallery image).
+gallery image). Every number comes from the benchmark protocols of
+:mod:`cirlib.evaluation.protocols`; this module only groups splits by benchmark.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
-import torch
 from torch import Tensor
 
-from cirlib.models.backbone import Backbone
-from cirlib.evaluation.bootstrap import PerQuery
-from cirlib.evaluation.protocols import evaluate_splits, per_query_splits
-from cirlib.models.combiner import combine_sum
 from cirlib.data.datasets import CIRSplit
-from cirlib.models.features import SplitFeatures, encode_split
-from cirlib.evaluation.metrics import indices_of, name_index, recall_at_k
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
-
+from cirlib.evaluation.bootstrap import PerQuery
+from cirlib.evaluation.protocols import benchmark_columns, evaluate_split, evaluate_splits, per_query_splits
+from cirlib.models.backbone import Backbone
+from cirlib.models.combiner import CombineFn, combine_sum
+from cirlib.models.features import SplitFeatures, encode_split
 
 # The zero-shot combining functions of iSEARLE's baseline rows.
-BASELINES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+BASELINES: dict[str, CombineFn] = {
     "image": lambda image, text: image,
     "text": lambda image, text: text,
     "sum": combine_sum,
@@ -48,25 +46,22 @@ def _by_benchmark(
 
 
 def evaluate_features(
-    splits: Mapping[str, CIRSplit],
-    features: Mapping[str, SplitFeatures],
-    combine: Callable[[Tensor, Tensor], Tensor],
+    splits: Mapping[str, CIRSplit], features: Mapping[str, SplitFeatures], combine: CombineFn
 ) -> dict[str, float]:
-    """``{"<benchmark> <metric>": value}`` for every split, FashionIQ categories averaged.
+    """``{"<benchmark> <metric>": value}`` for every benchmark among ``splits``, FashionIQ categories
+    averaged (:func:`cirlib.evaluation.protocols.evaluate_splits`).
 
     Keys look like ``"fashioniq R@10"``, ``"cirr Rsubset@1"``, ``"circo mAP@10"``; per-category and
-    per-aspect entries are dropped here (:func:`cirlib.evaluation.protocols.evaluate_split` gives them when needed).
+    per-aspect entries are left out (:func:`cirlib.evaluation.protocols.benchmark_columns`).
     """
     out: dict[str, float] = {}
     for dataset, (group, feats) in _by_benchmark(splits, features).items():
-        out |= {f"{dataset} {k}": v for k, v in evaluate_splits(group, feats, combine).items() if "/" not in k}
+        out |= benchmark_columns(dataset, evaluate_splits(group, feats, combine))
     return out
 
 
 def per_query_features(
-    splits: Mapping[str, CIRSplit],
-    features: Mapping[str, SplitFeatures],
-    combine: Callable[[Tensor, Tensor], Tensor],
+    splits: Mapping[str, CIRSplit], features: Mapping[str, SplitFeatures], combine: CombineFn
 ) -> dict[str, PerQuery]:
     """Per benchmark, the per-query values behind :func:`evaluate_features` (for bootstrap intervals)."""
     return {dataset: per_query_splits(group, feats, combine)
@@ -108,21 +103,15 @@ def redundancy_curves(
 
     High T2I means captions are really absolute descriptions; high I2I means references and targets
     look alike — either way one modality is redundant, so lower is better. As in iSEARLE, CIRCO uses
-    its single annotated target; the reference image itself is removed from every ranking (it would
-    otherwise trivially win I2I). FashionIQ categories are averaged.
+    its single annotated target (the protocol's R@K); the reference image itself is removed from
+    every ranking (it would otherwise trivially win I2I). FashionIQ categories are averaged.
     """
     rows = []
     for name, split in splits.items():
         f = features[name]
-        index = name_index(split.gallery)
-        targets = indices_of([q.target for q in split.queries], index)
-        references = indices_of([q.reference for q in split.queries], index)
-        gallery = torch.nn.functional.normalize(f.gallery.float(), dim=-1)
         for modality, query in (("T2I", f.text), ("I2I", f.reference)):
-            scores = torch.nn.functional.normalize(query.float(), dim=-1) @ gallery.T
-            recalls = recall_at_k(scores, targets, ks, exclude_idx=references)
-            benchmark = split.dataset
-            rows += [{"benchmark": benchmark, "split": name, "modality": modality, "K": k,
+            recalls = evaluate_split(split, query, f.gallery, ks=ks, exclude_reference=True)
+            rows += [{"benchmark": split.dataset, "split": name, "modality": modality, "K": k,
                       "recall": recalls[f"R@{k}"]} for k in ks]
     frame = pd.DataFrame(rows)
     return frame.groupby(["benchmark", "modality", "K"], as_index=False)["recall"].mean()

@@ -70,7 +70,8 @@ class PerQuery:
         common = set.intersection(*metrics)
         if any(m != common for m in metrics):
             raise ValueError(f"splits report different metrics: { {s: sorted(m) for s, m in per_split.items()} }")
-        values = {k: np.concatenate([np.asarray(m[k], dtype=np.float64) for m in per_split.values()]) for k in sorted(common)}
+        values = {k: np.concatenate([np.asarray(m[k], dtype=np.float64) for m in per_split.values()])
+                  for k in sorted(common)}
         for name, (a, b) in DERIVED.items():
             if a in values and b in values:
                 values[name] = (values[a] + values[b]) / 2
@@ -83,6 +84,7 @@ class PerQuery:
         return self.values[metric]
 
     def mean(self, metric: str) -> float:
+        """The benchmark number: the metric's mean per split, averaged over the splits."""
         return float(_stratified_means(self._metric(metric)[None], self.strata, None)[0, 0])
 
     def interval(self, metric: str, seed: int = 0) -> Interval:
@@ -168,12 +170,14 @@ def check_asserted(claims: pd.DataFrame) -> None:
     """Fail, naming each one, when an asserted claim of :func:`claims_table` does not hold beyond its interval."""
     failed = claims[claims["asserted"].astype(bool) & (claims["verdict"] != VERDICTS[0])]
     if len(failed):
-        lines = [f"  {b}: {c} on {r['metric']}: difference {r['difference']:.2f} [{r['95% low']:.2f}, {r['95% high']:.2f}] "
-                 f"({r['verdict']})" for (b, c), r in failed.iterrows()]
+        lines = [f"  {b}: {c} on {r['metric']}: difference {r['difference']:.2f} "
+                 f"[{r['95% low']:.2f}, {r['95% high']:.2f}] ({r['verdict']})" for (b, c), r in failed.iterrows()]
         raise AssertionError("paper orderings that no longer hold beyond their 95% interval:\n" + "\n".join(lines))
 
 
-def interval_table(results: Mapping[Label, PerQuery], metrics: Mapping[str, Sequence[str]], seed: int = 0) -> pd.DataFrame:
+def interval_table(
+    results: Mapping[Label, PerQuery], metrics: Mapping[str, Sequence[str]], seed: int = 0
+) -> pd.DataFrame:
     """``"estimate [low, high]"`` strings: rows = result labels without the benchmark, columns =
     ``"<benchmark> <metric>"`` for the ``metrics`` of each benchmark."""
     columns: dict[str, dict[str | Label, str]] = {}

@@ -12,8 +12,12 @@ Conventions shared by every function here:
   or an excluded item -- is a miss at every K, never an error: its rank is ``MISS_RANK``.
 * Excluded items (the reference image in CIRR and CIRCO) leave the ranking, as if their score
   were ``-inf``.
-* Work is done in row chunks of about ``CHUNK_ELEMENTS`` comparisons, so a 10k x 10k score matrix
-  costs tens of MB of extra memory, on CPU or GPU alike (results stay on the scores' device).
+* Work is done in row chunks of about :data:`cirlib.core.tensors.CHUNK_ELEMENTS` comparisons, so a
+  10k x 10k score matrix costs tens of MB of extra memory, on CPU or GPU alike (results stay on the
+  scores' device).
+
+Benchmark protocols (which metrics, which exclusions) are applied by
+:func:`cirlib.evaluation.protocols.per_query_metrics`.
 """
 
 from __future__ import annotations
@@ -24,22 +28,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-CHUNK_ELEMENTS = 1 << 24
+from cirlib.core.tensors import row_chunks
+from cirlib.data.datasets import CIRCO_ASPECTS
+
 MISS_RANK = torch.iinfo(torch.long).max
-
-# Spelling and order of the official CIRCO annotations and evaluation script (iSEARLE Table I).
-CIRCO_ASPECTS = (
-    "cardinality",
-    "addition",
-    "negation",
-    "direct_addressing",
-    "compare_change",
-    "comparative_statement",
-    "statement_with_conjunction",
-    "spatial_relations_background",
-    "viewpoint",
-)
-
 IndexLike = Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
@@ -136,9 +128,7 @@ def _count_at_least(scores: Tensor, values: Tensor, exclude_idx: Tensor | None) 
     n_queries, n_gallery = scores.shape
     width = values.shape[1]
     counts = torch.empty((n_queries, width), dtype=torch.long, device=scores.device)
-    step = max(1, CHUNK_ELEMENTS // max(1, width * n_gallery))
-    for start in range(0, n_queries, step):
-        rows = slice(start, start + step)
+    for rows in row_chunks(n_queries, width * n_gallery):
         counts[rows] = (scores[rows, None, :] >= values[rows, :, None]).sum(-1, dtype=torch.int32)
     if exclude_idx is not None:
         duplicate = (exclude_idx[:, :, None] == exclude_idx[:, None, :]) & _earlier(exclude_idx.shape[1], scores.device)
@@ -252,71 +242,6 @@ def with_cirr_average(results: dict[str, float]) -> dict[str, float]:
     """Add CIRR's headline ``avg`` = (R@5 + Rsubset@1) / 2 when both are present."""
     if "R@5" in results and "Rsubset@1" in results:
         results["avg"] = (results["R@5"] + results["Rsubset@1"]) / 2
-    return results
-
-
-def recall_at_k(
-    scores: Tensor, target_idx: IndexLike, ks: Sequence[int] = (1, 5, 10, 50), exclude_idx: IndexLike | None = None
-) -> dict[str, float]:
-    """``{"R@k": percent of queries whose target ranks in the top k}``."""
-    return summarise(per_query_hits(rank_of(scores, target_idx, exclude_idx), ks))
-
-
-def _check_lengths(scores: Tensor, gallery_names: Sequence[str], **per_query: Sequence) -> None:
-    if len(gallery_names) != scores.shape[1]:
-        raise ValueError(f"{len(gallery_names)} gallery names for {scores.shape[1]} score columns")
-    for what, values in per_query.items():
-        if len(values) != scores.shape[0]:
-            raise ValueError(f"{len(values)} {what} for {scores.shape[0]} score rows (one per query)")
-
-
-def cirr_recall(
-    scores: Tensor,
-    gallery_names: Sequence[str],
-    reference_names: Sequence[str],
-    target_names: Sequence[str | None],
-    groups: Sequence[Sequence[str]],
-    ks: Sequence[int] = (1, 5, 10, 50),
-    subset_ks: Sequence[int] = (1, 2, 3),
-) -> dict[str, float]:
-    """CIRR protocol: R@K and Rsubset@K with the reference removed from both rankings, plus ``avg``."""
-    _check_lengths(
-        scores, gallery_names, reference_names=reference_names, target_names=target_names, groups=groups
-    )
-    index = name_index(gallery_names)
-    reference = indices_of(reference_names, index)
-    target = indices_of(target_names, index)
-    results = summarise(per_query_hits(rank_of(scores, target, reference), ks))
-    group_ranks = subset_rank(scores, target, index_lists(groups, index), reference)
-    results.update(summarise(per_query_hits(group_ranks, subset_ks, prefix="Rsubset")))
-    return with_cirr_average(results)
-
-
-def map_at_k(
-    scores: Tensor,
-    gallery_names: Sequence[str],
-    ground_truths: Sequence[Sequence[str]],
-    ks: Sequence[int] = (5, 10, 25, 50),
-    exclude: Sequence[str | None] | None = None,
-    target_names: Sequence[str | None] | None = None,
-) -> dict[str, float]:
-    """CIRCO protocol: ``mAP@K`` in percent over all ground truths; with ``target_names``, also
-    CIRCO's ``R@K`` of the single annotated target. ``exclude`` (e.g. reference names, one per
-    query) leaves those images out of the ranking. The denominator min(K, #GT) counts every
-    distinct annotated GT, also those missing from the gallery, so missing images cannot help.
-    """
-    _check_lengths(scores, gallery_names, ground_truths=ground_truths)
-    index = name_index(gallery_names)
-    exclude_idx = None
-    if exclude is not None:
-        _check_lengths(scores, gallery_names, exclude=exclude)
-        exclude_idx = indices_of(exclude, index)
-    n_gt = [len(set(names)) for names in ground_truths]
-    ap = average_precision(scores, index_lists(ground_truths, index), ks, n_gt, exclude_idx)
-    results = summarise({f"mAP@{k}": ap[:, col] * 100.0 for col, k in enumerate(_check_ks(ks))})
-    if target_names is not None:
-        _check_lengths(scores, gallery_names, target_names=target_names)
-        results.update(recall_at_k(scores, indices_of(target_names, index), ks, exclude_idx))
     return results
 
 

@@ -51,7 +51,9 @@ def clip4cir_main_table() -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["stage-1", "combining function"])
 
 
-def side_by_side(ours: pd.DataFrame, columns: list[str], ours_label: str = "ours", paper_label: str = "paper") -> pd.DataFrame:
+def side_by_side(
+    ours: pd.DataFrame, columns: list[str], ours_label: str = "ours", paper_label: str = "paper"
+) -> pd.DataFrame:
     """Our table and the paper's (:data:`SOURCE`) on the same rows and ``columns``, as two column groups.
 
     The labels are short because flattened markdown headers repeat them; say what each side is

@@ -1,28 +1,37 @@
-"""Protocol-aware evaluation of a CIR split from precomputed features.
+"""Protocol-aware evaluation of CIR splits from precomputed features.
 
-One call turns (split, query features, gallery features) into the numbers each benchmark
-reports, so notebooks never re-implement a protocol: FashionIQ R@10/R@50 (one split per
-category; average them with ``metrics.fashioniq_average``), CIRR R@1/5/10/50 + Rsubset@1/2/3 +
-``avg``, CIRCO mAP@5/10/25/50 + R@K + per-aspect mAP@10. Scores are cosine similarities computed
-chunk by chunk on the features' device, so large galleries fit in memory.
+:func:`per_query_metrics` is the one place a benchmark protocol is applied: (split, query
+features, gallery features) -> every metric the benchmark reports, per query: FashionIQ R@10/R@50
+(one split per category), CIRR R@1/5/10/50 + Rsubset@1/2/3, CIRCO mAP@5/10/25/50 + R@K. Everything
+else builds on it:
+
+* :func:`evaluate_split`: their means, plus CIRR's ``avg`` and CIRCO's per-aspect mAP@10;
+* :func:`evaluate_splits` / :func:`per_query_splits`: a combining function scored on the cached
+  ``(reference, text, gallery)`` features of one benchmark's splits (FashionIQ categories
+  averaged by :func:`merge_metrics`), as means or as per-query values for bootstrap intervals;
+* :class:`CachedEvaluator`: the same for frozen encoders, features extracted once;
+* :func:`benchmark_columns`: the benchmark-level entries as result-table columns.
+
+Scores are cosine similarities computed in row chunks (:func:`similarity_chunks`) on the
+features' device, so large galleries fit in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cirlib.core.tensors import row_chunks
+from cirlib.data.datasets import CIRSplit
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
-from cirlib.evaluation import metrics
 from cirlib.evaluation.bootstrap import PerQuery
 from cirlib.evaluation.metrics import (
     IndexLike,
@@ -39,10 +48,8 @@ from cirlib.evaluation.metrics import (
     summarise,
     with_cirr_average,
 )
-from cirlib.models.combiner import apply_combine, CombineFn
+from cirlib.models.combiner import CombineFn, apply_combine
 from cirlib.models.features import encode_split
-
-from cirlib.data.datasets import CIRSplit
 
 if TYPE_CHECKING:
     from cirlib.models.backbone import Backbone
@@ -106,6 +113,17 @@ def _normalised_features(split: CIRSplit, query_features: Tensor, gallery_featur
     return queries, gallery
 
 
+def similarity_chunks(queries: Tensor, gallery: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``(rows, queries[rows] @ gallery.T)`` over row chunks of about
+    :data:`cirlib.core.tensors.CHUNK_ELEMENTS` scores each.
+
+    With L2-normalised rows the scores are cosine similarities; a query x gallery matrix of any
+    size is thus scored within a fixed memory budget, on the features' device.
+    """
+    for rows in row_chunks(len(queries), len(gallery)):
+        yield rows, queries[rows] @ gallery.T
+
+
 def per_query_metrics(
     split: CIRSplit,
     query_features: Tensor,
@@ -115,8 +133,12 @@ def per_query_metrics(
 ) -> dict[str, Tensor]:
     """Every metric of the split's protocol per query (CPU ``[Q]`` tensors in percent).
 
-    Their means are ``evaluate_split``'s numbers; kept per query for per-aspect tables and for
-    before/after comparisons. ``ks`` and ``exclude_reference`` override the protocol defaults.
+    ``query_features`` and ``gallery_features`` have one row per query and per gallery image of
+    ``split`` and are L2-normalised here. Queries whose target is absent from the gallery count
+    as misses (one warning with the count). Test splits (no targets) raise ``ValueError``: only
+    the official servers can score them. ``ks`` and ``exclude_reference`` override the protocol
+    defaults. The means are :func:`evaluate_split`'s numbers; the per-query values serve
+    per-aspect tables and bootstrap intervals.
     """
     protocol = _protocol(split, ks, exclude_reference)
     queries, gallery = _normalised_features(split, query_features, gallery_features)
@@ -137,10 +159,7 @@ def per_query_metrics(
         gts, n_gt = index_lists(truths, index), torch.tensor([len(set(t)) for t in truths])
 
     parts: dict[str, list[Tensor]] = {}
-    step = max(1, metrics.CHUNK_ELEMENTS // max(1, len(gallery)))
-    for start in range(0, len(queries), step):
-        rows = slice(start, start + step)
-        scores = queries[rows] @ gallery.T
+    for rows, scores in similarity_chunks(queries, gallery):
         exclude = None if references is None else references[rows]
         chunk: dict[str, Tensor] = {}
         if gts is not None and n_gt is not None:
@@ -155,21 +174,8 @@ def per_query_metrics(
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def evaluate_split(
-    split: CIRSplit,
-    query_features: Tensor,
-    gallery_features: Tensor,
-    ks: Sequence[int] | None = None,
-    exclude_reference: bool | None = None,
-) -> dict[str, float]:
-    """The split's protocol metrics in percent (see ``PROTOCOLS``).
-
-    ``gallery_features`` rows align with ``split.gallery``; features are L2-normalised here.
-    Queries whose target is absent from the gallery count as misses (one warning with the count).
-    CIRCO-format splits with semantic aspects also get ``"mAP@10/<aspect>"`` entries.
-    Test splits (no targets) raise ``ValueError``: only the official servers can score them.
-    """
-    per_query = per_query_metrics(split, query_features, gallery_features, ks, exclude_reference)
+def _means(split: CIRSplit, per_query: Mapping[str, Tensor]) -> dict[str, float]:
+    """:func:`evaluate_split`'s numbers from :func:`per_query_metrics`' values."""
     results = with_cirr_average(summarise(per_query))
     aspects = [query.semantic_aspects for query in split.queries]
     if ASPECT_METRIC in per_query and any(aspects):
@@ -178,17 +184,17 @@ def evaluate_split(
     return results
 
 
-def evaluate_per_aspect(
-    split: CIRSplit, query_features: Tensor, gallery_features: Tensor, metric: str = ASPECT_METRIC
-) -> pd.DataFrame:
-    """Per-semantic-aspect table (iSEARLE Table V) of one per-query metric, e.g. ``"mAP@10"``."""
-    aspects = [query.semantic_aspects for query in split.queries]
-    if not any(aspects):
-        raise ValueError(f"{split.dataset}/{split.split} has no semantic aspects (only CIRCO-format splits do)")
-    per_query = per_query_metrics(split, query_features, gallery_features)
-    if metric not in per_query:
-        raise ValueError(f"metric {metric!r} is not computed for {split.dataset}; choose one of {list(per_query)}")
-    return per_aspect({metric: per_query[metric]}, aspects)
+def evaluate_split(
+    split: CIRSplit,
+    query_features: Tensor,
+    gallery_features: Tensor,
+    ks: Sequence[int] | None = None,
+    exclude_reference: bool | None = None,
+) -> dict[str, float]:
+    """The split's protocol metrics in percent (see ``PROTOCOLS``): the means of
+    :func:`per_query_metrics` (same arguments), CIRR's ``avg`` = (R@5 + Rsubset@1) / 2, and for
+    splits with semantic aspects (CIRCO) one ``"mAP@10/<aspect>"`` entry per aspect."""
+    return _means(split, per_query_metrics(split, query_features, gallery_features, ks, exclude_reference))
 
 
 def topk(scores: Tensor, k: int, exclude_idx: IndexLike | None = None) -> tuple[Tensor, Tensor]:
@@ -209,9 +215,7 @@ def topk(scores: Tensor, k: int, exclude_idx: IndexLike | None = None) -> tuple[
         exclude = torch.as_tensor(exclude_idx, dtype=torch.long, device=scores.device).reshape(n_queries, -1)
     values = torch.empty((n_queries, k), dtype=scores.dtype, device=scores.device)
     indices = torch.empty((n_queries, k), dtype=torch.long, device=scores.device)
-    step = max(1, metrics.CHUNK_ELEMENTS // max(1, n_gallery))
-    for start in range(0, n_queries, step):
-        rows = slice(start, start + step)
+    for rows in row_chunks(n_queries, n_gallery):
         chunk = mask_excluded(scores[rows], None if exclude is None else exclude[rows])
         # torch.topk picks the k best fast but orders ties arbitrarily: re-sort them by
         # gallery index, and fully sort the rare rows where a tie straddles the k-th place.
@@ -236,7 +240,6 @@ def main_metric_for(dataset: str) -> str:
     if dataset not in MAIN_METRICS:
         raise ValueError(f"no default main metric for dataset {dataset!r}; pass main_metric explicitly")
     return MAIN_METRICS[dataset]
-
 
 
 def merge_metrics(per_split: Mapping[str, Mapping[str, float]], dataset: str) -> dict[str, float]:
@@ -265,38 +268,54 @@ def _one_benchmark(splits: Mapping[str, CIRSplit]) -> str:
     return datasets.pop()
 
 
+def benchmark_columns(benchmark: str, results: Mapping[str, float]) -> dict[str, float]:
+    """``{"<benchmark> <metric>": value}``: the benchmark-level entries of ``results`` named as the
+    columns of the course's result tables (``"cirr R@1"``, ``"fashioniq average"``).
+
+    Per-split (``"dress/R@10"``) and per-aspect (``"mAP@10/addition"``) entries, the names with a
+    ``/``, are left out.
+    """
+    return {f"{benchmark} {name}": value for name, value in results.items() if "/" not in name}
+
+
+def _per_split(
+    splits: Mapping[str, CIRSplit], features: Mapping[str, tuple[Tensor, Tensor, Tensor]], combine: CombineFn
+) -> dict[str, dict[str, Tensor]]:
+    """:func:`per_query_metrics` of ``combine(reference, text)`` against the gallery, per split."""
+    _one_benchmark(splits)
+    per_split = {}
+    for name, split in splits.items():
+        reference, text, gallery = features[name]
+        per_split[name] = per_query_metrics(split, apply_combine(combine, reference, text), gallery)
+    return per_split
+
+
 def evaluate_splits(
     splits: Mapping[str, CIRSplit], features: Mapping[str, tuple[Tensor, Tensor, Tensor]], combine: CombineFn
 ) -> dict[str, float]:
-    """Benchmark metrics of ``combine`` given ``(reference, text, gallery)`` features per split."""
-    dataset = _one_benchmark(splits)
-    per_split = {
-        name: evaluate_split(split, apply_combine(combine, *features[name][:2]), features[name][2])
-        for name, split in splits.items()
-    }
-    return merge_metrics(per_split, dataset)
+    """Metrics of ``combine`` on one benchmark's splits, given ``(reference, text, gallery)``
+    features per split: :func:`evaluate_split` of each split, merged by :func:`merge_metrics`."""
+    per_split = _per_split(splits, features, combine)
+    return merge_metrics({name: _means(splits[name], values) for name, values in per_split.items()},
+                         _one_benchmark(splits))
 
 
 def per_query_splits(
     splits: Mapping[str, CIRSplit], features: Mapping[str, tuple[Tensor, Tensor, Tensor]], combine: CombineFn
 ) -> PerQuery:
     """The per-query values behind :func:`evaluate_splits`'s numbers, for bootstrap intervals."""
-    _one_benchmark(splits)
-    return PerQuery.from_splits({
-        name: {k: v.numpy() for k, v in per_query_metrics(
-            split, apply_combine(combine, *features[name][:2]), features[name][2]).items()}
-        for name, split in splits.items()
-    })
-
+    per_split = _per_split(splits, features, combine)
+    return PerQuery.from_splits({name: {k: v.numpy() for k, v in values.items()} for name, values in per_split.items()})
 
 
 class CachedEvaluator:
     """Validation for frozen encoders: ``val_fn(combine) -> metrics``, ``val_fn.per_query(combine)``.
 
-    The splits' query and gallery features are extracted once (:func:`cirlib.models.features.encode_split`,
-    so they share the cache of the notebooks' other evaluations); every call only applies
-    ``combine`` and the benchmark protocol (:func:`cirlib.evaluation.protocols.evaluate_split`), so it serves the
-    zero-shot/stage-1 Sum rows and every epoch of Combiner training alike.
+    The splits' reference, text and gallery features are extracted once
+    (:func:`cirlib.models.features.encode_split`, so they share the cache of the notebooks' other
+    evaluations); every call only applies ``combine`` and the protocol (:func:`evaluate_splits`,
+    :func:`per_query_splits`), so it serves the zero-shot/stage-1 Sum rows and every epoch of
+    Combiner training alike.
     """
 
     def __init__(
@@ -308,13 +327,68 @@ class CachedEvaluator:
         cache_dir: Path | str | None = None,
     ) -> None:
         self.splits = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
-        self.features = {}
+        self.features: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for name, split in self.splits.items():
             f = encode_split(backbone, split, transform_kind, target_ratio, cache_dir)
             self.features[name] = (f.reference, f.text, f.gallery)
 
     def __call__(self, combine: CombineFn) -> dict[str, float]:
+        """:func:`evaluate_splits` of ``combine`` on the cached features."""
         return evaluate_splits(self.splits, self.features, combine)
 
     def per_query(self, combine: CombineFn) -> PerQuery:
+        """:func:`per_query_splits` of ``combine`` on the cached features."""
         return per_query_splits(self.splits, self.features, combine)
+
+
+class LiveEvaluator:
+    """Validation for encoders being trained: ``val_fn(backbone, combine) -> metrics``.
+
+    Each call encodes the splits with the backbone's *current* weights (references, gallery and
+    deterministic captions) and scores ``combine`` with :func:`evaluate_splits`, as
+    :class:`CachedEvaluator` does for frozen encoders. The images are decoded once into a
+    :class:`~cirlib.data.pixels.PixelCache` (kept under ``cache_dir``) and their features are reused
+    while the image tower is unchanged (``backbone.image_fingerprint``, e.g. while only the text
+    encoder is fine-tuned), which is most of the cost.
+    """
+
+    def __init__(
+        self,
+        splits: CIRSplit | Mapping[str, CIRSplit],
+        transform_kind: TransformKind = "targetpad",
+        target_ratio: float = DEFAULT_TARGET_RATIO,
+        cache_dir: Path | str | None = None,
+        amp: bool = True,
+    ) -> None:
+        self.splits = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
+        self.transform_kind, self.target_ratio, self.cache_dir, self.amp = transform_kind, target_ratio, cache_dir, amp
+        self._pixels: dict[tuple[str, int], object] = {}  # (split, input size) -> PixelCache
+        self._images: dict[str, tuple[str, Tensor]] = {}  # split -> (image-tower fingerprint, features)
+
+    def _image_features(self, backbone: "Backbone", name: str, names: list[str]) -> Tensor:
+        from cirlib.data.pixels import PixelCache
+        from cirlib.models.features import encode_pixels
+
+        key = (name, backbone.image_size)
+        if key not in self._pixels:
+            paths = [self.splits[name].image_paths[n] for n in names]
+            self._pixels[key] = PixelCache(paths, backbone.image_size, self.transform_kind, self.target_ratio,
+                                           self.cache_dir)
+        tower = backbone.image_fingerprint
+        if name not in self._images or self._images[name][0] != tower:
+            self._images[name] = (tower, encode_pixels(backbone, self._pixels[key], amp=self.amp))
+        return self._images[name][1]
+
+    def __call__(self, backbone: "Backbone", combine: CombineFn) -> dict[str, float]:
+        from cirlib.data.datasets import query_text
+        from cirlib.models.features import text_features
+
+        features = {}
+        for name, split in self.splits.items():
+            names = list(dict.fromkeys([*(q.reference for q in split.queries), *split.gallery]))
+            row = {n: i for i, n in enumerate(names)}
+            images = self._image_features(backbone, name, names)
+            texts = text_features(backbone, [query_text(q) for q in split.queries], progress=False, amp=self.amp)
+            features[name] = (images[[row[q.reference] for q in split.queries]], texts,
+                              images[[row[g] for g in split.gallery]])
+        return evaluate_splits(self.splits, features, combine)

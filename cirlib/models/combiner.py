@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cirlib.core.device import get_device
+from cirlib.core.tensors import eval_mode
 
 if TYPE_CHECKING:
     pass
@@ -134,22 +135,16 @@ class Combiner(nn.Module):
 
 
 def apply_combine(combine: CombineFn, image: Tensor, text: Tensor, batch_size: int = 4096) -> Tensor:
-    """``combine`` over all rows in batches, on the device of its parameters, result on the CPU."""
+    """``combine`` over all rows in batches, in eval mode (its training flag restored after) and on
+    the device of its parameters; the result is on the CPU."""
     module = combine if isinstance(combine, nn.Module) else None
     param = next(module.parameters(), None) if module is not None else None
     device = param.device if param is not None else image.device
-    was_training = module.training if module is not None else False
-    if module is not None:
-        module.eval()
-    try:
-        with torch.no_grad():
-            out = [
-                combine(image[i : i + batch_size].to(device), text[i : i + batch_size].to(device)).float().cpu()
-                for i in range(0, len(image), batch_size)
-            ]
-    finally:
-        if module is not None:
-            module.train(was_training)
+    with eval_mode(module), torch.no_grad():
+        out = [
+            combine(image[i : i + batch_size].to(device), text[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(image), batch_size)
+        ]
     return torch.cat(out) if out else image.new_zeros(0, image.shape[1])
 
 

@@ -1,31 +1,34 @@
-"""Figures and tables the notebooks show, each saved under a stable name in ``figures/``.
+"""Figures the notebooks show, each saved under a stable name in ``figures/``.
 
 Plotting lives here (not in notebook cells) so every figure is reproducible from a function
-call and the notebooks stay thin.
+call and the notebooks stay thin. Tables are written by :mod:`cirlib.viz.tables`; the numbers
+behind the figures come from :mod:`cirlib.data.stats` and :mod:`cirlib.evaluation`.
 """
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import matplotlib.figure
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cirlib.data.datasets import CIRSplit, open_image, query_text
 from cirlib.core.io import atomic_path
+from cirlib.data.datasets import CIRSplit, open_image, query_text
+from cirlib.data.preprocess import build_transform, visible_fraction
+from cirlib.data.stats import aspect_ratios
+
+if TYPE_CHECKING:
+    from cirlib.evaluation.analysis import GapStats
 
 GREEN = "#2ca02c"
-
-# Plain-text tables print one line per row instead of wrapping at 80 columns: where a table wraps
-# would otherwise depend on the width of the numbers in it, which the notebook tests mask (they
-# compare the text around the numbers). The HTML view in JupyterLab is unaffected.
-pd.set_option("display.width", 100_000)
+TARGET_VIOLET = "#8e44ad"
+GAP_RED = "#d62728"
+OVERLAP_GREEN = "#0b5d1e"
 
 
 def save_figure(fig: matplotlib.figure.Figure, name: str, figdir: Path, dpi: int = 110) -> Path:
@@ -34,30 +37,6 @@ def save_figure(fig: matplotlib.figure.Figure, name: str, figdir: Path, dpi: int
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png", metadata={"Software": None})
     return path
-
-
-def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.2f}") -> str:
-    """A GitHub-flavoured markdown table (pandas' own needs the optional ``tabulate``)."""
-    frame = df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df
-    cols = [" ".join(str(p) for p in c if str(p)) if isinstance(c, tuple) else str(c) for c in frame.columns]
-
-    def fmt(v: object) -> str:
-        return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
-
-    rows = [[fmt(v) for v in row] for row in frame.itertuples(index=False)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def save_table(df: pd.DataFrame, name: str, figdir: Path, floatfmt: str = "{:.2f}") -> Path:
-    """Save a result table as ``<name>.csv`` (machine-readable) and ``<name>.md`` (for the README)."""
-    figdir = Path(figdir)
-    with atomic_path(figdir / f"{name}.csv") as tmp:
-        df.to_csv(tmp, float_format="%.4f")
-    with atomic_path(figdir / f"{name}.md") as tmp:
-        tmp.write_text(to_markdown(df, floatfmt), encoding="utf-8")
-    return figdir / f"{name}.csv"
 
 
 def triplet_grid(
@@ -98,16 +77,6 @@ def _show(ax: plt.Axes, path: Path, label: str, frame: str | None = None) -> Non
             spine.set_linewidth(4)
 
 
-def aspect_ratios(split: CIRSplit) -> np.ndarray:
-    """Width / height of every gallery image (read from the header only)."""
-    out = []
-    for name in split.gallery:
-        with Image.open(split.image_paths[name]) as im:
-            w, h = im.size
-        out.append(w / h)
-    return np.asarray(out)
-
-
 def aspect_ratio_histograms(splits: Mapping[str, CIRSplit], bins: int = 30) -> matplotlib.figure.Figure:
     """CLIP4Cir Fig. 5: distribution of image aspect ratios per category/benchmark."""
     fig, axes = plt.subplots(1, len(splits), figsize=(3.2 * len(splits), 2.8), squeeze=False)
@@ -135,7 +104,9 @@ def curves(history: pd.DataFrame, x: str, ys: Sequence[str], title: str = "") ->
     return fig
 
 
-def histogram(values: np.ndarray, xlabel: str, bins=20, title: str = "") -> matplotlib.figure.Figure:
+def histogram(
+    values: np.ndarray, xlabel: str, bins: int | Sequence[float] = 20, title: str = ""
+) -> matplotlib.figure.Figure:
     """A single labelled histogram (counts per bin)."""
     fig, ax = plt.subplots(figsize=(4, 2.8))
     ax.hist(values, bins=bins, color="#4c72b0", align="left" if not isinstance(bins, int) else "mid")
@@ -179,20 +150,10 @@ def redundancy_plot(curves_frame: pd.DataFrame) -> matplotlib.figure.Figure:
     return fig
 
 
-def extreme_aspect_examples(splits: Mapping[str, CIRSplit], n: int = 3) -> list[Path]:
-    """The tallest and widest gallery images across ``splits`` (what Fig. 6 of CLIP4Cir shows)."""
-    ranked = sorted((r, split.image_paths[name]) for split in splits.values()
-                    for name, r in zip(split.gallery, aspect_ratios(split)))
-    n_tall = (n + 1) // 2
-    return [p for _, p in ranked[:n_tall]] + [p for _, p in ranked[len(ranked) - (n - n_tall):]]
-
-
 def preprocessing_comparison(
     images: Sequence[Path], kinds: Sequence[str], image_size: int, target_ratio: float
 ) -> matplotlib.figure.Figure:
     """CLIP4Cir Fig. 6: each image as stored and as each pipeline hands it to the encoder."""
-    from cirlib.data.preprocess import build_transform, visible_fraction
-
     transforms = {k: build_transform(k, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), target_ratio) for k in kinds}
     fig, axes = plt.subplots(len(images), len(kinds) + 1, figsize=(2.2 * (len(kinds) + 1), 2.3 * len(images)),
                              squeeze=False)
@@ -207,36 +168,6 @@ def preprocessing_comparison(
                           fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def visible_area_table(
-    aspect_ratios_wh: Sequence[float], kinds: Sequence[str], target_ratio: float, image_size: int = 224
-) -> pd.DataFrame:
-    """Fraction of the image area each pipeline keeps, per aspect ratio (w/h), from exact geometry."""
-    from cirlib.data.preprocess import visible_fraction
-
-    base = 1000
-    rows = {}
-    for r in aspect_ratios_wh:
-        size = (base, round(base / r)) if r >= 1 else (round(base * r), base)
-        rows[r] = {k: visible_fraction(size, k, target_ratio, image_size) for k in kinds}
-    frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame.index.name = "aspect ratio (w/h)"
-    return frame
-
-
-# --------------------------------------------------------------------------------------------
-# CLIP4Cir analysis figures (Figs. 7-12); the numbers come from cirlib.evaluation.analysis
-# --------------------------------------------------------------------------------------------
-
-from typing import TYPE_CHECKING  # noqa: E402  (this section was appended as a unit)
-
-if TYPE_CHECKING:
-    from cirlib.evaluation.analysis import GapStats
-
-TARGET_VIOLET = "#8e44ad"
-GAP_RED = "#d62728"
-OVERLAP_GREEN = "#0b5d1e"
 
 
 def _image_axis(ax: plt.Axes, image: Image.Image | np.ndarray, label: str) -> None:

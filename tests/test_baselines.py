@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cirlib.evaluation import baselines
 from cirlib.models.backbone import load_backbone
+from cirlib.models.features import SplitFeatures, encode_split
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def tiny():
 
 def test_encode_split_reuses_gallery_rows_for_references(tiny, fixture_splits, tmp_path: Path) -> None:
     split = fixture_splits["cirr"]
-    f = baselines.encode_split(tiny, split, cache_dir=tmp_path, progress=False)
+    f = encode_split(tiny, split, cache_dir=tmp_path, progress=False)
     assert f.gallery.shape == (len(split.gallery), tiny.embed_dim)
     assert f.reference.shape == f.text.shape == (len(split.queries), tiny.embed_dim)
     for row, q in enumerate(split.queries):
@@ -33,7 +34,8 @@ def test_baselines_table_shape_and_sum_definition(tiny, fixture_splits, tmp_path
     for (bench, method), result in per_query.items():  # the per-query values behind every number
         for metric in ("R@10", "mAP@10", "average", "avg"):
             if f"{bench} {metric}" in table.columns:
-                assert result.mean(metric) == pytest.approx(table.loc[method, f"{bench} {metric}"]), (bench, method, metric)
+                expected = table.loc[method, f"{bench} {metric}"]
+                assert result.mean(metric) == pytest.approx(expected), (bench, method, metric)
     for col in ("fashioniq R@10", "fashioniq average", "cirr R@1", "cirr Rsubset@1", "circo mAP@10"):
         assert col in table.columns
     assert ((table >= 0) & (table <= 100)).all().all()
@@ -50,7 +52,7 @@ def test_redundancy_curves_with_hand_made_features(fixture_splits) -> None:
     gallery = torch.eye(g, 16)
     targets = [split.gallery.index(q.target) for q in split.queries]
     refs = [split.gallery.index(q.reference) for q in split.queries]
-    feats = baselines.SplitFeatures(
+    feats = SplitFeatures(
         gallery=gallery,
         reference=gallery[refs] + 0.01 * gallery[targets],  # closest: itself (excluded), then the target
         text=-gallery[targets] + 0.001,                        # points away from the target: never first
