@@ -1,7 +1,10 @@
 """cirlib: the library behind the Composed Image Retrieval course notebooks.
 
-Each module holds one piece of the pipeline (data generation, loaders, metrics, backbone,
-fine-tuning, Combiner, ...); the notebooks in ``notebooks/`` call into them.
+Packages, in the order data flows through them: :mod:`cirlib.data` (dataset formats, the embedded
+benchmarks, preprocessing), :mod:`cirlib.models` (networks), :mod:`cirlib.methods` (how each paper
+trains them), :mod:`cirlib.evaluation` (protocols, baselines, analyses, intervals) and
+:mod:`cirlib.viz` (tables and figures); :mod:`cirlib.core` holds what all of them share and
+:mod:`cirlib.course` the notebooks' common set-up.
 """
 
 __version__ = "0.1.0"

@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
 import pytest
+from real_layout import real_layout_roots
 
 from cirlib.core import paths
 from cirlib.course import HEADLINE, MAIN, setup_course
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-def _complete_fashioniq(root: Path) -> Path:
-    """The fixture FashionIQ root with every category in val and train (the fixture has a few files)."""
-    shutil.copytree(FIXTURES / "fashioniq", root)
-    for category in ("dress", "shirt", "toptee"):
-        for split, source in (("val", "dress.val"), ("train", "shirt.train")):
-            for folder, kind in (("captions", "cap"), ("image_splits", "split")):
-                target = root / folder / f"{kind}.{category}.{split}.json"
-                if not target.exists():
-                    shutil.copy(root / folder / f"{kind}.{source}.json", target)
-    return root
 
 
 @pytest.fixture
 def course(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(paths.ROOT_ENV, str(tmp_path))
-    return setup_course(quick=True, fashioniq_root=_complete_fashioniq(tmp_path / "fashionIQ"),
-                        cirr_root=FIXTURES / "cirr", circo_root=FIXTURES / "circo")
+    return setup_course(quick=True, **real_layout_roots(tmp_path))
 
 
 def test_given_roots_are_used_and_nothing_is_generated(course, tmp_path: Path) -> None:
-    assert course.roots.fashioniq == tmp_path / "fashionIQ" and course.roots.circo == FIXTURES / "circo"
+    assert course.roots.fashioniq == tmp_path / "fashionIQ" and course.roots.circo == tmp_path / "CIRCO"
     assert not (tmp_path / "data" / "quick" / "fashion").exists()
     assert course.figdir == tmp_path / "data" / "quick" / "figures" and course.figdir.is_dir()
     assert course.cache == tmp_path / "data" / "quick" / "features" and course.cache.is_dir()
