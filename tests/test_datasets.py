@@ -192,7 +192,8 @@ def test_circo_val_hand_checked():
         reference="101",
         captions=("shows two of them and has a darker background",),
         target="102",
-        ground_truths=("102", "103"),  # 108 is a dead link
+        ground_truths=("102", "103"),  # 108 is a dead link ...
+        n_ground_truths=3,  # ... that still counts in the official mAP denominator
         pair_id=0,
         shared_concept="a red kite",
         semantic_aspects=("cardinality", "statement_with_conjunction", "spatial_relations_background"),

@@ -6,6 +6,7 @@ to a positive factor: cosine similarity keeps its order, and every rank below is
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def circo_split() -> tuple[CIRSplit, torch.Tensor]:
         query("a", "acf", ("addition",)),  # GTs at positions 1, 3, 6
         query("b", ["b", "c", "e", "g", "h", "zz"], ("negation", "addition")),  # 6 GTs, "zz" not in the gallery
         query("h", "h", ("viewpoint",)),  # only GT at position 8
-        query("b", "b", (), reference="a"),  # the reference "a" is first: excluded, b becomes first
+        query("b", "b", (), reference="a"),  # the reference "a" is first and kept: b is second
     ]
     features = torch.linspace(0.9, 0.1, 9).repeat(4, 1)  # a > b > ... > h > ref for every query
     return make_split("circo", queries, GALLERY9), features
@@ -159,9 +160,9 @@ def circo_split() -> tuple[CIRSplit, torch.Tensor]:
 
 # AP@K per query from the GT positions above: sum_{p<=K} (#GT up to p)/p / min(K, #GT)
 CIRCO_AP = {
-    5: [(1 + 2 / 3) / 3, (1 / 2 + 2 / 3 + 3 / 5) / 5, 0.0, 1.0],
-    10: [(1 + 2 / 3 + 3 / 6) / 3, (1 / 2 + 2 / 3 + 3 / 5 + 4 / 7 + 5 / 8) / 6, 1 / 8, 1.0],
-    25: [(1 + 2 / 3 + 3 / 6) / 3, (1 / 2 + 2 / 3 + 3 / 5 + 4 / 7 + 5 / 8) / 6, 1 / 8, 1.0],
+    5: [(1 + 2 / 3) / 3, (1 / 2 + 2 / 3 + 3 / 5) / 5, 0.0, 1 / 2],
+    10: [(1 + 2 / 3 + 3 / 6) / 3, (1 / 2 + 2 / 3 + 3 / 5 + 4 / 7 + 5 / 8) / 6, 1 / 8, 1 / 2],
+    25: [(1 + 2 / 3 + 3 / 6) / 3, (1 / 2 + 2 / 3 + 3 / 5 + 4 / 7 + 5 / 8) / 6, 1 / 8, 1 / 2],
 }
 
 
@@ -169,7 +170,7 @@ def test_circo_protocol_hand_computed():
     split, features = circo_split()
     results = evaluate_split(split, features, one_hot_gallery(9), ks=(5, 10, 25))
     expected = {f"mAP@{k}": 100 * sum(aps) / 4 for k, aps in CIRCO_AP.items()}
-    # CIRCO's recall uses the annotated target only: ranks 0, 1, 7, 0
+    # CIRCO's recall uses the annotated target only: ranks 0, 1, 7, 1
     expected |= {"R@5": 75.0, "R@10": 100.0, "R@25": 100.0}
     ap10 = CIRCO_AP[10]
     expected |= {
@@ -181,6 +182,22 @@ def test_circo_protocol_hand_computed():
     assert list(results) == list(expected)  # mAP, then recall, then aspects in the official order
 
 
+def test_circo_ground_truth_padding_and_dead_links():
+    """SEARLE pads GT lists with "" for batching: padding is not a GT and not in min(K, #GT). A GT
+    that was annotated but whose image is missing still counts in the denominator (official script)."""
+    split, features = circo_split()
+    padded = [replace(q, ground_truths=(*q.ground_truths, "", "")) for q in split.queries]
+    split_padded = make_split("circo", padded, GALLERY9)
+    plain = per_query_metrics(split, features, one_hot_gallery(9), ks=(5, 10))
+    assert per_query_metrics(split_padded, features, one_hot_gallery(9), ks=(5, 10))["mAP@10"].tolist() == (
+        plain["mAP@10"].tolist())
+    # Query 0 has GTs a, c, f on disk; with 5 annotated (two dead links) AP@10 divides by 5, not 3.
+    dead = [replace(split.queries[0], n_ground_truths=5), *split.queries[1:]]
+    lowered = per_query_metrics(make_split("circo", dead, GALLERY9), features, one_hot_gallery(9), ks=(10,))
+    assert lowered["mAP@10"][0].item() == pytest.approx(100 * (1 + 2 / 3 + 3 / 6) / 5)
+    assert lowered["mAP@10"][1:].tolist() == plain["mAP@10"][1:].tolist()
+
+
 def test_circo_reference_exclusion_lifts_ground_truths_and_targets():
     def query(target: str, gts: tuple[str, ...]) -> Query:
         return Query(reference="a", captions=("c",), target=target, ground_truths=gts, shared_concept="thing")
@@ -188,8 +205,8 @@ def test_circo_reference_exclusion_lifts_ground_truths_and_targets():
     # The reference "a" is first but never a ground truth: removing it lifts every GT one place.
     split = make_split("circo", [query("b", ("b",)), query("d", ("b", "d"))], [*"abcdefgh"])
     features = torch.linspace(0.8, 0.1, 8).repeat(2, 1)  # a > b > ... > h
-    kept = evaluate_split(split, features, one_hot_gallery(8), ks=(1, 2), exclude_reference=False)
-    removed = evaluate_split(split, features, one_hot_gallery(8), ks=(1, 2))
+    kept = evaluate_split(split, features, one_hot_gallery(8), ks=(1, 2))  # the official protocol
+    removed = evaluate_split(split, features, one_hot_gallery(8), ks=(1, 2), exclude_reference=True)
     assert kept == pytest.approx({"mAP@1": 0.0, "mAP@2": (50 + 25) / 2, "R@1": 0.0, "R@2": 50.0})
     assert removed == pytest.approx({"mAP@1": 100.0, "mAP@2": (100 + 50) / 2, "R@1": 50.0, "R@2": 50.0})
     assert list(kept) == list(removed) == ["mAP@1", "mAP@2", "R@1", "R@2"]
@@ -202,8 +219,9 @@ def test_circo_defaults_and_reference_exclusion():
         *(f"mAP@{k}" for k in PROTOCOLS["circo"].ks),
         *(f"R@{k}" for k in PROTOCOLS["circo"].ks),
     ]
-    kept = per_query_metrics(split, features, one_hot_gallery(9), ks=(5,), exclude_reference=False)
-    assert kept["mAP@5"][3].item() == 50.0  # b is second behind its reference a
+    assert not PROTOCOLS["circo"].exclude_reference, "CIRCO's official protocol keeps the reference"
+    removed = per_query_metrics(split, features, one_hot_gallery(9), ks=(5,), exclude_reference=True)
+    assert removed["mAP@5"][3].item() == 100.0  # without its reference a, b comes first
 
 
 def test_per_aspect_table_of_per_query_values():

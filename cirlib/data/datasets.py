@@ -115,6 +115,9 @@ class Query:
     shared_concept: str | None = None  # CIRCO
     semantic_aspects: tuple[str, ...] = ()  # CIRCO val (snake_case in the real release)
     category: str | None = None  # FashionIQ dress type
+    # CIRCO: how many ground truths were annotated, images missing on disk included. The official
+    # mAP@K divides by min(K, this), so a dead link costs the query instead of silently helping it.
+    n_ground_truths: int | None = None
 
 
 @dataclass(repr=False)
@@ -274,6 +277,7 @@ def load_circo(root: str | os.PathLike, split: str) -> CIRSplit:
                 captions=(caption,),
                 target=str(target) if target is not None else None,
                 ground_truths=tuple(str(g) for g in gts or ()),
+                n_ground_truths=len(set(gts)) if gts else None,
                 pair_id=_field(entry, "id", "int", where),
                 shared_concept=_field(entry, "shared_concept", "str", where),
                 semantic_aspects=tuple(aspects),

@@ -310,7 +310,7 @@ def top_k_names(
 
     ``query_features`` has one row per query of ``split`` (or per entry of ``query_indices``);
     ``gallery_features`` align with ``split.gallery``. The reference image is left out where the
-    benchmark's protocol leaves it out (CIRR, CIRCO) unless ``exclude_reference`` says otherwise.
+    benchmark's protocol leaves it out (CIRR) unless ``exclude_reference`` says otherwise.
     """
     indices = list(range(len(split.queries))) if query_indices is None else list(query_indices)
     q = _unit_rows(query_features, "query_features")

@@ -10,7 +10,7 @@ Conventions shared by every function here:
   quality, whereas the pessimistic rule scores it zero. ``topk`` (a display order) is stable.
 * A target that cannot be ranked -- index ``-1`` (not in the gallery, e.g. a missing image file)
   or an excluded item -- is a miss at every K, never an error: its rank is ``MISS_RANK``.
-* Excluded items (the reference image in CIRR and CIRCO) leave the ranking, as if their score
+* Excluded items (the reference image in CIRR) leave the ranking, as if their score
   were ``-inf``.
 * Work is done in row chunks of about :data:`cirlib.core.tensors.CHUNK_ELEMENTS` comparisons, so a
   10k x 10k score matrix costs tens of MB of extra memory, on CPU or GPU alike (results stay on the

@@ -70,9 +70,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "fashioniq": Protocol(ks=(10, 50)),
     # CIRR's official protocol removes the reference from both rankings.
     "cirr": Protocol(ks=(1, 5, 10, 50), subset_ks=(1, 2, 3), exclude_reference=True),
-    # The reference is never a ground truth; SEARLE's script keeps it in the ranking (where it
-    # often comes first for zero-shot methods), this course removes it as CIRR does.
-    "circo": Protocol(ks=(5, 10, 25, 50), average_precision=True, exclude_reference=True),
+    # CIRCO's official protocol ranks the whole index set with the reference kept: it is never a
+    # ground truth, so a method that returns the reference image itself pays for it.
+    "circo": Protocol(ks=(5, 10, 25, 50), average_precision=True),
 }
 ASPECT_METRIC = "mAP@10"  # what iSEARLE Table V and CIRCO's server report per semantic aspect
 
@@ -155,8 +155,13 @@ def per_query_metrics(
     groups = index_lists([query.group for query in split.queries], index) if protocol.subset_ks else None
     gts = n_gt = None
     if protocol.average_precision:  # the annotated target stands in where no GT list was given
-        truths = [query.ground_truths or (query.target,) for query in split.queries]
-        gts, n_gt = index_lists(truths, index), torch.tensor([len(set(t)) for t in truths])
+        # Empty names are batching padding (SEARLE pads GT lists with ""), never ground truths.
+        truths = [tuple(g for g in query.ground_truths or (query.target,) if g) for query in split.queries]
+        n_gt = torch.tensor([
+            len(set(t)) if query.n_ground_truths is None else query.n_ground_truths
+            for query, t in zip(split.queries, truths)
+        ])
+        gts = index_lists(truths, index)
 
     parts: dict[str, list[Tensor]] = {}
     for rows, scores in similarity_chunks(queries, gallery):
