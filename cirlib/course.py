@@ -33,6 +33,7 @@ class Course:
     backbone_name: str = TINY_MODEL
     pretrained: str | None = None
     device: str = "auto"
+    generated: bool = True  # every root is an embedded benchmark generated here (no real dataset given)
     _splits: dict[str, dict[str, CIRSplit]] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
@@ -89,4 +90,5 @@ def setup_course(
     roots = benchmarks.prepare_benchmarks(
         quick=quick, seed=seed, fashioniq_root=fashioniq_root, cirr_root=cirr_root, circo_root=circo_root
     )
-    return Course(quick, seed, roots, backbone, pretrained, device)
+    generated = fashioniq_root is None and cirr_root is None and circo_root is None
+    return Course(quick, seed, roots, backbone, pretrained, device, generated)

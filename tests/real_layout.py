@@ -11,14 +11,14 @@ CATEGORIES = ("dress", "shirt", "toptee")
 
 
 def real_layout_roots(dest: Path) -> dict[str, Path]:
-    """Copy the fixtures under ``dest`` and give every FashionIQ category a val and a train split
-    (the fixtures hold dress/val and shirt/train only), as a downloaded FashionIQ has."""
+    """Copy the fixtures under ``dest`` and give every FashionIQ category its train, val and test
+    splits (the fixtures hold a few of them), as a downloaded FashionIQ has."""
     roots = {"fashioniq_root": dest / "fashionIQ", "cirr_root": dest / "CIRR", "circo_root": dest / "CIRCO"}
     for key, name in (("fashioniq_root", "fashioniq"), ("cirr_root", "cirr"), ("circo_root", "circo")):
         shutil.copytree(FIXTURES / name, roots[key])
     fashion = roots["fashioniq_root"]
     for category in CATEGORIES:
-        for split, source in (("val", "dress.val"), ("train", "shirt.train")):
+        for split, source in (("val", "dress.val"), ("train", "shirt.train"), ("test", "dress.test")):
             for folder, kind in (("captions", "cap"), ("image_splits", "split")):
                 target = fashion / folder / f"{kind}.{category}.{split}.json"
                 if not target.exists():

@@ -20,7 +20,7 @@ def course(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_given_roots_are_used_and_nothing_is_generated(course, tmp_path: Path) -> None:
     assert course.roots.fashioniq == tmp_path / "fashionIQ" and course.roots.circo == tmp_path / "CIRCO"
-    assert not (tmp_path / "data" / "quick" / "fashion").exists()
+    assert not (tmp_path / "data" / "quick" / "fashion").exists() and not course.generated
     assert course.figdir == tmp_path / "data" / "quick" / "figures" and course.figdir.is_dir()
     assert course.cache == tmp_path / "data" / "quick" / "features" and course.cache.is_dir()
 
