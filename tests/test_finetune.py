@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from cirlib.models.backbone import Backbone, load_backbone
-from cirlib.evaluation.protocols import CachedEvaluator
-from cirlib.models.combiner import combine_sum, Combiner, load_combiner
 from cirlib.data.datasets import CIRSplit, Query
-from cirlib.methods import stage1 as finetune_module
-from cirlib.methods.stage1 import Stage1Config, finetune, stage1_evaluator, trainable_parameters
 from cirlib.data.pixels import PixelCache
+from cirlib.evaluation.protocols import CachedEvaluator, LiveEvaluator
+from cirlib.methods.stage1 import Stage1Config, finetune, trainable_parameters
+from cirlib.models import features as features_module
+from cirlib.models.backbone import Backbone, load_backbone
+from cirlib.models.combiner import Combiner, combine_sum, load_combiner
 
 MICRO_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 MICRO_CONFIGS = {
@@ -119,7 +119,7 @@ def test_only_the_chosen_encoder_changes(micro_models, toy, tmp_path: Path, enco
     backbone = _backbone()
     before, flags = _state(backbone.model), {n: p.requires_grad for n, p in backbone.model.named_parameters()}
     config = replace(FAST, encoders=encoders, epochs=1)
-    finetune(backbone, train, stage1_evaluator({"dress": val}), config, tmp_path)
+    finetune(backbone, train, LiveEvaluator({"dress": val}), config, tmp_path)
     changed = _changed(before, _state(backbone.model))
     image = {k for k in changed if k.startswith("visual.")}
     text = changed - image
@@ -136,7 +136,7 @@ def test_image_tower_learns_at_image_lr(micro_models, toy, tmp_path: Path) -> No
         backbone = _backbone()
         before = _state(backbone.model)
         config = replace(FAST, encoders="both", epochs=1, epoch_size=16, image_lr=image_lr)
-        finetune(backbone, train, stage1_evaluator({"dress": val}), config, tmp_path / str(image_lr))
+        finetune(backbone, train, LiveEvaluator({"dress": val}), config, tmp_path / str(image_lr))
         after = _state(backbone.model)
         moves[image_lr] = {
             tower: max(float((after[k] - before[k]).abs().max()) for k in before if k.startswith("visual.") == is_image)
@@ -159,7 +159,7 @@ def test_resnet_batch_norm_stays_frozen(micro_models, toy, tmp_path: Path) -> No
     assert any(n.endswith("running_mean") for n in bn_names)
     assert not bn_names & set(trainable_parameters(backbone.model, "image"))
     before = _state(backbone.model)
-    finetune(backbone, train, stage1_evaluator(val), replace(FAST, encoders="image", epochs=1), tmp_path)
+    finetune(backbone, train, LiveEvaluator(val), replace(FAST, encoders="image", epochs=1), tmp_path)
     changed = _changed(before, _state(backbone.model))
     assert not changed & bn_names  # running statistics, counters and affine parameters
     assert {"visual.conv1.weight", "visual.layer1.0.downsample.0.weight", "visual.attnpool.q_proj.weight"} <= changed
@@ -170,7 +170,7 @@ def test_loss_decreases_and_history_is_written(micro_models, toy, tmp_path: Path
     backbone = _backbone()
     before = backbone.fingerprint
     config = replace(FAST, epochs=4)
-    _, history = finetune(backbone, train, stage1_evaluator({"dress": val}), config, tmp_path)
+    _, history = finetune(backbone, train, LiveEvaluator({"dress": val}), config, tmp_path)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[-1]["loss"] < history[0]["loss"]
     assert {"R@10", "R@50", "average"} <= set(history[0])
@@ -186,7 +186,7 @@ def test_caption_augmentation_only_in_training(micro_models, toy, tmp_path: Path
         backbone = _backbone()
         seen: list[str] = []
         tokenize = backbone.tokenize
-        backbone.tokenize = lambda texts: seen.extend(texts) or tokenize(texts)  # type: ignore[method-assign]
+        backbone.tokenize = lambda texts, seen=seen, tokenize=tokenize: seen.extend(texts) or tokenize(texts)  # type: ignore[method-assign]
         config = replace(FAST, epochs=1, caption_augment=augment)
         finetune(backbone, train, lambda bb, combine: {"average": 1.0}, config, tmp_path / str(augment))
         single = [t for t in seen if " and " not in t]
@@ -215,7 +215,7 @@ def test_epoch_size_limits_the_triplets_per_epoch(micro_models, toy, tmp_path: P
 def test_resume_reproduces_uninterrupted_training(micro_models, toy, tmp_path: Path) -> None:
     train, val = toy
     config = replace(FAST, epochs=3)
-    val_fn = stage1_evaluator(val)
+    val_fn = LiveEvaluator(val)
     full, ref_history = finetune(_backbone(), train, val_fn, config, tmp_path / "full")
 
     calls = 0
@@ -253,7 +253,7 @@ def test_best_epoch_is_returned_and_early_stopping(micro_models, toy, tmp_path: 
 
 def test_finished_run_is_loaded_without_training(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
     train, val = toy
-    first, history = finetune(_backbone(), train, stage1_evaluator(val), FAST, tmp_path)
+    first, history = finetune(_backbone(), train, LiveEvaluator(val), FAST, tmp_path)
     export_mtime = (tmp_path / "backbone.safetensors").stat().st_mtime_ns
 
     def fail(*args, **kwargs):
@@ -275,10 +275,10 @@ def test_a_run_in_other_arithmetic_is_retrained(micro_models, toy, tmp_path: Pat
     config = replace(FAST, epochs=1)
     monkeypatch.delenv(device.PRECISION_ENV, raising=False)  # simulate the default switch
     monkeypatch.setattr(device, "native_cpu_bf16", lambda: True)
-    finetune(_backbone(), train, stage1_evaluator(val), config, tmp_path)
+    finetune(_backbone(), train, LiveEvaluator(val), config, tmp_path)
     monkeypatch.setattr(device, "native_cpu_bf16", lambda: False)
     with pytest.warns(UserWarning, match="training from scratch"):
-        finetune(_backbone(), train, stage1_evaluator(val), config, tmp_path)
+        finetune(_backbone(), train, LiveEvaluator(val), config, tmp_path)
 
 
 def test_end_to_end_trains_encoders_and_combiner(micro_models, toy, tmp_path: Path) -> None:
@@ -287,7 +287,7 @@ def test_end_to_end_trains_encoders_and_combiner(micro_models, toy, tmp_path: Pa
     combiner = Combiner(backbone.embed_dim, 64, 64, dropout=0.1)
     before_model, before_comb = _state(backbone.model), _state(combiner)
     config = replace(FAST, encoders="text", combiner_lr=1e-3)
-    _, history = finetune(backbone, train, stage1_evaluator(val), config, tmp_path, combiner=combiner)
+    _, history = finetune(backbone, train, LiveEvaluator(val), config, tmp_path, combiner=combiner)
     assert len(_changed(before_comb, _state(combiner))) == len(before_comb)
     changed = _changed(before_model, _state(backbone.model))
     assert changed and not any(k.startswith("visual.") for k in changed)
@@ -298,10 +298,10 @@ def test_end_to_end_trains_encoders_and_combiner(micro_models, toy, tmp_path: Pa
 # ------------------------------------------------------------------------------ data path
 
 
-def test_stage1_evaluator_agrees_with_cached_features(micro_models, toy, tmp_path: Path) -> None:
+def test_live_evaluator_agrees_with_cached_features(micro_models, toy, tmp_path: Path) -> None:
     _, val = toy
     backbone = _backbone()
-    live = stage1_evaluator({"dress": val})(backbone, combine_sum)
+    live = LiveEvaluator({"dress": val})(backbone, combine_sum)
     cached = CachedEvaluator({"dress": val}, backbone, cache_dir=tmp_path)(combine_sum)
     assert len(val.gallery) == 30 and 0 < live["R@10"] < 100  # not a trivially perfect score
     assert live == pytest.approx(cached, abs=1e-6)
@@ -311,9 +311,9 @@ def test_evaluator_reencodes_images_only_when_the_image_tower_changed(micro_mode
     _, val = toy
     backbone = _backbone()
     encoded = []
-    original = finetune_module.encode_pixels
-    monkeypatch.setattr(finetune_module, "encode_pixels", lambda *a, **k: encoded.append(1) or original(*a, **k))
-    evaluator = stage1_evaluator(val)
+    original = features_module.encode_pixels
+    monkeypatch.setattr(features_module, "encode_pixels", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    evaluator = LiveEvaluator(val)
     evaluator(backbone, combine_sum)
     with torch.no_grad():
         backbone.model.token_embedding.weight.mul_(-1.0)  # text tower changed: images reused
@@ -331,5 +331,7 @@ def test_config_validation() -> None:
         Stage1Config(encoders="vision")
     with pytest.raises(ValueError, match="image_lr must be"):
         Stage1Config(image_lr=0.0)
+    with pytest.raises(ValueError, match="accumulation must be"):
+        Stage1Config(accumulation=0)
     tiny = Stage1Config.for_tiny(epochs=3)
     assert tiny.epochs == 3 and tiny.lr > Stage1Config().lr and tiny.image_lr < tiny.lr

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cirlib.methods.losses import batch_contrastive_loss, contrastive_logits
+from cirlib.methods.losses import batch_contrastive_loss, clip_loss, contrastive_logits
 
 
 def _ce(row: list[float], positive: int) -> float:
@@ -77,7 +77,38 @@ def test_half_precision_inputs_are_computed_in_float32() -> None:
 
 
 def test_shape_mismatch_is_an_error() -> None:
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="do not fit the targets"):
         batch_contrastive_loss(torch.zeros(3, 4), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match=r"\[B, D\]"):
+    with pytest.raises(ValueError, match=r"\[\*, D\]"):
         batch_contrastive_loss(torch.zeros(3), torch.zeros(3))
+
+
+def test_a_share_of_the_batch_scored_against_all_of_it_averages_to_the_whole_loss() -> None:
+    """Data-parallel training: each process scores its rows against the gathered batch."""
+    g = torch.Generator().manual_seed(0)
+    query, target = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    halves = [batch_contrastive_loss(query[i : i + 3], target, 10.0, offset=i) for i in (0, 3)]
+    assert (sum(halves) / 2).item() == pytest.approx(batch_contrastive_loss(query, target, 10.0).item(), rel=1e-6)
+    img, txt = (torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1) for _ in range(2))
+    groups = torch.tensor([0, 1, 1, 2, 3, 3])
+    whole = clip_loss(img, txt, torch.tensor(5.0), groups)
+    parts = [clip_loss(img, txt, torch.tensor(5.0), groups, rows=slice(i, i + 3)) for i in (0, 3)]
+    assert (sum(parts) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        batch_contrastive_loss(query[:3], target, offset=4)
+
+
+def test_clip_loss_matches_hand_computed_values() -> None:
+    feats = torch.eye(2)
+    scale = torch.tensor(1.0)
+    assert clip_loss(feats, feats, scale).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    # the same caption twice: each text is an equal positive of both images
+    same = clip_loss(feats, feats, scale, groups=torch.tensor([0, 0]))
+    assert same.item() == pytest.approx(math.log(1 + math.e) - 0.5)
+    # distinct groups reduce to CLIP's cross-entropy form
+    g = torch.Generator().manual_seed(0)
+    img, txt = (torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1) for _ in range(2))
+    logits = 10 * img @ txt.T
+    ce = torch.nn.functional.cross_entropy
+    reference = (ce(logits, torch.arange(5)) + ce(logits.T, torch.arange(5))) / 2
+    assert torch.allclose(clip_loss(img, txt, torch.tensor(10.0), torch.arange(5)), reference)

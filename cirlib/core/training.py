@@ -1,32 +1,67 @@
-"""The epoch loop every training stage shares, and its small building blocks.
+"""The training loop every stage shares, and its small building blocks.
 
-Per-epoch seeding, validation with a benchmark's protocol, best-checkpoint selection on a named
-metric, early stopping and atomic, resumable checkpoints.
+One loop trains the tiny CLIP (pretraining), the encoders (stage 1), the Combiner and both
+together (end to end), and is meant for any later model trained by gradient steps (a phi network
+on cached features, a re-ranker). It runs in epochs of ``train_epoch`` + ``validate``: an epoch is
+whatever a stage validates after, a pass over its data or a fixed number of steps. The loop
+reseeds every epoch, keeps the best epoch by a metric (or the last one), stops early, and writes
+one atomic, resumable checkpoint keyed by a fingerprint of the run. It runs the same in one
+process and data-parallel under ``torchrun`` (:mod:`cirlib.core.distributed`): callers train on
+their share of each batch (:func:`step_batches`), losses are averaged over processes, and only
+rank 0 validates, writes the checkpoint and shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cirlib.core import distributed
 from cirlib.core.io import atomic_path
+from cirlib.core.tensors import eval_mode
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor) -> float:
-    """One (possibly loss-scaled) optimisation step on ``loss``; returns its value."""
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    micro_losses: Sequence[Callable[[], Tensor]],
+    scheduler: Scheduler | None = None,
+    models: Sequence[nn.Module] = (),
+) -> float:
+    """One (possibly loss-scaled) optimisation step over accumulated micro-batches; returns the mean loss.
+
+    Each ``micro_losses[i]()`` computes one micro-batch's loss; their gradients add up to those of
+    the mean, so ``len(micro_losses)`` micro-batches of ``B / n`` rows fit the memory of one while
+    updating as often as batches of ``B`` (with fewer in-batch negatives per loss). Data-parallel
+    ``models`` average their gradients over processes once, at the last micro-batch.
+    """
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    total = 0.0
+    for i, micro_loss in enumerate(micro_losses):
+        last = i == len(micro_losses) - 1
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                if not last and isinstance(model, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(model.no_sync())
+            loss = micro_loss()
+            scaler.scale(loss / len(micro_losses)).backward()
+        total += loss.item()
     scaler.step(optimizer)
     scaler.update()
-    return loss.item()
+    if scheduler is not None:
+        scheduler.step()
+    return total / len(micro_losses)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -50,6 +85,17 @@ def batch_slices(order: Tensor, batch_size: int) -> Iterator[Tensor]:
         yield order[i * batch_size : (i + 1) * batch_size]
 
 
+def step_batches(rows: Tensor, accumulation: int = 1) -> list[Tensor]:
+    """This process's rows of each of the ``accumulation`` micro-batches of one step's batch ``rows``.
+
+    Every process draws the same global batch; each trains on its share
+    (:func:`cirlib.core.distributed.shard`), so the global batch, and with it the schedule and the
+    number of negatives a loss sees once gathered, does not depend on the number of processes.
+    """
+    if accumulation < 1:
+        raise ValueError(f"gradient accumulation must be >= 1 micro-batch, got {accumulation}")
+    return [distributed.shard(part) for part in rows.tensor_split(accumulation)]
+
 
 def best_epoch(history: Sequence[Mapping[str, float]], metric: str) -> int:
     """The epoch :class:`TrainingLoop` keeps: the first with the highest ``metric`` (0 if none ran)."""
@@ -60,17 +106,24 @@ def best_epoch(history: Sequence[Mapping[str, float]], metric: str) -> int:
     return best
 
 
+def _cpu_copy(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
+    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+
 
 @dataclass
 class TrainingLoop:
-    """Epochs of ``train_epoch`` + ``validate``, keeping the best epoch by ``main_metric``.
+    """Epochs of ``train_epoch`` + ``validate`` with one resumable checkpoint.
 
-    After every epoch the loop writes one checkpoint (atomically) holding the current and the best
-    weights of ``modules``, the optimizer and grad-scaler states, the history and the early-stopping
-    counters, under a ``fingerprint`` of everything the run depends on. A later call with the same
-    fingerprint resumes after the last finished epoch, or, if the run had finished, only loads the
-    best weights. Each epoch reseeds torch from ``(seed, epoch)``, so an interrupted and resumed run
-    gives the same result as an uninterrupted one.
+    With ``main_metric`` the loop keeps the epoch with the best validation score and stops after
+    ``patience`` epochs without improvement; without it, it keeps the last epoch's weights and runs
+    all ``epochs`` (or until ``time_budget_s`` of training time is spent, see :meth:`out_of_time`).
+
+    After every epoch rank 0 writes one checkpoint (atomically) holding the current (and, when
+    selecting, the best) weights of ``modules``, the optimizer, grad-scaler and scheduler states,
+    the history and the stopping counters, under a ``fingerprint`` of everything the run depends
+    on. A later call with the same fingerprint resumes after the last finished epoch, or, if the
+    run had finished, only loads the kept weights. Each epoch reseeds torch from ``(seed, epoch)``,
+    so an interrupted and resumed run gives the same result as an uninterrupted one.
     """
 
     modules: Mapping[str, nn.Module]
@@ -79,17 +132,23 @@ class TrainingLoop:
     ckpt_path: Path | None
     fingerprint: str
     epochs: int
-    patience: int
-    main_metric: str
     seed: int
+    main_metric: str | None = None
+    patience: int | None = None
+    scheduler: Scheduler | None = None
+    time_budget_s: float | None = None
     desc: str = "training"
+    progress: bool = True
     meta: dict = field(default_factory=dict)
     _state: dict | None = field(default=None, init=False, repr=False)
+    _epoch_start: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.patience < 1:
-            raise ValueError(f"epochs and patience must be >= 1, got {self.epochs} and {self.patience}")
-        self._state = self._load()
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.patience is not None and (self.patience < 1 or self.main_metric is None):
+            raise ValueError(f"patience must be >= 1 and needs a main metric, got {self.patience}")
+        self._state = distributed.broadcast(self._load() if distributed.is_main() else None)
 
     def _load(self) -> dict | None:
         """The saved state for this fingerprint, or None (fresh start) with a warning if unusable."""
@@ -110,6 +169,11 @@ class TrainingLoop:
         return state
 
     @property
+    def epoch(self) -> int:
+        """The last finished epoch (0 before any)."""
+        return int(self._state["epoch"]) if self._state else 0
+
+    @property
     def best_epoch(self) -> int:
         """The epoch whose weights ``run`` leaves in ``modules`` (0 before any epoch)."""
         return int(self._state["best_epoch"]) if self._state else 0
@@ -119,82 +183,151 @@ class TrainingLoop:
         """True when a checkpoint of this exact run says training already ended."""
         return bool(self._state and self._state["finished"])
 
-    def _restore_best(self) -> None:
-        for name, module in self.modules.items():
-            module.load_state_dict(self._state["best_modules"][name])
+    @property
+    def resumed(self) -> bool:
+        """True when ``run`` continues an unfinished checkpoint rather than starting afresh."""
+        return bool(self._state and not self._state["finished"] and self._state["epoch"] > 0)
 
-    def run(self, train_epoch: Callable[[int], float], validate: Callable[[], dict[str, float]]) -> list[dict]:
-        """Train (or resume, or just load) and leave the best epoch's weights in ``modules``.
+    @property
+    def history(self) -> list[dict]:
+        """One dict per finished epoch, as ``run`` returns them."""
+        return list(self._state["history"]) if self._state else []
 
-        ``train_epoch(epoch)`` trains one epoch (1-based) and returns its mean loss; ``validate()``
-        returns the benchmark's metric dict and runs with all modules in eval mode without grads.
-        Returns one dict per epoch: ``epoch``, ``loss``, the metrics and ``seconds``.
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in ``train_epoch`` so far (over resumes), counting the epoch under way."""
+        spent = self._state["train_seconds"] if self._state else 0.0
+        if self._epoch_start is not None:
+            spent += time.perf_counter() - self._epoch_start
+        return spent
+
+    def out_of_time(self) -> bool:
+        """Whether ``time_budget_s`` of training time is spent, counting the epoch under way.
+
+        A ``train_epoch`` that checks it before each step ends its epoch early; the loop then
+        validates, saves and finishes. Every process gets rank 0's answer, so none trains alone.
+        """
+        if self.time_budget_s is None:
+            return False
+        return distributed.any_rank(distributed.is_main() and self.train_seconds >= self.time_budget_s)
+
+    def run(
+        self,
+        train_epoch: Callable[[int], float | Mapping[str, Any]],
+        validate: Callable[[], Mapping[str, float]] | None = None,
+    ) -> list[dict]:
+        """Train (or resume, or just load) and leave the kept epoch's weights in ``modules``.
+
+        ``train_epoch(epoch)`` trains one epoch (1-based) on this process's share and returns its
+        mean loss, or a dict with ``"loss"`` and anything else to record (e.g. finer-grained log
+        rows); ``validate()`` returns metrics and runs on rank 0 with all modules in eval mode and
+        without grads. Returns one dict per epoch: ``epoch``, ``loss``, the metrics and ``seconds``.
         """
         state = self._state
         if state is not None and state["finished"]:
-            self._restore_best()
+            self._restore(state["best_modules"] if self.main_metric is not None else state["modules"])
             return list(state["history"])
-        if state is None:
-            state = {
-                "fingerprint": self.fingerprint,
-                "meta": self.meta,
-                "epoch": 0,
-                "history": [],
-                "best_epoch": 0,
-                "best_score": -math.inf,
-                "bad_epochs": 0,
-                "finished": False,
-                "best_modules": None,
+        state = self._state = self._start(state)
+        bar = tqdm(total=self.epochs, initial=state["epoch"], desc=self.desc,
+                   disable=not (self.progress and distributed.is_main()))
+        while not state["finished"]:
+            self._run_epoch(state, state["epoch"] + 1, train_epoch, validate)
+            bar.update(1)
+            bar.set_postfix(self._postfix(state))
+        bar.close()
+        if self.main_metric is not None:  # else the last epoch's weights are already in place
+            self._restore(state["best_modules"])
+        return list(state["history"])
+
+    def _start(self, resume: dict | None) -> dict:
+        """A fresh state, or the checkpoint's with ``modules``, optimizer and schedule restored from it."""
+        if resume is None:
+            return {
+                "fingerprint": self.fingerprint, "meta": self.meta, "epoch": 0, "history": [], "best_epoch": 0,
+                "best_score": -math.inf, "bad_epochs": 0, "finished": False, "best_modules": None,
+                "train_seconds": 0.0,
             }
-        else:
-            for name, module in self.modules.items():
-                module.load_state_dict(state["modules"][name])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-        epochs = range(state["epoch"] + 1, self.epochs + 1)
-        bar = tqdm(epochs, desc=self.desc, initial=state["epoch"], total=self.epochs)
-        for epoch in bar:
-            start = time.perf_counter()
-            torch.manual_seed(epoch_seed(self.seed, epoch))
-            loss = float(train_epoch(epoch))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{self.desc}: loss became {loss} in epoch {epoch}; lower the learning rate")
-            for module in self.modules.values():
-                module.eval()
-            with torch.no_grad():
-                metrics = {k: float(v) for k, v in validate().items()}
+        for name, module in self.modules.items():
+            module.load_state_dict(resume["modules"][name])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scaler.load_state_dict(resume["scaler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(resume["scheduler"])
+        resume.setdefault("train_seconds", 0.0)
+        return resume
+
+    def _run_epoch(
+        self,
+        state: dict,
+        epoch: int,
+        train_epoch: Callable[[int], float | Mapping[str, Any]],
+        validate: Callable[[], Mapping[str, float]] | None,
+    ) -> None:
+        start = self._epoch_start = time.perf_counter()
+        torch.manual_seed(epoch_seed(self.seed, epoch))
+        result = train_epoch(epoch)
+        record = dict(result) if isinstance(result, Mapping) else {"loss": result}
+        record["loss"] = distributed.mean(float(record["loss"]))
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"{self.desc}: loss became {record['loss']} in epoch {epoch}; lower the learning rate"
+            )
+        state["train_seconds"] += time.perf_counter() - start
+        self._epoch_start = None
+        out_of_time = self.out_of_time()
+        metrics = distributed.broadcast(self._validate(validate, epoch) if distributed.is_main() else None)
+        state["history"].append({"epoch": epoch, **record, **metrics, "seconds": time.perf_counter() - start})
+        self._keep(state, epoch, metrics)
+        state["epoch"] = epoch
+        stalled = self.patience is not None and state["bad_epochs"] >= self.patience
+        state["finished"] = epoch == self.epochs or stalled or out_of_time
+        if distributed.is_main():
+            self._save(state)
+
+    def _validate(self, validate: Callable[[], Mapping[str, float]] | None, epoch: int) -> dict[str, float]:
+        if validate is None:
+            return {}
+        with eval_mode(*self.modules.values()), torch.no_grad():
+            metrics = {k: float(v) for k, v in validate().items()}
+        if self.main_metric is not None:
             if self.main_metric not in metrics:
                 raise KeyError(
                     f"{self.desc}: main metric {self.main_metric!r} is not among the validation metrics "
                     f"{sorted(metrics)}"
                 )
-            score = metrics[self.main_metric]
-            if not math.isfinite(score):
-                raise ValueError(f"{self.desc}: main metric {self.main_metric!r} is {score} in epoch {epoch}")
-            state["history"].append({"epoch": epoch, "loss": loss, **metrics, "seconds": time.perf_counter() - start})
-            if score > state["best_score"]:
-                state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-                state["best_modules"] = {
-                    name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-                    for name, m in self.modules.items()
-                }
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch
-            state["finished"] = epoch == self.epochs or state["bad_epochs"] >= self.patience
-            self._save(state)
-            bar.set_postfix(loss=f"{loss:.4f}", **{self.main_metric: f"{score:.2f}"}, best=state["best_epoch"])
-            if state["finished"]:
-                break
-        bar.close()
-        self._state = state
-        self._restore_best()
-        return list(state["history"])
+            if not math.isfinite(metrics[self.main_metric]):
+                raise ValueError(f"{self.desc}: main metric {self.main_metric!r} is {metrics[self.main_metric]} "
+                                 f"in epoch {epoch}")
+        return metrics
+
+    def _keep(self, state: dict, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Update the kept epoch: the best by ``main_metric``, else simply the latest."""
+        if self.main_metric is None:
+            state["best_epoch"] = epoch
+            return
+        score = metrics[self.main_metric]
+        if score > state["best_score"]:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0, best_modules=_cpu_copy(self.modules))
+        else:
+            state["bad_epochs"] += 1
+
+    def _postfix(self, state: dict) -> dict[str, str]:
+        last = state["history"][-1]
+        postfix = {"loss": f"{last['loss']:.4f}"}
+        if self.main_metric is not None:
+            postfix |= {self.main_metric: f"{last[self.main_metric]:.2f}", "best": str(state["best_epoch"])}
+        return postfix
+
+    def _restore(self, weights: Mapping[str, Mapping[str, Tensor]]) -> None:
+        for name, module in self.modules.items():
+            module.load_state_dict(weights[name])
 
     def _save(self, state: dict) -> None:
         state["modules"] = {name: m.state_dict() for name, m in self.modules.items()}
         state["optimizer"] = self.optimizer.state_dict()
         state["scaler"] = self.scaler.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
         if self.ckpt_path is not None:
             with atomic_path(self.ckpt_path) as tmp:
                 torch.save(state, tmp)

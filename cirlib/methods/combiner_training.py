@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cirlib.core import distributed
 from cirlib.core.device import autocast, get_device, grad_scaler, precision
 from cirlib.core.io import fingerprint
-from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step
+from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step, step_batches
 from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
 from cirlib.evaluation.protocols import main_metric_for
@@ -134,11 +136,13 @@ def build_combiner_data(
         tgt_idx.append(image_rows.setdefault(split.image_paths[q.target], len(image_rows)))
         renderings = [query_text(q, rng) for _ in range(caption_samples)]
         txt_idx.append([text_rows.setdefault(t, len(text_rows)) for t in renderings])
-    return CombinerData(
-        images=image_features(
+    with distributed.main_first():  # rank 0 writes the feature cache, the other processes read it
+        images = image_features(
             backbone, list(image_rows), transform_kind, target_ratio, batch_size=batch_size, cache_dir=cache_dir,
             decoded=True,
-        ),
+        )
+    return CombinerData(
+        images=images,
         reference_index=torch.tensor(ref_idx, dtype=torch.long),
         target_index=torch.tensor(tgt_idx, dtype=torch.long),
         texts=text_features(backbone, list(text_rows)),
@@ -205,6 +209,27 @@ class CombinerConfig:
             )
 
 
+def _combiner_loop(
+    combiner: Combiner, train: CombinerData, config: CombinerConfig, device: torch.device, ckpt_path: Path | str | None
+) -> TrainingLoop:
+    """The shared loop with AdamW, keyed by the config (less the device), the data and the arithmetic."""
+    config_dict = {k: v for k, v in asdict(config).items() if k != "device"}
+    return TrainingLoop(
+        modules={"combiner": combiner},
+        optimizer=torch.optim.AdamW(combiner.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+        scaler=grad_scaler(device, config.amp),
+        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
+        fingerprint=fingerprint({"stage": "combiner", "config": config_dict, "data": train.fingerprint(),
+                                 "precision": precision(device, config.amp)}),
+        epochs=config.epochs,
+        patience=config.patience,
+        main_metric=config.main_metric or main_metric_for(train.dataset),
+        seed=config.seed,
+        desc=f"Combiner ({config.variant})",
+        meta={"hparams": combiner.hparams, "config": config_dict},
+    )
+
+
 def train_combiner(
     train: CombinerData,
     val_fn: Callable[[CombineFn], dict[str, float]],
@@ -222,39 +247,32 @@ def train_combiner(
     if not any(True for _ in combiner.parameters()):
         raise ValueError(f"Combiner variant {config.variant!r} has no parameters to train; evaluate it directly")
     combiner.to(device)
-    optimizer = torch.optim.AdamW(combiner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = grad_scaler(device, config.amp)
-    config_dict = {k: v for k, v in asdict(config).items() if k != "device"}
-    loop = TrainingLoop(
-        modules={"combiner": combiner},
-        optimizer=optimizer,
-        scaler=scaler,
-        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint=fingerprint({"stage": "combiner", "config": config_dict, "data": train.fingerprint(),
-                                 "precision": precision(device, config.amp)}),
-        epochs=config.epochs,
-        patience=config.patience,
-        main_metric=config.main_metric or main_metric_for(train.dataset),
-        seed=config.seed,
-        desc=f"Combiner ({config.variant})",
-        meta={"hparams": combiner.hparams, "config": config_dict},
-    )
+    loop = _combiner_loop(combiner, train, config, device, ckpt_path)
+    optimizer, scaler = loop.optimizer, loop.scaler
     data = train.to(device) if not loop.finished else train
+    model = distributed.wrap(combiner)
+
+    def batch_loss(rows: Tensor, choice: Tensor) -> Tensor:
+        """Loss of this process's ``rows`` of a batch, against the targets of the whole batch."""
+        rows_d = rows.to(device)
+        ref = data.images[data.reference_index[rows_d]]
+        tgt = data.images[data.target_index[rows_d]]
+        txt = data.texts[data.text_index[rows_d, choice[rows].to(device)]]
+        with autocast(device, config.amp):
+            query = model(ref, txt)
+        offset = distributed.local_rows(len(rows)).start
+        return batch_contrastive_loss(query, distributed.gather(tgt), config.scale, offset)
 
     def train_epoch(epoch: int) -> float:
         gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         order = torch.randperm(len(data), generator=gen)
         choice = torch.randint(data.text_index.shape[1], (len(data),), generator=gen)
         combiner.train()
-        losses = []
-        for rows in batch_slices(order, config.batch_size):
-            rows_d = rows.to(device)
-            ref = data.images[data.reference_index[rows_d]]
-            tgt = data.images[data.target_index[rows_d]]
-            txt = data.texts[data.text_index[rows_d, choice[rows].to(device)]]
-            with autocast(device, config.amp):
-                query = combiner(ref, txt)
-            losses.append(optimizer_step(optimizer, scaler, batch_contrastive_loss(query, tgt, config.scale)))
+        losses = [
+            optimizer_step(optimizer, scaler, [partial(batch_loss, rows, choice) for rows in step_batches(batch)],
+                           models=[model])
+            for batch in batch_slices(order, config.batch_size)
+        ]
         return float(np.mean(losses))
 
     history = loop.run(train_epoch, lambda: val_fn(combiner))

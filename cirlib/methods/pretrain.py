@@ -1,4 +1,4 @@
-"""Pretrain the tiny CLIP from scratch on the embedded benchmarks' image-caption corpus (SPEC §3).
+"""Pretrain the tiny CLIP from scratch on the embedded benchmarks' image-caption corpus.
 
 The corpus is every image of the *train* splits with the absolute caption its generator derives
 from the image's attributes (``cirlib_meta.json``), e.g. "a navy blue striped dress with a star
@@ -13,7 +13,8 @@ rarely contain.
 Speed on a 2-core CPU comes from decoding and resizing every image once into a uint8 tensor at the
 model's input size (cached on disk); the optional augmentation (random zoom and shift, never colour:
 colour is a label here) runs on whole batches. Every random choice of a step is drawn from a generator seeded
-with ``(seed, step)``, so a run resumed from a checkpoint repeats the uninterrupted run exactly.
+with ``(seed, step)``, so a run resumed from a checkpoint repeats the uninterrupted run exactly. Training runs in
+the shared :class:`~cirlib.core.training.TrainingLoop`, one round of ``eval_every`` steps per validation.
 """
 
 from __future__ import annotations
@@ -24,23 +25,27 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from cirlib.data import datasets
-from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone, save_backbone, sidecar_path
+from cirlib.core import distributed
 from cirlib.core.device import autocast, get_device, grad_scaler, precision
-from cirlib.models.features import encode_pixels, eval_mode
-from cirlib.core.io import atomic_path, file_sha256, fingerprint
+from cirlib.core.io import fingerprint
+from cirlib.core.tensors import eval_mode, row_chunks
+from cirlib.core.training import TrainingLoop, optimizer_step, step_batches
+from cirlib.data import datasets
 from cirlib.data.pixels import PixelCache, normalise
 from cirlib.data.preprocess import TransformKind
 from cirlib.data.synth import fashion, scenes
 from cirlib.data.synth.meta import meta_path, read_meta
+from cirlib.methods.losses import clip_loss
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone, save_backbone, sidecar_path
+from cirlib.models.features import encode_pixels
 
 TRAINER_VERSION = 2  # bump when a change to this file changes what a given config trains
 META_FILE = "cirlib_meta.json"
@@ -143,7 +148,7 @@ class PretrainConfig:
     """Everything that determines a pretraining run (its fingerprint keys the checkpoint)."""
 
     model: str = TINY_MODEL
-    steps: int = 600  # ~6.5 min at ~200 pairs/s on 2 idle cores (README)
+    steps: int = 600  # optimiser steps of batch_size pairs each
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -157,10 +162,9 @@ class PretrainConfig:
     # squarepad keeps the whole image: captions describe all of it (a scene's edge objects, a
     # dress's hem), and in our runs it learnt pattern and category ~5 points faster than targetpad
     transform_kind: TransformKind = "squarepad"
-    eval_every: int = 100
+    eval_every: int = 100  # steps per round: validation and a resumable checkpoint after each
     eval_items: int = 1024  # val images for the periodic validation loss
     log_every: int = 10
-    checkpoint_every: int = 200
     zero_shot_attributes: tuple[str, ...] = ("colour", "pattern", "category")
     seed: int = 0
     device: str = "auto"
@@ -170,7 +174,7 @@ class PretrainConfig:
     @classmethod
     def quick(cls) -> "PretrainConfig":
         """A short schedule for quick runs and tests: every code path, little learning."""
-        return cls(steps=60, batch_size=32, warmup_steps=10, eval_every=30, eval_items=128, checkpoint_every=30)
+        return cls(steps=60, batch_size=32, warmup_steps=10, eval_every=30, eval_items=128)
 
     def fingerprint(self, corpus_key: str) -> str:
         """Hash of the config, the corpus and the trainer version: equal means same training."""
@@ -200,29 +204,6 @@ def clamp_logit_scale(model: torch.nn.Module) -> None:
         model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
 
-def clip_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    groups: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of L2-normalised features (CLIP's loss).
-
-    ``groups[i]`` identifies pair ``i``'s caption; pairs in the same group are all positives of
-    each other, each with equal target weight. With all groups distinct (or ``None``) this is
-    exactly CLIP's ``(CE(logits, arange) + CE(logits.T, arange)) / 2``.
-    """
-    logits = logit_scale * image_features @ text_features.T
-    if groups is None:
-        targets = torch.eye(len(logits), device=logits.device)
-    else:
-        targets = (groups.unsqueeze(0) == groups.unsqueeze(1)).float()
-    targets = targets / targets.sum(dim=1, keepdim=True)
-    loss_i2t = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    loss_t2i = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
-    return (loss_i2t + loss_t2i) / 2
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """open_clip's rule: no weight decay on gains, biases, embeddings' 1-d params and logit_scale."""
     decay, no_decay = [], []
@@ -239,7 +220,7 @@ def _step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(fingerprint([seed, *keys]), 16) % (2**63))
 
 
-def caption_neighbours(captions: Sequence[str], k: int, chunk: int = 1024) -> torch.Tensor:
+def caption_neighbours(captions: Sequence[str], k: int) -> torch.Tensor:
     """``[G, k]``: for each caption, the ``k`` other captions sharing most words (Jaccard).
 
     Captions one attribute apart ("a red striped dress" / "a red checked dress") come first: the
@@ -258,10 +239,10 @@ def caption_neighbours(captions: Sequence[str], k: int, chunk: int = 1024) -> to
     k = min(k, len(captions) - 1)
     tie_break = torch.arange(len(captions)) * 1e-7
     out = []
-    for start in range(0, len(captions), chunk):
-        inter = bags[start : start + chunk] @ bags.T
-        score = inter / (sizes[start : start + chunk, None] + sizes[None] - inter) - tie_break
-        score[torch.arange(len(score)), torch.arange(start, start + len(score))] = -math.inf  # not itself
+    for rows in row_chunks(len(captions), len(captions)):
+        inter = bags[rows] @ bags.T
+        score = inter / (sizes[rows, None] + sizes[None] - inter) - tie_break
+        score[torch.arange(len(score)), torch.arange(rows.start, rows.stop)] = -math.inf  # not itself
         out.append(score.topk(k, dim=1).indices)
     return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 
@@ -324,47 +305,68 @@ def sample_batch(data: _Data, config: PretrainConfig, step: int) -> torch.Tensor
     return torch.cat([anchors[:, None], near], dim=1).flatten()[: config.batch_size]
 
 
-def _batch_loss(backbone: Backbone, pixels: torch.Tensor, tokens: torch.Tensor, groups: torch.Tensor,
-                amp: bool) -> torch.Tensor:
-    images = normalise(pixels, backbone.mean, backbone.std)
-    with autocast(backbone.device, amp):
-        img = F.normalize(backbone.encode_image(images).float(), dim=-1)
-        txt = F.normalize(backbone.encode_text(tokens).float(), dim=-1)
-    return clip_loss(img, txt, backbone.model.logit_scale.exp(), groups.to(backbone.device))
+class _Pairs(torch.nn.Module):
+    """CLIP's forward pass over image-caption pairs: L2-normalised fp32 features and the temperature.
+
+    One module for the whole pass because data-parallel training averages the gradients of what
+    runs through ``forward`` (:func:`cirlib.core.distributed.wrap`).
+    """
+
+    def __init__(self, backbone: Backbone, amp: bool) -> None:
+        super().__init__()
+        self.backbone, self.model, self.amp = backbone, backbone.model, amp
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bb = self.backbone
+        images = normalise(pixels, bb.mean, bb.std)
+        with autocast(bb.device, self.amp):
+            img = F.normalize(bb.encode_image(images).float(), dim=-1)
+            txt = F.normalize(bb.encode_text(tokens).float(), dim=-1)
+        return img, txt, self.model.logit_scale.exp()
 
 
-def _train_step(backbone: Backbone, data: _Data, config: PretrainConfig, step: int, optimizer: torch.optim.Optimizer,
+def _pairs_loss(net: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """:func:`clip_loss` of this process's pairs against the pairs of every process."""
+    img, txt, scale = net(pixels, tokens)
+    groups = groups.to(img.device)
+    rows = distributed.local_rows(len(img))
+    return clip_loss(distributed.gather(img), distributed.gather(txt), scale, distributed.gather(groups), rows)
+
+
+def _train_step(net: torch.nn.Module, data: _Data, config: PretrainConfig, step: int, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> float:
-    """One optimiser step on the batch that (seed, step) selects; returns the loss."""
+    """One optimiser step on the batch that (seed, step) selects; returns the loss.
+
+    Every process draws the whole batch (and its augmentation) from the step's generators and
+    trains on its share, so the batch does not depend on the number of processes.
+    """
     idx = sample_batch(data, config, step)
     g = _step_generator(config.seed, 1, step)
     templates = torch.randint(len(CAPTION_TEMPLATES), (len(idx),), generator=g)
     groups = data.groups[idx]
     tokens = data.tokens[groups, templates]
     pixels = augment(data.pixels[idx.to(data.pixels.device)].float(), g, config.min_scale)
-
-    backbone.model.train()
-    loss = _batch_loss(backbone, pixels, tokens, groups, config.amp)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    clamp_logit_scale(backbone.model)
-    return float(loss.detach())
+    model = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    model.train()
+    shares = (slice(int(r[0]), int(r[-1]) + 1) for r in step_batches(torch.arange(len(idx))))  # contiguous
+    micro = [partial(_pairs_loss, net, pixels[r], tokens[r], groups[r]) for r in shares]
+    loss = optimizer_step(optimizer, scaler, micro, scheduler, models=[net])
+    clamp_logit_scale(model.model)
+    return loss
 
 
 @torch.no_grad()
 def validation_loss(backbone: Backbone, data: _Data, batch_size: int, amp: bool = True) -> float:
     """Mean contrastive loss over fixed batches of a split (first template, no augmentation)."""
     losses, weights = [], []
+    pairs = _Pairs(backbone, amp)
     with eval_mode(backbone.model):
         for start in range(0, len(data.groups), batch_size):
             groups = data.groups[start : start + batch_size]
             if len(groups) < 2:
                 break
-            loss = _batch_loss(backbone, data.pixels[start : start + batch_size], data.tokens[groups, 0], groups, amp)
-            losses.append(float(loss))
+            img, txt, scale = pairs(data.pixels[start : start + batch_size], data.tokens[groups, 0])
+            losses.append(float(clip_loss(img, txt, scale, groups.to(img.device))))
             weights.append(len(groups))
     return float(np.average(losses, weights=weights))
 
@@ -494,16 +496,6 @@ def _read_provenance(checkpoint: Path) -> dict[str, Any] | None:
     return json.loads(meta.read_text(encoding="utf-8")).get("provenance")
 
 
-def _resumable_state(state_path: Path, checkpoint: Path, config_fp: str) -> dict[str, Any] | None:
-    """The saved training state, if it belongs to this config and to the checkpoint beside it."""
-    if not state_path.is_file():
-        return None
-    state = torch.load(state_path, weights_only=True, map_location="cpu")
-    if state.get("config_fingerprint") != config_fp or state.get("weights_sha256") != file_sha256(checkpoint):
-        return None  # interrupted between writing the weights and the state: start over
-    return state
-
-
 def _spread(items: Sequence[AttributedImage], k: int) -> list[AttributedImage]:
     """At most ``k`` items evenly spaced through ``items`` (a fixed, representative eval subset)."""
     if len(items) <= k:
@@ -511,115 +503,86 @@ def _spread(items: Sequence[AttributedImage], k: int) -> list[AttributedImage]:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, num=k).round()]
 
 
-class _Trainer:
-    """Optimiser, schedule, step counter and history of one run, with checkpoint save/restore."""
+class _Rounds:
+    """``train_epoch`` of pretraining for :class:`TrainingLoop`: round ``r`` runs steps
+    ``(r - 1) * eval_every`` up to ``r * eval_every`` (fewer at the end of the schedule or of the
+    time budget), logging a train row every ``log_every`` steps and at the round's end."""
 
-    def __init__(self, config: PretrainConfig, backbone: Backbone, config_fp: str, corpus: dict[str, Any]) -> None:
-        self.config, self.backbone, self.config_fp, self.corpus = config, backbone, config_fp, corpus
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(backbone.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps)
-        )
-        self.scaler = grad_scaler(backbone.device)
-        self.step = 0
-        self.train_time = 0.0
-        self.history: list[dict[str, Any]] = []
-        self.zero_shot: dict[str, float] = {}
+    def __init__(self, backbone: Backbone, data: _Data, config: PretrainConfig, loop: TrainingLoop) -> None:
+        self.backbone, self.data, self.config, self.loop = backbone, data, config, loop
+        self.net = distributed.wrap(_Pairs(backbone, config.amp))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "train_time": self.train_time,
-            "history": self.history,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "config_fingerprint": self.config_fp,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step, self.train_time, self.history = state["step"], state["train_time"], state["history"]
-
-    def save(self, checkpoint: Path, state_path: Path, finished: bool) -> None:
-        """Weights + provenance JSON, then (unless finished) the state that resumes from them."""
-        provenance = {
-            "config": asdict(self.config),
-            "config_fingerprint": self.config_fp,
-            "trainer_version": TRAINER_VERSION,
-            "corpus": self.corpus,
-            "step": self.step,
-            "train_time_s": self.train_time,
-            "finished": finished,
-            "stopped_early": finished and self.step < self.config.steps,
-            "zero_shot": self.zero_shot,
-            "history": self.history,
-        }
-        save_backbone(self.backbone, checkpoint, provenance)
-        if finished:
-            state_path.unlink(missing_ok=True)
-            return
-        with atomic_path(state_path) as tmp:
-            torch.save({**self.state_dict(), "weights_sha256": file_sha256(checkpoint)}, tmp)
-
-    def evaluate(self, val: _Data, val_items: Sequence[AttributedImage]) -> dict[str, Any]:
-        row: dict[str, Any] = {"phase": "eval", "step": self.step}
-        row["val_loss"] = validation_loss(self.backbone, val, self.config.batch_size, self.config.amp)
-        present = [a for a in self.config.zero_shot_attributes if any(a in it.attributes for it in val_items)]
-        image_features = encode_pixels(self.backbone, val.pixels, amp=self.config.amp)
-        results = zero_shot_accuracies(self.backbone, val_items, present, image_features)
-        row.update({f"zs_{a}": r.accuracy for a, r in results.items()})
-        return row
-
-    def run(self, train: _Data, val: _Data | None, val_items: Sequence[AttributedImage], checkpoint: Path,
-            state_path: Path, progress: bool) -> None:
-        config = self.config
-        losses: list[float] = []
-        window_time = 0.0
-        bar = tqdm(total=config.steps, initial=self.step, desc="pretrain", disable=not progress)
-        while self.step < config.steps:
-            if config.time_budget_s is not None and self.train_time >= config.time_budget_s:
-                break
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+    def __call__(self, round_: int) -> dict[str, Any]:
+        config, loop = self.config, self.loop
+        first, last = (round_ - 1) * config.eval_every, min(round_ * config.eval_every, config.steps)
+        log: list[dict[str, Any]] = []
+        losses, window, window_time = [], [], 0.0
+        step = first
+        while step < last and not (step > first and loop.out_of_time()):
+            lr = loop.scheduler.get_last_lr()[0]  # the rate this step uses
             t0 = time.perf_counter()
-            loss = _train_step(self.backbone, train, config, self.step, self.optimizer, self.scheduler, self.scaler)
-            losses.append(loss)
+            window.append(_train_step(self.net, self.data, config, step, loop.optimizer, loop.scheduler, loop.scaler))
             window_time += time.perf_counter() - t0
-            self.train_time += time.perf_counter() - t0
-            self.step += 1
-            bar.update(1)
-            if self.step % config.log_every == 0 or self.step == config.steps:
-                self.history.append(
-                    {
-                        "phase": "train",
-                        "step": self.step,
-                        "epoch": self.step * config.batch_size / len(train.groups),
-                        "loss": float(np.mean(losses)),
-                        "lr": lr,
-                        "temperature": float(self.backbone.model.logit_scale.detach().exp()),
-                        "pairs_per_s": len(losses) * config.batch_size / max(window_time, 1e-9),
-                        "train_time_s": self.train_time,
-                    }
-                )
-                bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", lr=f"{lr:.1e}")
-                losses, window_time = [], 0.0
-            if self.step < config.steps:
-                if val is not None and self.step % config.eval_every == 0:
-                    self.history.append(self.evaluate(val, val_items))
-                if self.step % config.checkpoint_every == 0:
-                    self.save(checkpoint, state_path, finished=False)
-        bar.close()
-        if val is not None:
-            self.history.append(self.evaluate(val, val_items))
-            self.zero_shot = {k[3:]: v for k, v in self.history[-1].items() if k.startswith("zs_")}
-        self.backbone.model.eval()
-        self.save(checkpoint, state_path, finished=True)
+            step += 1
+            if step % config.log_every == 0 or step == last:  # a round logs its last steps too
+                log.append({
+                    "phase": "train",
+                    "step": step,
+                    "epoch": step * config.batch_size / len(self.data.groups),
+                    "loss": distributed.mean(float(np.mean(window))),
+                    "lr": lr,
+                    "temperature": float(self.backbone.model.logit_scale.detach().exp()),
+                    "pairs_per_s": len(window) * config.batch_size / max(window_time, 1e-9),
+                    "train_time_s": loop.train_seconds,
+                })
+                losses += window
+                window, window_time = [], 0.0
+        return {"loss": float(np.mean(losses + window)), "step": step, "log": log}
+
+
+def _validation(backbone: Backbone, val: _Data, val_items: Sequence[AttributedImage],
+                config: PretrainConfig) -> dict[str, float]:
+    """Validation loss and zero-shot accuracy of each attribute the val items have."""
+    metrics = {"val_loss": validation_loss(backbone, val, config.batch_size, config.amp)}
+    present = [a for a in config.zero_shot_attributes if any(a in it.attributes for it in val_items)]
+    image_features = encode_pixels(backbone, val.pixels, amp=config.amp)
+    results = zero_shot_accuracies(backbone, val_items, present, image_features)
+    return metrics | {f"zs_{a}": r.accuracy for a, r in results.items()}
+
+
+def _history_rows(rounds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loop's rounds as pretraining's curves: the train rows of each round, then its eval row."""
+    rows: list[dict[str, Any]] = []
+    for r in rounds:
+        rows += r["log"]
+        if "val_loss" in r:
+            rows.append({"phase": "eval", "step": r["step"],
+                         **{k: v for k, v in r.items() if k == "val_loss" or k.startswith("zs_")}})
+    return rows
+
+
+def _training_loop(backbone: Backbone, config: PretrainConfig, config_fp: str, state_path: Path, progress: bool,
+                   corpus: dict[str, Any]) -> TrainingLoop:
+    """The shared loop with CLIP's optimiser (AdamW, open_clip's decay groups) and warm-up + cosine schedule."""
+    optimizer = torch.optim.AdamW(
+        _param_groups(backbone.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
+    )
+    return TrainingLoop(
+        modules={"model": backbone.model},
+        optimizer=optimizer,
+        scaler=grad_scaler(backbone.device, config.amp),
+        ckpt_path=state_path,
+        fingerprint=config_fp,
+        epochs=math.ceil(config.steps / config.eval_every),
+        seed=config.seed,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps)
+        ),
+        time_budget_s=config.time_budget_s,
+        desc="pretrain",
+        progress=progress,
+        meta={"corpus": corpus},
+    )
 
 
 def pretrain(
@@ -630,11 +593,12 @@ def pretrain(
 ) -> PretrainResult:
     """Train (or resume, or just load) the CLIP of ``config`` on the train images of ``roots``.
 
-    ``out_dir`` receives ``tiny_clip.safetensors`` (+ ``.json`` with config, provenance and
-    history), rewritten atomically every ``checkpoint_every`` steps, and ``train_state.pt``
-    (optimiser, scheduler, scaler, RNG) for resuming. A finished checkpoint whose config
-    fingerprint matches is loaded instead of trained; an unfinished one is resumed; one of another
-    config is replaced. Validation (loss and zero-shot accuracy) uses ``eval_items`` val images.
+    ``out_dir`` receives ``train_state.pt`` (the loop's checkpoint: weights, optimiser, schedule,
+    history) after every ``eval_every`` steps, for resuming, and at the end ``tiny_clip.safetensors``
+    (+ ``.json`` with config, provenance and history), written atomically. A finished checkpoint
+    whose config fingerprint matches is loaded instead of trained; an unfinished run is resumed;
+    one of another config is replaced. Validation (loss and zero-shot accuracy) uses
+    ``eval_items`` val images.
     """
     roots = [Path(r) for r in roots]
     out_dir = Path(out_dir)
@@ -647,28 +611,36 @@ def pretrain(
     config_fp = config.fingerprint(_corpus_key(roots, train_items))
 
     provenance = _read_provenance(checkpoint)
-    same_config = provenance is not None and provenance.get("config_fingerprint") == config_fp
-    if same_config and provenance.get("finished"):
+    if provenance is not None and provenance.get("config_fingerprint") == config_fp and provenance.get("finished"):
         backbone = load_backbone(config.model, checkpoint, device)
         return PretrainResult(backbone, checkpoint, provenance["history"], provenance["zero_shot"], cached=True)
-    state = _resumable_state(state_path, checkpoint, config_fp) if same_config else None
 
-    backbone = load_backbone(config.model, checkpoint if state else None, device, seed=config.seed)
-    cache_dir = out_dir / "cache"
+    backbone = load_backbone(config.model, None, device, seed=config.seed)
     val_items = _spread(load_attributed_images(roots, "val"), config.eval_items)
-    train = _prepare(train_items, backbone, config, cache_dir, progress)
-    val = None
-    if len(val_items) >= 2:  # the contrastive loss needs pairs
-        val = _prepare([(it.path, it.caption) for it in val_items], backbone, config, cache_dir, progress)
-
+    with distributed.main_first():  # rank 0 fills the pixel caches, the others read them
+        train = _prepare(train_items, backbone, config, out_dir / "cache", progress)
+        val = None
+        if len(val_items) >= 2:  # the contrastive loss needs pairs
+            val = _prepare([(it.path, it.caption) for it in val_items], backbone, config, out_dir / "cache", progress)
     corpus = {"roots": [str(r) for r in roots], "pairs": len(train_items), "captions": len(train.captions)}
-    trainer = _Trainer(config, backbone, config_fp, corpus)
-    if state:
-        trainer.load_state_dict(state)
-    resumed_from = trainer.step if state else None
-    trainer.run(train, val, val_items, checkpoint, state_path, progress)
+    loop = _training_loop(backbone, config, config_fp, state_path, progress, corpus)
+    resumed_from = loop.history[-1]["step"] if loop.resumed else None
+    validate = (lambda: _validation(backbone, val, val_items, config)) if val is not None else None
+    rounds = loop.run(_Rounds(backbone, train, config, loop), validate)
+    backbone.model.eval()
+    history = _history_rows(rounds)
+    zero_shot = {k[3:]: v for k, v in rounds[-1].items() if k.startswith("zs_")}
+    if distributed.is_main():
+        step = rounds[-1]["step"]
+        save_backbone(backbone, checkpoint, {
+            "config": asdict(config), "config_fingerprint": config_fp, "trainer_version": TRAINER_VERSION,
+            "corpus": corpus, "step": step, "train_time_s": loop.train_seconds, "finished": True,
+            "stopped_early": step < config.steps, "zero_shot": zero_shot, "history": history,
+        })
+        state_path.unlink(missing_ok=True)  # the weights file now says the run is finished
+    distributed.barrier()
     backbone = load_backbone(config.model, checkpoint, device)  # fingerprint = the file, as later loads see it
-    return PretrainResult(backbone, checkpoint, trainer.history, trainer.zero_shot, resumed_from=resumed_from)
+    return PretrainResult(backbone, checkpoint, history, zero_shot, resumed_from=resumed_from)
 
 
 __all__ = [
@@ -678,7 +650,6 @@ __all__ = [
     "PretrainResult",
     "ZeroShotResult",
     "build_corpus",
-    "clip_loss",
     "lr_factor",
     "load_attributed_images",
     "ZERO_SHOT_TARGETS",

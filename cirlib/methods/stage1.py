@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Sequence
 
@@ -28,18 +29,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cirlib.models.backbone import save_backbone, sidecar_path, state_digest
-from cirlib.models.combiner import CombineFn, Combiner, combine_sum
-from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step
-from cirlib.evaluation.protocols import evaluate_splits, main_metric_for
-from cirlib.methods.combiner_training import training_triplets
-from cirlib.data.datasets import CIRSplit, Query, query_text
+from cirlib.core import distributed
 from cirlib.core.device import autocast, grad_scaler, precision
-from cirlib.models.features import encode_pixels, image_features, text_features
 from cirlib.core.io import fingerprint, write_json
-from cirlib.methods.losses import batch_contrastive_loss
+from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step, step_batches
+from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
+from cirlib.evaluation.protocols import main_metric_for
+from cirlib.methods.combiner_training import training_triplets
+from cirlib.methods.losses import batch_contrastive_loss
+from cirlib.models.backbone import save_backbone, sidecar_path
+from cirlib.models.combiner import CombineFn, Combiner, combine_sum
+from cirlib.models.features import image_features, text_features
 
 if TYPE_CHECKING:
     from cirlib.models.backbone import Backbone
@@ -63,6 +65,7 @@ class Stage1Config:
     image_lr: float | None = None  # the image tower's learning rate when it differs from ``lr``
     weight_decay: float = 1e-2
     batch_size: int = 512  # 192 for RN50x4 on a 24 GB GPU
+    accumulation: int = 1  # micro-batches per step: a batch that does not fit the memory at once
     epochs: int = 150
     patience: int = 10
     epoch_size: int | None = None  # triplets drawn per epoch (None: all); a CPU-budget knob
@@ -83,6 +86,8 @@ class Stage1Config:
             raise ValueError(f"Stage1Config.image_lr must be None or > 0, got {self.image_lr}")
         if self.epoch_size is not None and self.epoch_size < 2:
             raise ValueError(f"Stage1Config.epoch_size must be None or >= 2, got {self.epoch_size}")
+        if self.accumulation < 1:
+            raise ValueError(f"Stage1Config.accumulation must be >= 1, got {self.accumulation}")
 
     @classmethod
     def for_tiny(cls, **overrides) -> "Stage1Config":
@@ -98,71 +103,6 @@ class Stage1Config:
         back in our runs, and each idle epoch costs ~15 s."""
         tiny = {"lr": 3e-5, "image_lr": 3e-6, "weight_decay": 1e-2, "batch_size": 64, "epochs": 8, "patience": 2}
         return cls(**{**tiny, **overrides})
-
-
-# --------------------------------------------------------------------------------------------
-# Validation with the weights being trained
-# --------------------------------------------------------------------------------------------
-
-
-def stage1_evaluator(
-    splits: CIRSplit | Mapping[str, CIRSplit],
-    transform_kind: TransformKind = "targetpad",
-    target_ratio: float = DEFAULT_TARGET_RATIO,
-    cache_dir: Path | str | None = None,
-    amp: bool = True,
-) -> Callable[["Backbone", CombineFn], dict[str, float]]:
-    """Validation for changing encoders: ``val_fn(backbone, combine) -> metrics``.
-
-    Each call encodes the splits' reference and gallery images (pre-decoded into a
-    :class:`PixelCache` on the first call) and their deterministic captions with the backbone's
-    *current* weights, then scores ``combine(reference, caption)`` with the benchmark protocol.
-    Image features are reused while the image tower's weights are unchanged (text-encoder
-    fine-tuning), which is most of the cost. Several splits (the FashionIQ categories) are merged
-    as in :func:`cirlib.evaluation.protocols.evaluate_splits`.
-    """
-    return _Stage1Evaluator(splits, transform_kind, target_ratio, cache_dir, amp)
-
-
-class _Stage1Evaluator:
-    """State of :func:`stage1_evaluator`: pixel caches and the last image features per split."""
-
-    def __init__(
-        self,
-        splits: CIRSplit | Mapping[str, CIRSplit],
-        transform_kind: TransformKind,
-        target_ratio: float,
-        cache_dir: Path | str | None,
-        amp: bool,
-    ) -> None:
-        self.splits = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
-        self.transform_kind, self.target_ratio, self.cache_dir, self.amp = transform_kind, target_ratio, cache_dir, amp
-        self._pixels: dict[tuple[str, int], PixelCache] = {}  # (split, input size) -> images
-        self._images: dict[str, tuple[str, Tensor]] = {}  # split -> (image-tower digest, features)
-
-    def _image_features(self, backbone: "Backbone", name: str, names: list[str]) -> Tensor:
-        key = (name, backbone.image_size)
-        if key not in self._pixels:
-            paths = [self.splits[name].image_paths[n] for n in names]
-            self._pixels[key] = PixelCache(
-                paths, backbone.image_size, self.transform_kind, self.target_ratio, self.cache_dir
-            )
-        digest = state_digest(backbone.model.visual)
-        if name not in self._images or self._images[name][0] != digest:
-            pixels = self._pixels[key]
-            self._images[name] = (digest, encode_pixels(backbone, pixels, amp=self.amp))
-        return self._images[name][1]
-
-    def __call__(self, backbone: "Backbone", combine: CombineFn) -> dict[str, float]:
-        features = {}
-        for name, split in self.splits.items():
-            names = list(dict.fromkeys([*(q.reference for q in split.queries), *split.gallery]))
-            row = {n: i for i, n in enumerate(names)}
-            images = self._image_features(backbone, name, names)
-            texts = text_features(backbone, [query_text(q) for q in split.queries], progress=False, amp=self.amp)
-            references = images[[row[q.reference] for q in split.queries]]
-            features[name] = (references, texts, images[[row[g] for g in split.gallery]])
-        return evaluate_splits(self.splits, features, combine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,10 +139,13 @@ def _run_fingerprint(
         (s.dataset, s.split, str(s.root), [(q.reference, q.target, list(q.captions)) for q in s.queries])
         for s in splits
     ]
+    config_key = asdict(config)
+    if config.accumulation == 1:  # absent at its default: runs from before the option keep their checkpoints
+        del config_key["accumulation"]
     return fingerprint(
         {
             "stage": "end-to-end" if combiner is not None else "stage1",
-            "config": asdict(config),
+            "config": config_key,
             "backbone": backbone.fingerprint,
             "combiner": combiner.hparams if combiner is not None else None,
             "precision": precision(backbone.device, config.amp),
@@ -231,13 +174,15 @@ def _training_setup(
         model.eval()
 
 
-class _TripletFeatures:
-    """Features of the training triplets: the tuned tower runs with grads, a frozen one only once.
+class _Triplets(nn.Module):
+    """The training triplets as one module: ``forward(rows, texts)`` gives queries and target features.
 
-    A tuned image tower reads its images from a :class:`PixelCache`; a frozen one encodes every
-    image a single time up front through the feature cache (shared with the Combiner's training
-    data, which needs the same features). With the text tower frozen each caption rendering is
-    encoded when first seen and then reused.
+    The whole forward pass is one module because data-parallel training averages the gradients of
+    what runs through ``forward`` (:func:`cirlib.core.distributed.wrap`). The tuned tower runs with
+    grads: a tuned image tower reads its images from a :class:`PixelCache`, a frozen one encodes
+    every image a single time up front through the feature cache (shared with the Combiner's
+    training data, which needs the same features). With the text tower frozen each caption
+    rendering is encoded when first seen and then reused.
     """
 
     def __init__(
@@ -246,8 +191,10 @@ class _TripletFeatures:
         triplets: Sequence[tuple[CIRSplit, Query]],
         config: Stage1Config,
         cache_dir: Path | str | None,
+        combiner: Combiner | None,
     ) -> None:
-        self.backbone, self.amp = backbone, config.amp
+        super().__init__()
+        self.backbone, self.model, self.combiner, self.amp = backbone, backbone.model, combiner, config.amp
         self.tune_image, self.tune_text = config.encoders in ("image", "both"), config.encoders in ("text", "both")
         paths = {n: s.image_paths[n] for s, q in triplets for n in (q.reference, q.target)}
         row = {n: i for i, n in enumerate(paths)}
@@ -279,6 +226,82 @@ class _TripletFeatures:
             self.text_bank.update(zip(new, text_features(bb, new, progress=False, amp=self.amp).to(bb.device)))
         return torch.stack([self.text_bank[t] for t in texts])
 
+    def forward(self, rows: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Combined queries and target features of triplets ``rows`` with captions ``texts``."""
+        images = self.images(torch.cat((self.reference[rows], self.target[rows])))
+        combine: CombineFn = self.combiner if self.combiner is not None else combine_sum
+        return combine(images[: len(rows)], self.texts(texts)), images[len(rows) :]
+
+
+class _Epochs:
+    """``train_epoch`` of stage 1 for :class:`TrainingLoop`: one pass over (a draw of) the triplets.
+
+    The triplet features are built at the first epoch, so a finished run decodes nothing; rank 0
+    builds them first and writes the caches the other processes then read.
+    """
+
+    def __init__(
+        self,
+        backbone: "Backbone",
+        triplets: Sequence[tuple[CIRSplit, Query]],
+        config: Stage1Config,
+        cache_dir: Path | str | None,
+        combiner: Combiner | None,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        self.backbone, self.triplets, self.config, self.cache_dir = backbone, triplets, config, cache_dir
+        self.combiner, self.optimizer, self.scaler = combiner, optimizer, scaler
+        self.net: nn.Module | None = None  # _Triplets, data-parallel when several processes train
+
+    def _batch_loss(self, rows: Tensor, texts: list[str]) -> Tensor:
+        """Loss of this process's ``rows``, against the targets of the whole batch."""
+        with autocast(self.backbone.device, self.config.amp):
+            query, target = self.net(rows, texts)
+        offset = distributed.local_rows(len(rows)).start
+        return batch_contrastive_loss(query, distributed.gather(target), self.config.scale, offset)
+
+    def __call__(self, epoch: int) -> float:
+        config = self.config
+        if self.net is None:
+            with distributed.main_first():
+                triplets = _Triplets(self.backbone, self.triplets, config, self.cache_dir, self.combiner)
+            self.net = distributed.wrap(triplets)
+        self.backbone.model.eval()  # frozen batch-norm statistics; CLIP has no dropout (CLIP4Cir does the same)
+        if self.combiner is not None:
+            self.combiner.train()
+        gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        rng = np.random.default_rng(epoch_seed(config.seed, epoch))
+        order = torch.randperm(len(self.triplets), generator=gen)[: config.epoch_size]
+        batches = list(batch_slices(order, config.batch_size))
+        losses = []
+        for batch in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not distributed.is_main()):
+            # every process draws the captions of the whole batch, so that the draws stay in step
+            rows = batch.tolist()
+            texts = dict(zip(rows, [query_text(self.triplets[i][1], rng if config.caption_augment else None)
+                                    for i in rows]))
+            micro = [partial(self._batch_loss, part, [texts[i] for i in part.tolist()])
+                     for part in step_batches(batch, config.accumulation)]
+            losses.append(optimizer_step(self.optimizer, self.scaler, micro, models=[self.net]))
+        return float(np.mean(losses))
+
+
+def _optimizer(
+    params: Mapping[str, nn.Parameter], config: Stage1Config, combiner: Combiner | None
+) -> torch.optim.AdamW:
+    """AdamW with one parameter group per tower (their learning rates differ) and one for a Combiner."""
+    image_lr = config.lr if config.image_lr is None else config.image_lr
+    image = [p for n, p in params.items() if n.startswith("visual.")]
+    text = [p for n, p in params.items() if not n.startswith("visual.")]
+    groups = [
+        {"params": tower, "lr": lr, "weight_decay": config.weight_decay}
+        for tower, lr in ((image, image_lr), (text, config.lr))
+        if tower
+    ]
+    if combiner is not None:
+        groups.append({"params": list(combiner.parameters()), "lr": config.combiner_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-7)
+
 
 def finetune(
     backbone: "Backbone",
@@ -291,44 +314,32 @@ def finetune(
 ) -> tuple["Backbone", list[dict]]:
     """Fine-tune ``backbone`` in place on the training triplets; return it (best epoch) and the history.
 
-    ``val_fn(backbone, combine)`` (see :func:`stage1_evaluator`) runs after every epoch; the epoch
-    with the best ``config.main_metric`` is kept. ``out_dir`` receives ``checkpoint.pt`` (resumable;
-    a finished run with the same config, weights and data is loaded instead of retrained),
-    ``history.json`` and ``backbone.safetensors`` (+ JSON, for :func:`cirlib.models.backbone.load_backbone`).
-    With ``combiner`` the Combiner replaces the element-wise sum and is trained jointly (end-to-end,
-    learning rate ``config.combiner_lr``); it is updated in place as well. ``cache_dir`` keeps the
-    decoded training images (:class:`PixelCache`) for later runs.
+    ``val_fn(backbone, combine)`` (see :class:`cirlib.evaluation.protocols.LiveEvaluator`) runs
+    after every epoch; the epoch with the best ``config.main_metric`` is kept. ``out_dir`` receives
+    ``checkpoint.pt`` (resumable; a finished run with the same config, weights and data is loaded
+    instead of retrained), ``history.json`` and ``backbone.safetensors`` (+ JSON, for
+    :func:`cirlib.models.backbone.load_backbone`). With ``combiner`` the Combiner replaces the
+    element-wise sum and is trained jointly (end-to-end, learning rate ``config.combiner_lr``); it
+    is updated in place as well. ``cache_dir`` keeps the decoded training images
+    (:class:`PixelCache`) for later runs.
     """
     splits = [train_splits] if isinstance(train_splits, CIRSplit) else list(train_splits)
     triplets = training_triplets(splits)
     out_dir = Path(out_dir)
-    device, model = backbone.device, backbone.model
-    params = trainable_parameters(model, config.encoders)
-    image_lr = config.lr if config.image_lr is None else config.image_lr
-    image = [p for n, p in params.items() if n.startswith("visual.")]
-    text = [p for n, p in params.items() if not n.startswith("visual.")]
-    groups = [
-        {"params": tower, "lr": lr, "weight_decay": config.weight_decay}
-        for tower, lr in ((image, image_lr), (text, config.lr))
-        if tower
-    ]
-    modules: dict[str, nn.Module] = {"model": model}
+    params = trainable_parameters(backbone.model, config.encoders)
+    modules: dict[str, nn.Module] = {"model": backbone.model}
     if combiner is not None:
-        combiner.to(device)
-        groups.append({"params": list(combiner.parameters()), "lr": config.combiner_lr, "weight_decay": 0.0})
-        modules["combiner"] = combiner
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-7)
-    scaler = grad_scaler(device, config.amp)
-    combine: CombineFn = combiner if combiner is not None else combine_sum
+        modules["combiner"] = combiner.to(backbone.device)
     stage = "end-to-end" if combiner is not None else "stage1"
     run_fingerprint = _run_fingerprint(backbone, splits, config, combiner)
     provenance = {
         "stage": stage, "run": run_fingerprint, "base_backbone": backbone.fingerprint, "config": asdict(config)
     }
+    optimizer = _optimizer(params, config, combiner)
     loop = TrainingLoop(
         modules=modules,
         optimizer=optimizer,
-        scaler=scaler,
+        scaler=grad_scaler(backbone.device, config.amp),
         ckpt_path=out_dir / "checkpoint.pt",
         fingerprint=run_fingerprint,
         epochs=config.epochs,
@@ -338,32 +349,14 @@ def finetune(
         desc=f"{stage} ({config.encoders})",
         meta={**provenance, "hparams": combiner.hparams if combiner is not None else None},
     )
-    features: list[_TripletFeatures] = []  # built in the first epoch: a finished run decodes nothing
-
-    def train_epoch(epoch: int) -> float:
-        if not features:
-            features.append(_TripletFeatures(backbone, triplets, config, cache_dir))
-        feats = features[0]
-        model.eval()  # frozen batch-norm statistics; CLIP has no dropout (CLIP4Cir does the same)
-        if combiner is not None:
-            combiner.train()
-        gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-        rng = np.random.default_rng(epoch_seed(config.seed, epoch))
-        order = torch.randperm(len(triplets), generator=gen)[: config.epoch_size]
-        losses = []
-        for rows in tqdm(list(batch_slices(order, config.batch_size)), desc=f"epoch {epoch}", leave=False):
-            texts = [query_text(triplets[i][1], rng if config.caption_augment else None) for i in rows.tolist()]
-            with autocast(device, config.amp):
-                images = feats.images(torch.cat((feats.reference[rows], feats.target[rows])))
-                query = combine(images[: len(rows)], feats.texts(texts))
-            losses.append(optimizer_step(optimizer, scaler, batch_contrastive_loss(query, images[len(rows) :], config.scale)))
-        return float(np.mean(losses))
-
-    with _training_setup(model, params, config.grad_checkpointing and device.type == "cuda"):
+    train_epoch = _Epochs(backbone, triplets, config, cache_dir, combiner, optimizer, loop.scaler)
+    combine: CombineFn = combiner if combiner is not None else combine_sum
+    with _training_setup(backbone.model, params, config.grad_checkpointing and backbone.device.type == "cuda"):
         history = loop.run(train_epoch, lambda: val_fn(backbone, combine))
     backbone.refresh_fingerprint()  # new weights: feature caches must not mistake them for the old
-    write_json(out_dir / "history.json", history)
-    _export(backbone, out_dir / "backbone.safetensors", {**provenance, "best_epoch": loop.best_epoch})
+    if distributed.is_main():
+        write_json(out_dir / "history.json", history)
+        _export(backbone, out_dir / "backbone.safetensors", {**provenance, "best_epoch": loop.best_epoch})
     return backbone, history
 
 

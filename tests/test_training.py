@@ -1,0 +1,187 @@
+"""The shared training loop: keep-last runs, LR schedules, accumulation, time budgets, resume, and
+data-parallel training on two CPU processes (gloo) against one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cirlib.core import distributed
+from cirlib.core.training import TrainingLoop, optimizer_step, step_batches
+from cirlib.methods.combiner_training import CombinerConfig, CombinerData, train_combiner
+from cirlib.methods.losses import batch_contrastive_loss
+
+# ------------------------------------------------------------------------------ one process
+
+
+def test_distributed_helpers_are_identities_in_one_process() -> None:
+    x = torch.arange(6.0)
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.is_main() and torch.equal(distributed.shard(x), x) and distributed.gather(x) is x
+    assert distributed.local_rows(6) == slice(0, 6) and distributed.mean(2.5) == 2.5
+    assert distributed.broadcast({"a": 1}) == {"a": 1} and not distributed.any_rank(False)
+    module = nn.Linear(2, 2)
+    assert distributed.wrap(module) is module
+    assert [b.tolist() for b in step_batches(torch.arange(5), 2)] == [[0, 1, 2], [3, 4]]
+
+
+def test_accumulated_micro_batches_give_the_full_batch_gradient() -> None:
+    """For a loss that is a mean over rows, two half-batches step exactly like one full batch."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+    steps = {}
+    for accumulation in (1, 2):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        losses = [lambda rows=rows, model=model: nn.functional.mse_loss(model(x[rows]), y[rows])
+                  for rows in step_batches(torch.arange(8), accumulation)]
+        loss = optimizer_step(opt, scaler, losses)
+        steps[accumulation] = (loss, model.weight.detach().clone())
+    assert steps[1][0] == pytest.approx(steps[2][0], rel=1e-6)
+    torch.testing.assert_close(steps[1][1], steps[2][1])
+
+
+def _regression_loop(tmp_path: Path, epochs: int = 4, **kw) -> tuple[TrainingLoop, nn.Module, callable]:
+    """A linear regression trained with AdamW and a step LR schedule, 4 steps per epoch."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1))
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    loop = TrainingLoop({"model": model}, opt, scaler, tmp_path / "ckpt.pt", "fp", epochs, seed=0,
+                        scheduler=sched, progress=False, **kw)
+
+    def train_epoch(epoch: int) -> float:
+        order = torch.randperm(32)  # from the epoch's seed
+        losses = [optimizer_step(opt, scaler, [lambda r=rows: nn.functional.mse_loss(model(x[r]), y[r])], sched)
+                  for rows in order.view(4, 8)]
+        return sum(losses) / len(losses)
+
+    return loop, model, train_epoch
+
+
+def test_keep_last_run_with_a_schedule_resumes_exactly(tmp_path: Path) -> None:
+    loop, model, train_epoch = _regression_loop(tmp_path / "full")
+    history = loop.run(train_epoch)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and loop.best_epoch == 4
+    assert history[-1]["loss"] < history[0]["loss"]
+    uninterrupted = model.weight.detach().clone()
+
+    cut, _, cut_epoch = _regression_loop(tmp_path / "cut")
+
+    def crash_in_epoch_3(epoch: int) -> float:
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return cut_epoch(epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        cut.run(crash_in_epoch_3)
+    resumed, model2, train2 = _regression_loop(tmp_path / "cut")
+    assert resumed.resumed and resumed.epoch == 2
+    again = resumed.run(train2)
+    assert [h["loss"] for h in again] == [h["loss"] for h in history]
+    assert torch.equal(model2.weight, uninterrupted)
+
+    done, model3, _ = _regression_loop(tmp_path / "full")  # finished: loaded, not retrained
+    assert done.finished and done.run(lambda e: pytest.fail("retrained")) == history
+    assert torch.equal(model3.weight, uninterrupted)
+
+
+def test_time_budget_ends_the_run_after_the_epoch_under_way(tmp_path: Path) -> None:
+    loop, _, train_epoch = _regression_loop(tmp_path, epochs=50, time_budget_s=0.0)
+    history = loop.run(train_epoch)
+    assert len(history) == 1 and loop.finished
+
+
+def test_selection_keeps_the_best_epoch_and_stops_early(tmp_path: Path) -> None:
+    scores = {1: 1.0, 2: 3.0, 3: 2.0, 4: 2.5, 5: 9.0}
+    loop, model, train_epoch = _regression_loop(tmp_path, epochs=5, main_metric="score", patience=2)
+    weights = {}
+
+    def train_and_remember(epoch: int) -> float:
+        loss = train_epoch(epoch)
+        weights[epoch] = model.weight.detach().clone()
+        return loss
+
+    history = loop.run(train_and_remember, lambda: {"score": scores[loop.epoch + 1]})
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and loop.best_epoch == 2
+    assert torch.equal(model.weight, weights[2])
+
+
+# ------------------------------------------------------------------------- two processes (gloo)
+DDP_CONFIG = CombinerConfig(
+    projection_factor=2.0, hidden_factor=2.0, dropout=0.0,  # dropout masks would differ per process
+    lr=1e-2, batch_size=16, epochs=3, patience=3, scale=10.0, amp=False, device="cpu",  # fp32: portable
+)
+
+
+def _random_data(n: int = 64, dim: int = 8) -> CombinerData:
+    g = torch.Generator().manual_seed(0)
+    return CombinerData(
+        images=torch.randn(n, dim, generator=g),
+        reference_index=torch.arange(n),
+        target_index=torch.randperm(n, generator=g),
+        texts=torch.randn(2 * n, dim, generator=g),
+        text_index=torch.arange(2 * n).view(n, 2),
+        dataset="cirr",
+    )
+
+
+def _val_fn(combiner: nn.Module) -> dict[str, float]:
+    data = _random_data()
+    rows = torch.arange(32)
+    query = combiner(data.images[rows], data.texts[data.text_index[rows, 0]])
+    return {"avg": -batch_contrastive_loss(query, data.images[data.target_index[rows]], 10.0).item()}
+
+
+def _train_on_ranks(rank: int, world: int, folder: str) -> None:
+    """One process of a run: train the Combiner, record the history and who wrote checkpoints."""
+    out = Path(folder)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    real_save = torch.save
+
+    def recording_save(obj, f, *args, **kwargs):
+        (out / f"saved-by-rank-{rank}").touch()
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = recording_save
+    try:
+        _, history = train_combiner(_random_data(), _val_fn, DDP_CONFIG, out / "combiner.pt")
+        (out / f"history-{rank}.json").write_text(json.dumps(history))
+    finally:
+        torch.save = real_save
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path: Path) -> None:
+    """Same global batch on 1 and 2 processes: the same losses and validation scores, within float
+    round-off (reductions run in another order), and only rank 0 writes the checkpoint."""
+    runs = {}
+    for world in (1, 2):
+        folder = tmp_path / f"world-{world}"
+        folder.mkdir()
+        mp.spawn(_train_on_ranks, args=(world, str(folder)), nprocs=world, join=True)
+        runs[world] = [json.loads((folder / f"history-{r}.json").read_text()) for r in range(world)]
+        assert sorted(p.name for p in folder.glob("saved-by-rank-*")) == ["saved-by-rank-0"]
+        assert (folder / "combiner.pt").is_file()
+    one, two = runs[1][0], runs[2][0]
+    drop_time = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert drop_time(runs[2][1]) == drop_time(two)  # both hold the same averaged losses and metrics
+    assert [h["epoch"] for h in one] == [h["epoch"] for h in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+        assert b["avg"] == pytest.approx(a["avg"], rel=1e-4, abs=1e-5)
+    assert one[-1]["loss"] < 0.95 * one[0]["loss"]  # it learns, so the curves compare something
