@@ -9,8 +9,8 @@ import open_clip
 import pytest
 import torch
 
-from cirlib.models.backbone import TINY_MODEL, load_backbone, save_backbone, sidecar_path
 from cirlib.core.io import file_sha256
+from cirlib.models.backbone import TINY_MODEL, load_backbone, save_backbone, sidecar_path
 
 
 @pytest.fixture(autouse=True)

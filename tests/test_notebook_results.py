@@ -25,8 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "notebooks"))
-from record_results import (  # noqa: E402
-    EXPECTED, FLOOR, QUICK_FIGURES, TOLERANCES, compare_grids, numbers_in, read_grid, tolerances)
+from record_results import EXPECTED, FLOOR, QUICK_FIGURES, TOLERANCES, compare_grids, numbers_in, read_grid, tolerances  # noqa: E402
 
 TABLES = sorted(p.stem for p in EXPECTED.glob("*.csv"))
 NOTEBOOKS = {p.name[:2]: p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
@@ -39,7 +38,8 @@ def _fresh_table(name: str, request: pytest.FixtureRequest, session_start: float
     if path.exists() and path.stat().st_mtime >= session_start:
         return path
     if request.config.getoption("nbval", default=False):
-        pytest.fail(f"{NOTEBOOKS.get(name[:2], name)} did not write {path.name} in this run: see its nbval failure above")
+        notebook = NOTEBOOKS.get(name[:2], name)
+        pytest.fail(f"{notebook} did not write {path.name} in this run: see its nbval failure above")
     pytest.skip("the quick-mode notebooks did not run in this session (they run under `make test` / `make nbtest`)")
 
 
@@ -65,7 +65,8 @@ def test_compare_grids_reports_what_moved_and_by_how_much() -> None:
     assert compare_grids(expected, [r[:] for r in expected], [0.0] * 4) == []
     within = [expected[0], ["sum", "24.0000", "21.0 [11.0, 31.0]", "within noise"]]
     assert compare_grids(expected, within, [0.0, 5.0, 1.5, 0.0]) == []  # verdicts may differ
-    moved = compare_grids(expected, [expected[0], ["sum", "26.0000", "20.0 [10.0, 33.0]", "holds"]], [0.0, 5.0, 1.5, 0.0])
+    found = [expected[0], ["sum", "26.0000", "20.0 [10.0, 33.0]", "holds"]]
+    moved = compare_grids(expected, found, [0.0, 5.0, 1.5, 0.0])
     assert moved == ["row 'sum', column 'R@1': expected 20 ± 5, got 26 (moved +6)",
                      "row 'sum', column 'interval': expected 30 ± 1.5, got 33 (moved +3)"]
     renamed = compare_grids(expected, [expected[0], ["text", *expected[1][1:]]], [1.0] * 4)
@@ -85,7 +86,9 @@ def test_tolerance_rule() -> None:
     assert numbers_in("within noise") is None and numbers_in("R@10") is None and numbers_in("-2.5") == [-2.5]
 
 
-def _table(name: str, request: pytest.FixtureRequest, session_start: float, index_cols: int | list[int] = 0) -> pd.DataFrame:
+def _table(
+    name: str, request: pytest.FixtureRequest, session_start: float, index_cols: int | list[int] = 0
+) -> pd.DataFrame:
     return pd.read_csv(_fresh_table(name, request, session_start), index_col=index_cols)
 
 
@@ -98,7 +101,8 @@ def test_metrics_are_percentages(request: pytest.FixtureRequest, session_start: 
 
 
 def test_the_sum_differs_from_each_modality(request: pytest.FixtureRequest, session_start: float) -> None:
-    """The image+text sum must use both inputs: identical to image-only or text-only on every metric means one was dropped."""
+    """The image+text sum must use both inputs: identical to image-only or text-only on every metric
+    means one was dropped."""
     baselines = _table("02_zero_shot_baselines", request, session_start)
     for single in ("image", "text"):
         assert (baselines.loc["sum"] - baselines.loc[single]).abs().max() > 0, (

@@ -45,7 +45,9 @@ TOLERANCES = ROOT / "tests" / "notebooks" / "tolerances.json"
 # another x86 CPU -- oneDNN limited to SSE4.1 and ATen's generic (unvectorised) kernels. On this
 # project's AVX2 machine the thread count alone moved no number; the kernel caps move them all.
 SETUPS: dict[str, dict[str, str]] = {
-    "fp32, 1 thread, SSE4.1 oneDNN": {"CIRLIB_PRECISION": "fp32", "OMP_NUM_THREADS": "1", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "fp32, 1 thread, SSE4.1 oneDNN": {
+        "CIRLIB_PRECISION": "fp32", "OMP_NUM_THREADS": "1", "ONEDNN_MAX_CPU_ISA": "SSE41",
+    },
     "generic ATen kernels": {"ATEN_CPU_CAPABILITY": "default"},
     "generic ATen + SSE4.1 oneDNN, 1 thread": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
                                                "OMP_NUM_THREADS": "1"},
@@ -83,7 +85,8 @@ def compare_grids(expected: list[list[str]], got: list[list[str]], tolerance: li
     """What moved between two tables: numbers beyond their column's tolerance, changed text (headers,
     row labels), a changed shape. Words derived from numbers (``RESULT_WORDS``) may differ."""
     if [len(r) for r in got] != [len(r) for r in expected]:
-        return [f"shape changed from {len(expected)} rows x {len(expected[0])} columns to {len(got)} x {len(got[0]) if got else 0}"]
+        found = f"{len(got)} x {len(got[0]) if got else 0}"
+        return [f"shape changed from {len(expected)} rows x {len(expected[0])} columns to {found}"]
     moved = []
     for row_e, row_g in zip(expected, got):
         for j, (e, g) in enumerate(zip(row_e, row_g)):

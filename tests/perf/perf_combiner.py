@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
-from cirlib.core.training import batch_slices
-from cirlib.methods.combiner_training import build_combiner_data, CombinerConfig, CombinerData, train_combiner
-from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.core.device import autocast
-from cirlib.methods.losses import batch_contrastive_loss
+from cirlib.core.training import batch_slices
+from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import transform_for
+from cirlib.methods.combiner_training import CombinerConfig, CombinerData, build_combiner_data, train_combiner
+from cirlib.methods.losses import batch_contrastive_loss
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
 
 
 def toy_split(folder: Path, n_triplets: int, seed: int = 0) -> CIRSplit:

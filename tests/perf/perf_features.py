@@ -25,8 +25,8 @@ import open_clip
 import torch
 from PIL import Image
 
-from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
 from cirlib.core.device import autocast
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
 from cirlib.models.features import image_features
 
 Key = tuple[str, str]  # (method, DataLoader workers)
@@ -92,7 +92,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     backbone = load_backbone(args.model, pretrained=None)
-    print(f"model {args.model} ({backbone.image_size} px) on {backbone.device}, torch threads {torch.get_num_threads()}")
+    threads = torch.get_num_threads()
+    print(f"model {args.model} ({backbone.image_size} px) on {backbone.device}, torch threads {threads}")
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp) / "images", args.n)
         cache = Path(tmp) / "cache"
