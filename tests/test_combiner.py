@@ -13,7 +13,13 @@ from PIL import Image
 from cirlib.core.training import batch_slices, best_epoch
 from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.evaluation.protocols import CachedEvaluator, evaluate_split, merge_metrics
-from cirlib.methods.combiner_training import CombinerConfig, CombinerData, build_combiner_data, train_combiner
+from cirlib.methods.combiner_training import (
+    CombinerConfig,
+    CombinerData,
+    build_combiner_data,
+    train_combiner,
+    training_triplets,
+)
 from cirlib.models.combiner import VARIANTS, Combiner, apply_combine, combine_sum, load_combiner
 
 D = 8
@@ -357,6 +363,16 @@ def _fashion_split(root: Path) -> CIRSplit:
         Query("blue", ("is grey", "grey"), "grey", ("grey",), category="dress"),
     ]
     return CIRSplit("fashioniq", "train", root, queries, list(colours), paths, 0)
+
+
+def test_training_triplets_need_two_usable_ones(tmp_path: Path) -> None:
+    split = _fashion_split(tmp_path)
+    assert len(training_triplets([split])) == 3
+    lonely = replace(split, queries=[split.queries[0], replace(split.queries[1], target="gone")])
+    with pytest.warns(UserWarning, match="1 training queries skipped"), pytest.raises(
+        ValueError, match=r"1 usable training triplet\(s\) in fashioniq/train; contrastive training needs at least 2"
+    ):
+        training_triplets([lonely])
 
 
 def test_build_combiner_data_encodes_each_image_and_rendering_once(tmp_path: Path) -> None:

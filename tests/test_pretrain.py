@@ -16,12 +16,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from cirlib.core.io import file_sha256
-from cirlib.data.pixels import PixelCache
 from cirlib.data.synth.fashion import absolute_caption
 from cirlib.data.synth.render import COLOURS
 from cirlib.methods import pretrain as P
 from cirlib.models.backbone import TINY_MODEL, load_backbone, sidecar_path
-from cirlib.models.features import encode_pixels
 
 COLOUR_NAMES = ("red", "navy blue", "yellow", "green")
 PATTERN_NAMES = ("plain", "stripes")
@@ -261,27 +259,6 @@ def test_one_step_keeps_temperature_clamped(fashion_root):
     bb.model.logit_scale.register_hook(lambda g: -torch.ones_like(g))  # gradient that raises it
     P._train_step(P._Pairs(bb, FAST.amp), data, FAST, 0, opt, sched, scaler)
     assert bb.model.logit_scale.item() == pytest.approx(math.log(100.0))
-
-
-# --------------------------------------------------------------------------------------- zero-shot
-def test_zero_shot_accuracy_reports_a_consistent_confusion_matrix(fashion_root):
-    bb = load_backbone(TINY_MODEL, device="cpu")
-    items = P.load_attributed_images([fashion_root], "val")
-    result = P.zero_shot_accuracy(bb, items, "colour")
-    assert result.classes == sorted(COLOUR_NAMES) and result.n == len(items)
-    assert result.confusion.shape == (4, 4) and result.confusion.sum() == len(items)
-    assert result.confusion.sum(axis=1).tolist() == [3, 3, 3, 3]  # 3 categories x 1 image per colour
-    assert result.accuracy == pytest.approx(np.trace(result.confusion) / len(items))
-    assert result.confusion_frame().loc["red"].sum() == 3
-    features = encode_pixels(bb, PixelCache([it.path for it in items], bb.image_size, "squarepad", progress=False))
-    assert features.shape == (len(items), bb.embed_dim)
-    again = P.zero_shot_accuracy(bb, items, "colour", image_features=features)
-    assert np.array_equal(again.confusion, result.confusion)
-    with pytest.raises(ValueError, match=r"no item has attribute 'sleeve'.*colour"):
-        P.zero_shot_accuracy(bb, items, "sleeve")
-    both = P.zero_shot_accuracies(bb, items, ["colour", "category"])  # one encoding for every attribute
-    assert list(both) == ["colour", "category"] and np.array_equal(both["colour"].confusion, result.confusion)
-    assert np.array_equal(both["category"].confusion, P.zero_shot_accuracy(bb, items, "category").confusion)
 
 
 # ------------------------------------------------------------------------------ two processes (gloo)

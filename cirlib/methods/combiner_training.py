@@ -98,8 +98,11 @@ def training_triplets(splits: Sequence[CIRSplit]) -> list[tuple[CIRSplit, Query]
         warnings.warn(
             f"{skipped} training queries skipped (no target or a missing image), e.g. {example}", stacklevel=2
         )
-    if not usable:
-        raise ValueError("no usable training triplets in " + ", ".join(f"{s.dataset}/{s.split}" for s in splits))
+    if len(usable) < 2:  # a contrastive batch needs another target as negative
+        raise ValueError(
+            f"{len(usable)} usable training triplet(s) in " + ", ".join(f"{s.dataset}/{s.split}" for s in splits)
+            + "; contrastive training needs at least 2"
+        )
     return usable
 
 

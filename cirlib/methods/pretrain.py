@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,88 +38,24 @@ from cirlib.core.device import autocast, get_device, grad_scaler, precision
 from cirlib.core.io import fingerprint
 from cirlib.core.tensors import eval_mode, row_chunks
 from cirlib.core.training import TrainingLoop, optimizer_step, step_batches
-from cirlib.data import datasets
+from cirlib.data.labels import CAPTION_TEMPLATES, AttributedImage, load_attributed_images
 from cirlib.data.pixels import PixelCache, normalise
 from cirlib.data.preprocess import TransformKind
-from cirlib.data.synth import fashion, scenes
-from cirlib.data.synth.meta import meta_path, read_meta
+from cirlib.data.synth.meta import read_meta
+from cirlib.evaluation.zero_shot import zero_shot_accuracies
 from cirlib.methods.losses import clip_loss
 from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone, save_backbone, sidecar_path
 from cirlib.models.features import encode_pixels
 
 TRAINER_VERSION = 2  # bump when a change to this file changes what a given config trains
-META_FILE = "cirlib_meta.json"
 CHECKPOINT_NAME = "tiny_clip.safetensors"
 STATE_NAME = "train_state.pt"
 # Held-out zero-shot accuracy (%) the default schedule is meant to reach on the fashion val items
 # (issue 3): notebook 02 reports each measured value next to its target.
 ZERO_SHOT_TARGETS: dict[str, float] = {"colour": 95.0, "pattern": 95.0, "category": 75.0}
-CAPTION_TEMPLATES: tuple[str, ...] = (
-    "{}",
-    "a photo of {}",
-    "a picture of {}",
-    "an image of {}",
-    "a photograph of {}",
-    "a close-up photo of {}",
-)
 
 
 # ------------------------------------------------------------------------------------------ corpus
-@dataclass(frozen=True)
-class AttributedImage:
-    """One generated image with the attributes it was rendered from."""
-
-    path: Path
-    name: str
-    attributes: dict[str, Any]
-    benchmark: str  # "fashion" | "scenes": which generator's caption rules apply
-
-    @property
-    def caption(self) -> str:
-        return caption_function(self.benchmark)(self.attributes)
-
-
-def caption_function(benchmark: str) -> Callable[[dict[str, Any]], str]:
-    """The absolute-caption rule of a generated benchmark."""
-    if benchmark == "fashion":
-        from cirlib.data.synth.fashion import absolute_caption
-    elif benchmark == "scenes":
-        from cirlib.data.synth.scenes import absolute_caption
-    else:
-        raise ValueError(f"no caption rule for benchmark {benchmark!r}; expected 'fashion' or 'scenes'")
-    return absolute_caption
-
-
-def _split_images(root: Path, split: str) -> dict[str, Path]:
-    """name -> file of every image a split of a FashionIQ/CIRR/CIRCO-layout root references."""
-    if (root / "image_splits").is_dir() and (root / "captions").is_dir():
-        found: dict[str, Path] = {}
-        for category in datasets.FASHIONIQ_CATEGORIES:
-            found.update(datasets.load_fashioniq(root, category, split).image_paths)
-        return found
-    if (root / "cirr").is_dir():
-        return dict(datasets.load_cirr(root, "test1" if split == "test" else split).image_paths)
-    if (root / "annotations").is_dir():
-        if split == "train":
-            raise ValueError(f"{root} is a CIRCO root, which has no train split (only val and test)")
-        return dict(datasets.load_circo(root, split).image_paths)
-    raise ValueError(f"{root} is not a FashionIQ, CIRR or CIRCO root (no image_splits/, cirr/ or annotations/)")
-
-
-def load_attributed_images(roots: Sequence[str | os.PathLike], split: str = "train") -> list[AttributedImage]:
-    """The images of ``split`` in each generated root, with their attributes from ``cirlib_meta.json``."""
-    benchmark_of = {fashion.GENERATOR: "fashion", scenes.GENERATOR: "scenes"}
-    items: list[AttributedImage] = []
-    for root in map(Path, roots):
-        meta = read_meta(root, benchmark_of)
-        attributes, benchmark = meta["attributes"], benchmark_of[meta["generator"]]
-        for name, path in sorted(_split_images(root, split).items()):
-            if name not in attributes:
-                raise ValueError(f"{meta_path(root)}: field 'attributes' has no entry for image {name!r} ({path})")
-            items.append(AttributedImage(path, name, attributes[name], benchmark))
-    return items
-
-
 def build_corpus(roots: Sequence[str | os.PathLike], split: str = "train") -> list[tuple[Path, str]]:
     """(image file, absolute caption) for every image of ``split`` in the generated roots.
 
@@ -371,106 +307,6 @@ def validation_loss(backbone: Backbone, data: _Data, batch_size: int, amp: bool 
     return float(np.average(losses, weights=weights))
 
 
-# ------------------------------------------------------------------------------------------ zero-shot
-@dataclass
-class ZeroShotResult:
-    """Zero-shot classification of one attribute: accuracy and confusion (rows = true class)."""
-
-    attribute: str
-    classes: list[str]
-    accuracy: float
-    confusion: np.ndarray  # [C, C] counts, rows true, columns predicted
-    n: int
-
-    def confusion_frame(self):
-        """The confusion matrix as a labelled pandas DataFrame (for seaborn heatmaps)."""
-        import pandas as pd
-
-        return pd.DataFrame(self.confusion, index=self.classes, columns=self.classes)
-
-
-@torch.no_grad()
-def class_text_features(
-    backbone: Backbone, items: Sequence[AttributedImage], attribute: str, classes: Sequence[str], n_contexts: int = 16
-) -> torch.Tensor:
-    """One normalised text embedding per class: a prompt ensemble over captions and templates.
-
-    Each class is described the way the training captions describe it: the generator's caption of
-    ``n_contexts`` attribute sets drawn from ``items`` with ``attribute`` set to the class, in
-    every template; the class embedding is the normalised mean (CLIP's prompt ensembling).
-    """
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(items), size=min(n_contexts, len(items)), replace=False)
-    contexts = [items[i] for i in sorted(pick)]
-    feats = []
-    with eval_mode(backbone.model):
-        for value in classes:
-            captions = {caption_function(c.benchmark)({**c.attributes, attribute: value}) for c in contexts}
-            prompts = [t.format(c) for c in sorted(captions) for t in CAPTION_TEMPLATES]
-            with autocast(backbone.device):
-                emb = F.normalize(backbone.encode_text(prompts).float(), dim=-1)
-            feats.append(F.normalize(emb.mean(0), dim=-1).cpu())
-    return torch.stack(feats)
-
-
-def _encode_items(backbone: Backbone, items: Sequence[AttributedImage], transform_kind: TransformKind,
-                  cache_dir: str | os.PathLike | None) -> torch.Tensor:
-    """Image features of ``items`` through the pretraining geometry (pixels cached under ``cache_dir``)."""
-    pixels = PixelCache([it.path for it in items], backbone.image_size, transform_kind, cache_dir=cache_dir,
-                        progress=False)
-    return encode_pixels(backbone, pixels)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(
-    backbone: Backbone,
-    items: Sequence[AttributedImage],
-    attribute: str,
-    image_features: torch.Tensor | None = None,
-    transform_kind: TransformKind = "squarepad",
-    cache_dir: str | os.PathLike | None = None,
-) -> ZeroShotResult:
-    """Classify ``attribute`` (colour, pattern, category, ...) of held-out images from text prompts.
-
-    ``items`` are typically the val images of a generated root (:func:`load_attributed_images`);
-    only those whose attributes contain ``attribute`` take part. ``image_features`` (aligned with
-    ``items``, e.g. from :func:`cirlib.models.features.encode_pixels`) skips decoding and encoding the images again when
-    several attributes are scored on the same images; ``cache_dir`` caches the decoded pixels.
-    The default geometry is the one :class:`PretrainConfig` trains the tiny CLIP with.
-    """
-    keep = [i for i, item in enumerate(items) if attribute in item.attributes]
-    if not keep:
-        keys = sorted({k for item in items for k in item.attributes})
-        raise ValueError(f"no item has attribute {attribute!r}; available: {keys}")
-    chosen = [items[i] for i in keep]
-    if image_features is None:
-        image_features = _encode_items(backbone, chosen, transform_kind, cache_dir)
-    else:
-        image_features = image_features[keep]
-    image_features = F.normalize(image_features.float().cpu(), dim=-1)
-    classes = sorted({str(it.attributes[attribute]) for it in chosen})
-    labels = np.array([classes.index(str(it.attributes[attribute])) for it in chosen])
-    text = class_text_features(backbone, chosen, attribute, classes)
-    pred = (image_features @ text.T).argmax(1).numpy()
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    return ZeroShotResult(attribute, classes, float((pred == labels).mean()), confusion, len(chosen))
-
-
-def zero_shot_accuracies(
-    backbone: Backbone,
-    items: Sequence[AttributedImage],
-    attributes: Sequence[str],
-    image_features: torch.Tensor | None = None,
-    transform_kind: TransformKind = "squarepad",
-    cache_dir: str | os.PathLike | None = None,
-) -> dict[str, ZeroShotResult]:
-    """:func:`zero_shot_accuracy` of each attribute, encoding the images only once."""
-    if image_features is None:
-        image_features = _encode_items(backbone, items, transform_kind, cache_dir)
-    return {a: zero_shot_accuracy(backbone, items, a, image_features=image_features) for a in attributes}
-
-
 # ------------------------------------------------------------------------------------------- driver
 @dataclass
 class PretrainResult:
@@ -485,7 +321,7 @@ class PretrainResult:
 
 
 def _corpus_key(roots: Sequence[Path], corpus: Sequence[tuple[Path, str]]) -> str:
-    metas = [json.loads((r / META_FILE).read_text(encoding="utf-8")).get("fingerprint") for r in roots]
+    metas = [read_meta(r).get("fingerprint") for r in roots]
     return fingerprint({"metas": metas, "pairs": [(p.name, c) for p, c in corpus]})
 
 
@@ -644,16 +480,10 @@ def pretrain(
 
 
 __all__ = [
-    "CAPTION_TEMPLATES",
-    "AttributedImage",
     "PretrainConfig",
     "PretrainResult",
-    "ZeroShotResult",
+    "ZERO_SHOT_TARGETS",
     "build_corpus",
     "lr_factor",
-    "load_attributed_images",
-    "ZERO_SHOT_TARGETS",
     "pretrain",
-    "zero_shot_accuracy",
-    "zero_shot_accuracies",
 ]

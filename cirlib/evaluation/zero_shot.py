@@ -1,0 +1,130 @@
+"""Zero-shot classification with a CLIP: how well an image encoder separates the attributes the
+captions talk about, scored against text prompts only.
+
+Each class is described the way captions describe it (a prompt ensemble over several images'
+captions with the attribute set to the class, in every caption template); an image gets the class
+whose text embedding is nearest. Pretraining validates with it; notebook 02 reports it per
+attribute with confusion matrices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cirlib.core.device import autocast
+from cirlib.core.tensors import eval_mode
+from cirlib.data.labels import CAPTION_TEMPLATES, AttributedImage, caption_function
+from cirlib.data.pixels import PixelCache
+from cirlib.data.preprocess import TransformKind
+from cirlib.models.backbone import Backbone
+from cirlib.models.features import encode_pixels
+
+
+@dataclass
+class ZeroShotResult:
+    """Zero-shot classification of one attribute: accuracy and confusion (rows = true class)."""
+
+    attribute: str
+    classes: list[str]
+    accuracy: float
+    confusion: np.ndarray  # [C, C] counts, rows true, columns predicted
+    n: int
+
+    def confusion_frame(self):
+        """The confusion matrix as a labelled pandas DataFrame (for seaborn heatmaps)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.confusion, index=self.classes, columns=self.classes)
+
+
+@torch.no_grad()
+def class_text_features(
+    backbone: Backbone, items: Sequence[AttributedImage], attribute: str, classes: Sequence[str], n_contexts: int = 16
+) -> torch.Tensor:
+    """One normalised text embedding per class: a prompt ensemble over captions and templates.
+
+    Each class is described the way the training captions describe it: the generator's caption of
+    ``n_contexts`` attribute sets drawn from ``items`` with ``attribute`` set to the class, in
+    every template; the class embedding is the normalised mean (CLIP's prompt ensembling).
+    """
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(items), size=min(n_contexts, len(items)), replace=False)
+    contexts = [items[i] for i in sorted(pick)]
+    feats = []
+    with eval_mode(backbone.model):
+        for value in classes:
+            captions = {caption_function(c.benchmark)({**c.attributes, attribute: value}) for c in contexts}
+            prompts = [t.format(c) for c in sorted(captions) for t in CAPTION_TEMPLATES]
+            with autocast(backbone.device):
+                emb = F.normalize(backbone.encode_text(prompts).float(), dim=-1)
+            feats.append(F.normalize(emb.mean(0), dim=-1).cpu())
+    return torch.stack(feats)
+
+
+def _encode_items(backbone: Backbone, items: Sequence[AttributedImage], transform_kind: TransformKind,
+                  cache_dir: str | os.PathLike | None) -> torch.Tensor:
+    """Image features of ``items`` through the pretraining geometry (pixels cached under ``cache_dir``)."""
+    pixels = PixelCache([it.path for it in items], backbone.image_size, transform_kind, cache_dir=cache_dir,
+                        progress=False)
+    return encode_pixels(backbone, pixels)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    backbone: Backbone,
+    items: Sequence[AttributedImage],
+    attribute: str,
+    image_features: torch.Tensor | None = None,
+    transform_kind: TransformKind = "squarepad",
+    cache_dir: str | os.PathLike | None = None,
+) -> ZeroShotResult:
+    """Classify ``attribute`` (colour, pattern, category, ...) of held-out images from text prompts.
+
+    ``items`` are typically the val images of a generated root (:func:`load_attributed_images`);
+    only those whose attributes contain ``attribute`` take part. ``image_features`` (aligned with
+    ``items``, e.g. from :func:`cirlib.models.features.encode_pixels`) skips decoding and encoding the images again when
+    several attributes are scored on the same images; ``cache_dir`` caches the decoded pixels.
+    The default geometry is the one :class:`PretrainConfig` trains the tiny CLIP with.
+    """
+    keep = [i for i, item in enumerate(items) if attribute in item.attributes]
+    if not keep:
+        keys = sorted({k for item in items for k in item.attributes})
+        raise ValueError(f"no item has attribute {attribute!r}; available: {keys}")
+    chosen = [items[i] for i in keep]
+    if image_features is None:
+        image_features = _encode_items(backbone, chosen, transform_kind, cache_dir)
+    else:
+        image_features = image_features[keep]
+    image_features = F.normalize(image_features.float().cpu(), dim=-1)
+    classes = sorted({str(it.attributes[attribute]) for it in chosen})
+    labels = np.array([classes.index(str(it.attributes[attribute])) for it in chosen])
+    text = class_text_features(backbone, chosen, attribute, classes)
+    pred = (image_features @ text.T).argmax(1).numpy()
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    return ZeroShotResult(attribute, classes, float((pred == labels).mean()), confusion, len(chosen))
+
+
+def zero_shot_accuracies(
+    backbone: Backbone,
+    items: Sequence[AttributedImage],
+    attributes: Sequence[str],
+    image_features: torch.Tensor | None = None,
+    transform_kind: TransformKind = "squarepad",
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, ZeroShotResult]:
+    """:func:`zero_shot_accuracy` of each attribute, encoding the images only once."""
+    if image_features is None:
+        image_features = _encode_items(backbone, items, transform_kind, cache_dir)
+    return {a: zero_shot_accuracy(backbone, items, a, image_features=image_features) for a in attributes}
+
+
+def available_attributes(items: Sequence[AttributedImage], wanted: Sequence[str]) -> list[str]:
+    """The attributes of ``wanted`` that at least two classes of ``items`` carry (classifiable)."""
+    return [a for a in wanted if len({str(it.attributes[a]) for it in items if a in it.attributes}) >= 2]

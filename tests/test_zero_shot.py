@@ -1,0 +1,65 @@
+"""Zero-shot classification, and the labelled images it is scored on (generated or real roots)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from real_layout import real_layout_roots
+from test_pretrain import COLOUR_NAMES, make_fashion_root
+
+from cirlib.data.labels import caption_function, labelled_images, load_attributed_images
+from cirlib.data.pixels import PixelCache
+from cirlib.evaluation import zero_shot as Z
+from cirlib.models.backbone import TINY_MODEL, load_backbone
+from cirlib.models.features import encode_pixels
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory) -> Path:
+    return make_fashion_root(tmp_path_factory.mktemp("bench") / "fashion")
+
+
+def test_zero_shot_accuracy_reports_a_consistent_confusion_matrix(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    items = load_attributed_images([fashion_root], "val")
+    result = Z.zero_shot_accuracy(bb, items, "colour")
+    assert result.classes == sorted(COLOUR_NAMES) and result.n == len(items)
+    assert result.confusion.shape == (4, 4) and result.confusion.sum() == len(items)
+    assert result.confusion.sum(axis=1).tolist() == [3, 3, 3, 3]  # 3 categories x 1 image per colour
+    assert result.accuracy == pytest.approx(np.trace(result.confusion) / len(items))
+    assert result.confusion_frame().loc["red"].sum() == 3
+    features = encode_pixels(bb, PixelCache([it.path for it in items], bb.image_size, "squarepad", progress=False))
+    assert features.shape == (len(items), bb.embed_dim)
+    again = Z.zero_shot_accuracy(bb, items, "colour", image_features=features)
+    assert np.array_equal(again.confusion, result.confusion)
+    with pytest.raises(ValueError, match=r"no item has attribute 'sleeve'.*colour"):
+        Z.zero_shot_accuracy(bb, items, "sleeve")
+    both = Z.zero_shot_accuracies(bb, items, ["colour", "category"])  # one encoding for every attribute
+    assert list(both) == ["colour", "category"] and np.array_equal(both["colour"].confusion, result.confusion)
+    assert np.array_equal(both["category"].confusion, Z.zero_shot_accuracy(bb, items, "category").confusion)
+
+
+def test_generated_roots_give_their_attributes(fashion_root):
+    items = labelled_images(fashion_root, "val")
+    assert [it.name for it in items] == [it.name for it in load_attributed_images([fashion_root], "val")]
+    assert {"colour", "pattern", "category"} <= set(items[0].attributes)
+    assert Z.available_attributes(items, ("colour", "sleeve", "category")) == ["colour", "category"]
+
+
+def test_a_real_fashioniq_root_gives_categories_only(tmp_path):
+    roots = real_layout_roots(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixtures' dead links
+        items = labelled_images(roots["fashioniq_root"], "val")
+    assert items and all(set(it.attributes) == {"category"} and it.benchmark == "fashioniq" for it in items)
+    assert len({it.name for it in items}) == len(items), "an image listed by two categories appears once"
+    assert Z.available_attributes(items, ("colour", "pattern", "category")) == ["category"]
+    assert caption_function("fashioniq")({"category": "toptee"}) == "a top"
+    assert labelled_images(roots["cirr_root"], "val") == [], "real CIRR has no image labels"
+    result = Z.zero_shot_accuracy(load_backbone(TINY_MODEL, device="cpu"), items, "category")
+    assert result.n == len(items) and result.confusion.sum() == len(items)
+    with pytest.raises(ValueError, match="expected 'fashion', 'scenes' or 'fashioniq'"):
+        caption_function("cirr")
