@@ -381,9 +381,10 @@ def test_spatial_background_and_viewpoint_captions() -> None:
     }
     assert captions_of(scene(BAG), scene(BAG, close_up=True)) == {
         "seen closer": ("viewpoint",), "a close-up of the same scene": ("viewpoint",), "zoomed in": ("viewpoint",),
+        "zoom in": ("viewpoint",), "show it closer": ("viewpoint",),
     }
     assert set(captions_of(scene(BAG, coat), scene(BAG, coat, mirrored=True))) == {
-        "mirrored", "seen from the opposite side", "flipped left to right"}
+        "mirrored", "seen from the opposite side", "flipped left to right", "flip it left to right", "mirror the scene"}
 
 
 def test_conjunction_and_unsayable_differences() -> None:

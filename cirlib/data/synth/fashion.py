@@ -10,18 +10,20 @@ the same item with one or two attributes changed. Both modalities are needed by 
 - image-only retrieval is hard because the gallery holds many renderings of the same item,
   including *near misses* (only one of two changes applied, or the right attribute changed to the
   wrong value);
-- text-only retrieval is hard because the captions are relative (they name only what changes)
-  and the target's exact attributes are also rendered on other items (*text distractors*).
+- text-only retrieval is hard because the captions are relative (they name what changes and at
+  most one attribute that stays) and the target's exact attributes are also rendered on other
+  items (*text distractors*).
 
 With two changes the captions split them (c1 one, c2 the other), so both captions are needed;
-with one change both captions describe it in different words, as FashionIQ's annotators did.
+with one change one caption says it and the other an attribute that stays, so a query
+("C1 and c2") never says one attribute twice.
 
 Layout (a FashionIQ root)::
 
     captions/cap.<category>.<split>.json        [{"target", "candidate", "captions": [c1, c2]}]
     image_splits/split.<category>.<split>.json  [name, ...]  (the split/category gallery)
     images/<name>.png
-    cirlib_meta.json                            generator, seed, sizes, fingerprint, attributes
+    cirlib_meta.json                            generator, version, seed, sizes, fingerprint, attributes
 
 ``test`` captions have no "target" (FashionIQ convention). ``cirlib_meta.json`` is ours: it gives
 every image's attributes (absolute captions for pretraining, zero-shot labels, analyses); the
@@ -52,6 +54,7 @@ from cirlib.data.synth import render
 from cirlib.data.synth.meta import meta_path, peek_meta, read_meta, write_meta
 
 GENERATOR = "cirlib.data.synth.fashion/1"
+VERSION = 2  # 2: captions say each attribute once, in one mood (part of the fingerprint)
 CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CLASS_OF: dict[str, int] = {cat: label for label, cat in fashion_mnist.FASHIONIQ_CATEGORIES.items()}
@@ -115,6 +118,8 @@ class FashionBenchConfig:
 
 
 # ------------------------------------------------------------------------------------ captions
+# FashionIQ style: lower-case fragments, US spelling, no full stop; a query reads "C1 and c2".
+# A query says each attribute once, in one mood: descriptive ("is red") or imperative ("make it red").
 _PATTERN_NOUNS = {
     "stripes": "stripes",
     "dots": "polka dots",
@@ -122,72 +127,120 @@ _PATTERN_NOUNS = {
     "zigzag": "zigzag pattern",
     "diamonds": "diamond pattern",
 }
+_PATTERN_PHRASES = {  # descriptive phrasings of a pattern, whatever it replaces
+    "stripes": ("has stripes", "is striped", "has horizontal stripes", "is a striped one", "comes in stripes"),
+    "dots": ("has polka dots", "is polka-dotted", "has dots all over", "is a polka-dot one", "is dotted"),
+    "checks": ("has a check pattern", "is checkered", "is gingham", "is a checked one", "has a checked pattern"),
+    "zigzag": ("has a zigzag pattern", "has zigzags", "is zigzag patterned", "has zigzag lines"),
+    "diamonds": ("has a diamond pattern", "is covered in small diamonds", "has diamonds all over",
+                 "is diamond patterned"),
+}
+_PATTERN_ORDERS = {  # imperative phrasings of a pattern
+    "stripes": ("make it striped", "add stripes", "give it stripes"),
+    "dots": ("make it polka dot", "add polka dots", "give it polka dots"),
+    "checks": ("make it checked", "add checks", "give it a gingham pattern"),
+    "zigzag": ("make it zigzag", "add a zigzag pattern", "give it zigzags"),
+    "diamonds": ("make it diamond patterned", "add a diamond pattern", "give it small diamonds"),
+}
+_DESCRIPTIVE, _IMPERATIVE = 0, 1
+P_IMPERATIVE = 0.3  # share of queries phrased as orders
+
+
+def _a(phrase: str) -> str:
+    """``phrase`` with its indefinite article: "a red one", "an orange one"."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def _indefinite(noun: str) -> str:
     """``"a zigzag pattern"`` but ``"stripes"``: plural nouns take no article."""
-    return noun if noun.endswith("s") else f"a {noun}"
+    return noun if noun.endswith("s") else _a(noun)
 
 
-_PATTERN_PHRASES = {
-    "stripes": ("has stripes", "is striped", "has horizontal stripes", "make it striped"),
-    "dots": ("has polka dots", "is polka-dotted", "has dots all over", "make it polka dot"),
-    "checks": ("has a check pattern", "is checkered", "is gingham", "make it checked"),
-    "zigzag": ("has a zigzag pattern", "has zigzags", "is zigzag patterned", "make it zigzag"),
-    "diamonds": (
-        "has a diamond pattern",
-        "is covered in small diamonds",
-        "has diamonds all over",
-        "make it diamond patterned",
-    ),
-    "plain": ("is plain", "has no pattern", "is a solid color", "is plain without any pattern"),
-}
-
-
-# Phrasings of one attribute change ``ref -> tgt``; each names the new value (or the removal), so
-# a caption is never ambiguous about the target. US spelling, lower case, no full stop: FashionIQ.
-def _colour_phrases(ref: str, tgt: str) -> list[str]:
-    out = [
-        f"is {tgt}",
-        f"is {tgt} instead of {ref}",
-        f"make it {tgt}",
-        f"change the color to {tgt}",
-        f"comes in {tgt}",
-        f"is {tgt} in color",
-    ]
-    lum_ref, lum_tgt = (render.luminance(render.COLOURS[c]) for c in (ref, tgt))
-    if lum_tgt < lum_ref - 60:  # comparatives only where they are true
-        out.append(f"is darker, {tgt} rather than {ref}")
-    elif lum_tgt > lum_ref + 60:
-        out.append(f"is lighter, {tgt} rather than {ref}")
+def _colour_phrases(ref: str, tgt: str, mood: int) -> list[str]:
+    """Ways to say the colour changes from ``ref`` to ``tgt``; each names ``tgt``."""
+    darker = render.luminance(render.COLOURS[tgt]) < render.luminance(render.COLOURS[ref]) - 60
+    lighter = render.luminance(render.COLOURS[tgt]) > render.luminance(render.COLOURS[ref]) + 60
+    if mood == _IMPERATIVE:
+        out = [f"make it {tgt}", f"change the color to {tgt}", f"make it {tgt} instead of {ref}",
+               f"change it from {ref} to {tgt}", f"turn it {tgt}", f"switch the color to {tgt}",
+               f"make the color {tgt}", f"dye it {tgt}"]
+        if darker or lighter:  # comparatives only where they are true
+            out.append(f"make it {'darker' if darker else 'lighter'}, {tgt} rather than {ref}")
+        return out
+    out = [f"is {tgt}", f"is {tgt} instead of {ref}", f"comes in {tgt}", f"is {tgt} in color",
+           f"is {_a(tgt)} one", f"is colored {tgt}", f"is in {tgt}", f"is now {tgt}",
+           f"is {tgt} rather than {ref}", f"has {_a(tgt)} color", f"should be {tgt}", f"is {tgt}, not {ref}"]
+    if darker or lighter:
+        out.append(f"is {'darker' if darker else 'lighter'}, {tgt} rather than {ref}")
     return out
 
 
-def _pattern_phrases(ref: str, tgt: str) -> list[str]:
-    out = list(_PATTERN_PHRASES[tgt])
+def _pattern_phrases(ref: str, tgt: str, mood: int) -> list[str]:
+    """Ways to say the pattern changes from ``ref`` to ``tgt``; each names ``tgt`` or the removal."""
     if tgt == "plain":
-        out += [f"remove the {_PATTERN_NOUNS[ref]}", f"is without the {_PATTERN_NOUNS[ref]}"]
-    elif ref == "plain":
-        out.append(f"add {_indefinite(_PATTERN_NOUNS[tgt])}")
+        old = _PATTERN_NOUNS[ref]
+        if mood == _IMPERATIVE:
+            return [f"remove the {old}", "make it plain", f"get rid of the {old}", "remove the pattern",
+                    f"make it plain without the {old}"]
+        return ["is plain", "has no pattern", "is solid", "is plain without any pattern", f"has no {old} anymore",
+                f"is without the {old}", "is a plain one", f"is plain instead of {render.PATTERN_ADJECTIVES[ref]}"]
+    new = _indefinite(_PATTERN_NOUNS[tgt])
+    if mood == _IMPERATIVE:
+        out = list(_PATTERN_ORDERS[tgt]) + [f"change the pattern to {_PATTERN_NOUNS[tgt]}"]
+        if ref != "plain":
+            out.append(f"replace the {_PATTERN_NOUNS[ref]} with {new}")
+        return out
+    out = list(_PATTERN_PHRASES[tgt])
+    if ref != "plain":
+        out += [f"has {new} instead of the {_PATTERN_NOUNS[ref]}",
+                f"is {render.PATTERN_ADJECTIVES[tgt]} instead of {render.PATTERN_ADJECTIVES[ref]}"]
     else:
-        out.append(f"has {_indefinite(_PATTERN_NOUNS[tgt])} instead of the {_PATTERN_NOUNS[ref]}")
+        out.append(f"is not plain but has {new}")
     return out
 
 
-def _logo_phrases(ref: str, tgt: str) -> list[str]:
+def _logo_phrases(ref: str, tgt: str, mood: int) -> list[str]:
+    """Ways to say the chest print changes from ``ref`` to ``tgt``; each names ``tgt`` or the removal."""
     if tgt == "none":
-        return ["has no print", "has no logo", f"remove the {ref} print", f"is without the {ref} graphic"]
-    out = [
-        f"has a {tgt} print",
-        f"has a {tgt} on the chest",
-        f"with a small {tgt} graphic",
-        f"has a {tgt} printed on the front",
-    ]
-    if ref == "none":
-        out.append(f"add a {tgt} logo")
-    else:
-        out += [f"has a {tgt} instead of a {ref}", f"replace the {ref} with a {tgt}"]
+        if mood == _IMPERATIVE:
+            return [f"remove the {ref} print", "remove the logo", f"take off the {ref} graphic",
+                    f"get rid of the {ref} on the chest"]
+        return ["has no print", "has no logo", f"is without the {ref} print", "has nothing printed on the front",
+                f"has no {ref} on the chest anymore"]
+    if mood == _IMPERATIVE:
+        out = [f"give it a {tgt} print", f"put a {tgt} on the chest"]
+        if ref == "none":
+            out += [f"add a {tgt} logo", f"add a small {tgt} graphic"]
+        else:
+            out += [f"replace the {ref} with a {tgt}", f"swap the {ref} for a {tgt}", f"change the print to a {tgt}"]
+        return out
+    out = [f"has a {tgt} print", f"has a {tgt} on the chest", f"has a small {tgt} graphic",
+           f"has a {tgt} printed on the front", f"features a {tgt} logo", f"shows a {tgt} on the front"]
+    if ref != "none":
+        out += [f"has a {tgt} instead of a {ref}", f"has a {tgt} print rather than a {ref}"]
     return out
+
+
+def _kept_phrases(attr: str, value: str, mood: int) -> list[str]:
+    """Ways to say ``attr`` keeps ``value`` (the other caption of a one-change query)."""
+    if attr == "colour":
+        if mood == _IMPERATIVE:
+            return [f"keep it {value}", f"keep the {value} color", f"leave the color {value}"]
+        return [f"is still {value}", f"stays {value}", f"keeps the {value} color", f"is {value} as before"]
+    if attr == "pattern":
+        if value == "plain":
+            return ["keep it plain", "leave it plain"] if mood == _IMPERATIVE else ["is still plain",
+                                                                                  "still has no pattern"]
+        noun = _PATTERN_NOUNS[value]
+        if mood == _IMPERATIVE:
+            return [f"keep the {noun}", f"keep it {render.PATTERN_ADJECTIVES[value]}"]
+        return [f"still has {_indefinite(noun)}", f"keeps the {noun}", f"is still {render.PATTERN_ADJECTIVES[value]}"]
+    if value == "none":
+        return (["keep the front blank", "leave the chest blank"] if mood == _IMPERATIVE
+                else ["still has no print", "still has no logo", "still has a blank front"])
+    if mood == _IMPERATIVE:
+        return [f"keep the {value} print", f"leave the {value} on the chest"]
+    return [f"still has the {value} print", f"keeps the {value} on the chest", f"still has a {value} graphic"]
 
 
 _PHRASERS = {"colour": _colour_phrases, "pattern": _pattern_phrases, "logo": _logo_phrases}
@@ -196,17 +249,21 @@ _PHRASERS = {"colour": _colour_phrases, "pattern": _pattern_phrases, "logo": _lo
 def relative_captions(ref: dict[str, str], tgt: dict[str, str], rng: np.random.Generator) -> list[str]:
     """Two FashionIQ-style captions for a change of one or two of colour/pattern/logo.
 
-    Two changes: one caption each (in random order), so both captions are needed. One change:
-    two different phrasings of it. Every caption names the target's new value or the removal.
+    Two changes: one caption each, so both are needed. One change: one caption says it, the
+    other says an attribute that stays (never the same attribute twice). Both captions share a
+    mood, and their order is random.
     """
     changed = [a for a in ATTRIBUTES if ref[a] != tgt[a]]
     if not 1 <= len(changed) <= 2:
         raise ValueError(f"a triplet changes one or two attributes, got {changed}")
-    if len(changed) == 2:
-        order = rng.permutation(2)
-        return [str(rng.choice(_PHRASERS[changed[i]](ref[changed[i]], tgt[changed[i]]))) for i in order]
-    phrases = _PHRASERS[changed[0]](ref[changed[0]], tgt[changed[0]])
-    return [phrases[i] for i in rng.choice(len(phrases), 2, replace=False)]
+    mood = _IMPERATIVE if rng.random() < P_IMPERATIVE else _DESCRIPTIVE
+    options = [_PHRASERS[a](ref[a], tgt[a], mood) for a in changed]
+    if len(changed) == 1:
+        kept = [a for a in ATTRIBUTES if a not in changed]
+        attr = kept[int(rng.integers(len(kept)))]
+        options.append(_kept_phrases(attr, tgt[attr], mood))
+    captions = [str(phrases[int(rng.integers(len(phrases)))]) for phrases in options]
+    return [captions[i] for i in rng.permutation(2)]
 
 
 def absolute_caption(attrs: dict) -> str:
@@ -412,7 +469,9 @@ def generate_fashion(
     pixels = hashlib.sha256()
     for (split, _), idx in sorted(selected.items()):
         pixels.update(images["train" if split == "train" else "test"][idx].tobytes())
-    fp = fingerprint({"generator": GENERATOR, "config": asdict(config), "items": pixels.hexdigest()})
+    fp = fingerprint(
+        {"generator": GENERATOR, "version": VERSION, "config": asdict(config), "items": pixels.hexdigest()}
+    )
     if _is_complete(root, fp):
         return root
 
@@ -449,6 +508,7 @@ def generate_fashion(
         write_json(root / "image_splits" / f"split.{category}.{split}.json", gallery)
     meta = {
         "generator": GENERATOR,
+        "version": VERSION,
         "seed": config.seed,
         "sizes": asdict(config),
         "fingerprint": fp,

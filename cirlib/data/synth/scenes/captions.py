@@ -25,6 +25,7 @@ CARD, ADD, NEG, DIRECT, CC, COMP, CONJ, SPATIAL, VIEW = ASPECTS
 _REGION_AT = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 _REGION_TO = {"left": "to the left", "right": "to the right", "top": "to the top", "bottom": "to the bottom"}
 _RELATION_TEXT = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+_BACKGROUND_PATTERNS = {"stripes": "stripes", "dots": "polka dots", "checks": "checks"}
 _NUMBERS = ("no", "one", "two", "three", "four", "five")
 _NOUNS = {"trousers": ("pair of trousers", "pairs of trousers")}
 
@@ -40,6 +41,11 @@ def _a(phrase: str) -> str:
 
 def _count_phrase(n: int, kind: str) -> str:
     return f"{_NUMBERS[n]} {_noun(kind, n)}"
+
+
+def sentence(caption: str) -> str:
+    """``caption`` as a CIRR-style sentence: first letter upper-cased, a full stop at the end."""
+    return caption[:1].upper() + caption[1:] + "."
 
 
 def _pattern_adj(pattern: str) -> str:
@@ -86,9 +92,21 @@ class _Statement:
     constraints: tuple[dict, ...]
 
 
-def _pick(rng: np.random.Generator, options: Sequence[tuple[str, Iterable[str], Sequence[dict]]]) -> _Statement:
-    text, aspects, constraints = options[int(rng.integers(len(options)))]
-    return _Statement(text, frozenset(aspects), tuple(constraints))
+Options = list[_Statement]  # the phrasings of one statement, all true, one is picked
+# Phrasings that are fragments, not clauses ("without the bag", "zoomed in"): a caption uses them
+# only as its single statement, so that joined statements read as one sentence.
+_FRAGMENT_STARTS = ("without ", "on ", "seen ", "a close-up", "zoomed ", "mirrored", "flipped ", "same ")
+
+
+def _options(options: Sequence[tuple[str, Iterable[str], Sequence[dict]]]) -> Options:
+    return [_Statement(text, frozenset(aspects), tuple(constraints)) for text, aspects, constraints in options]
+
+
+def _pick(rng: np.random.Generator, options: Options, joined: bool) -> _Statement:
+    """One of ``options``; in a caption of several statements, one of its clauses when it has any."""
+    if joined:
+        options = [o for o in options if not o.text.startswith(_FRAGMENT_STARTS)] or options
+    return options[int(rng.integers(len(options)))]
 
 
 def _has(kind: str, lo: int = 1, hi: int | None = None, **attrs: str) -> dict:
@@ -127,7 +145,7 @@ def _related_pairs(
     return out
 
 
-def _recolour(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) -> _Statement | None:
+def _recolour(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
     pointer = name_object(ref, a)
     if pointer is None:
         return None
@@ -144,10 +162,10 @@ def _recolour(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) 
             (f"the {noun} is {c} instead of {c0}", (CC, DIRECT), con),
             (f"same {noun} but {c}", (CC,), con),
         ]
-    return _pick(rng, options)
+    return _options(options)
 
 
-def _replace(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) -> _Statement | None:
+def _replace(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
     pointer = name_object(ref, a)
     if pointer is None:
         return None
@@ -157,14 +175,14 @@ def _replace(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) -
         {"op": "has", **spec, "min": 0, "max": count_matching(ref, spec) - 1},
         _has(b["kind"], count_matching(ref, {"kind": b["kind"], "colour": b["colour"]}) + 1, colour=b["colour"]),
     ]
-    return _pick(rng, [
+    return _options([
         (f"replace the {name} with {_a(new)}", (CC, DIRECT), con),
         (f"has {_a(new)} instead of the {name}", (CC,), con),
         (f"the {name} is now {_a(_noun(b['kind']))}", (CC,), con),
     ])
 
 
-def _resize(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) -> _Statement | None:
+def _resize(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
     pointer = name_object(ref, a)
     if pointer is None:
         return None
@@ -182,10 +200,10 @@ def _resize(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) ->
         if o["kind"] != a["kind"] and o["size"] == other and (p := name_object(tgt, o)) is not None:
             than = {"op": "has", **p[1], "size": other, "min": 1}
             options.append((f"the {name} is {bigger} than the {p[0]}", (COMP,), [*con, than]))
-    return _pick(rng, options)
+    return _options(options)
 
 
-def _move(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) -> _Statement | None:
+def _move(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
     pointer = name_object(ref, a)
     if pointer is None or name_object(tgt, b) != pointer:
         return None
@@ -200,11 +218,10 @@ def _move(ref: dict, tgt: dict, a: dict, b: dict, rng: np.random.Generator) -> _
         con = [{"op": "relation", "a": spec, "b": other_spec, "rel": rel}]
         options += [(f"the {name} is {_RELATION_TEXT[rel]} the {other}", (SPATIAL,), con),
                     (f"the {name} is now {_RELATION_TEXT[rel]} the {other}", (SPATIAL,), con)]
-    return _pick(rng, options) if options else None
+    return _options(options) if options else None
 
 
-def _count_change(ref: dict, tgt: dict, kind: str, added: list[dict], removed: list[dict],
-                  rng: np.random.Generator) -> _Statement | None:
+def _count_change(ref: dict, tgt: dict, kind: str, added: list[dict], removed: list[dict]) -> Options | None:
     n0, n1 = count_matching(ref, {"kind": kind}), count_matching(tgt, {"kind": kind})
     if added and removed:
         return None
@@ -212,7 +229,7 @@ def _count_change(ref: dict, tgt: dict, kind: str, added: list[dict], removed: l
     if removed and n1 == 0:  # the kind disappears
         noun = _noun(kind) if n0 == 1 else _noun(kind, n0)
         the = "the" if n0 == 1 else "the " + _NUMBERS[n0]
-        return _pick(rng, [
+        return _options([
             (f"remove {the} {noun}", (NEG,), exact),
             (f"without {the} {noun}", (NEG,), exact),
             (f"there is no {noun} anymore" if n0 == 1 else f"there are no {noun} anymore", (NEG,), exact),
@@ -232,7 +249,7 @@ def _count_change(ref: dict, tgt: dict, kind: str, added: list[dict], removed: l
         for rel, (other, other_spec) in _related_pairs(ref, tgt, o, exclude_kind=kind):
             relation = {"op": "relation", "a": {"kind": kind, "colour": o["colour"]}, "b": other_spec, "rel": rel}
             options.append((f"add {_a(desc)} {_RELATION_TEXT[rel]} the {other}", (ADD, SPATIAL), [*con, relation]))
-        return _pick(rng, options)
+        return _options(options)
     if n1 == n0:
         return None
     more, fewer = ("more", "one more") if n1 > n0 else ("fewer", "one less")
@@ -246,10 +263,10 @@ def _count_change(ref: dict, tgt: dict, kind: str, added: list[dict], removed: l
         options.append((f"has {fewer} {_noun(kind)}", (CARD, COMP), exact))
     if n1 < n0:
         options.append((f"shows only {_count_phrase(n1, kind)}", (CARD,), exact))
-    return _pick(rng, options)
+    return _options(options)
 
 
-def _background_change(ref: dict, tgt: dict, rng: np.random.Generator) -> _Statement:
+def _background_change(ref: dict, tgt: dict) -> Options:
     (c0, p0), (c1, p1) = ((s["background"]["colour"], s["background"]["pattern"]) for s in (ref, tgt))
     con: dict[str, Any] = {"op": "background"}
     if c0 != c1:
@@ -258,47 +275,49 @@ def _background_change(ref: dict, tgt: dict, rng: np.random.Generator) -> _State
         con["pattern"] = p1
     cons = [con]
     if p0 == p1:
-        return _pick(rng, [
+        return _options([
             (f"on {_a(c1)} background", (SPATIAL,), cons),
             (f"the background is {c1}", (SPATIAL, DIRECT), cons),
             (f"the background is {c1} instead of {c0}", (SPATIAL, CC), cons),
         ])
     adj0, adj1 = _pattern_adj(p0), _pattern_adj(p1)
     if c0 == c1:
-        return _pick(rng, [
+        return _options([
             (f"on {_a(adj1)} background", (SPATIAL,), cons),
             (f"has {_a(adj1)} background", (SPATIAL,), cons),
             (f"the background is {adj1} instead of {adj0}", (SPATIAL, CC), cons),
         ])
-    return _pick(rng, [(f"on {_a(adj1 + ' ' + c1)} background", (SPATIAL,), cons),
-                       (f"the background is {adj1} and {c1}", (SPATIAL, DIRECT, CONJ), cons)])
+    return _options([(f"on {_a(adj1 + ' ' + c1)} background", (SPATIAL,), cons),
+                       (f"the background is {c1} with {_BACKGROUND_PATTERNS[p1]}", (SPATIAL, DIRECT), cons)
+                       if p1 != "plain" else (f"the background is plain {c1}", (SPATIAL, DIRECT), cons)])
 
 
-def _view_change(tgt: dict, flag: str, rng: np.random.Generator) -> _Statement:
+def _view_change(tgt: dict, flag: str) -> Options:
     if flag == "close_up":
         con = [{"op": "view", "close_up": tgt["view"]["close_up"]}]
-        texts = (["seen closer", "a close-up of the same scene", "zoomed in"] if tgt["view"]["close_up"]
-                 else ["seen from further away", "zoomed out"])
+        texts = (["seen closer", "a close-up of the same scene", "zoomed in", "zoom in", "show it closer"]
+                 if tgt["view"]["close_up"] else ["seen from further away", "zoomed out", "zoom out",
+                                                  "show it from further away"])
     else:
         con = [{"op": "layout", "mirrored": tgt["view"]["mirrored"],
                 "objects": [{k: o[k] for k in ("kind", "colour", "x", "y")} for o in tgt["objects"]]}]
-        texts = ["mirrored", "seen from the opposite side", "flipped left to right"]
-    return _pick(rng, [(t, (VIEW,), con) for t in texts])
+        texts = ["mirrored", "seen from the opposite side", "flipped left to right", "flip it left to right",
+                 "mirror the scene"]
+    return _options([(t, (VIEW,), con) for t in texts])
 
 
-def _shared_concept(ref: dict, tgt: dict) -> str:
+def _shared_concept(ref: dict, tgt: dict, caption: str) -> str:
+    """What both images show and ``caption`` does not name (CIRCO: "a photo of {concept} that ...")."""
     t_objs = {o["id"]: o for o in tgt["objects"]}
-    same = [o for o in ref["objects"]
-            if o["id"] in t_objs and all(o[k] == t_objs[o["id"]][k] for k in ("kind", "colour", "size"))]
-    if same:
-        return _a(f"{same[0]['colour']} {_noun(same[0]['kind'])}")
-    kept = [o for o in ref["objects"] if o["id"] in t_objs and o["kind"] == t_objs[o["id"]]["kind"]]
-    if kept:
-        return _a(_noun(kept[0]["kind"]))
+    kept = [o for o in ref["objects"] if o["id"] in t_objs]
+    same = [o for o in kept if all(o[k] == t_objs[o["id"]][k] for k in ("kind", "colour", "size"))]
+    candidates = [f"{o['colour']} {_noun(o['kind'])}" for o in same]
+    candidates += [_noun(o["kind"]) for o in kept if o["kind"] == t_objs[o["id"]]["kind"]]
     if ref["background"] == tgt["background"]:
-        return _a(f"{ref['background']['colour']} background")
-    colour = next((o["colour"] for o in ref["objects"] if o["id"] in t_objs), ref["objects"][0]["colour"])
-    return _a(f"{colour} object")
+        candidates.append(f"{ref['background']['colour']} background")
+    colour = (kept or ref["objects"])[0]["colour"]
+    candidates += [f"{colour} object", "scene"]
+    return _a(next((c for c in candidates if c not in caption), "similar picture"))
 
 
 _ATTRIBUTE_CHANGES = {"kind": _replace, "colour": _recolour, "size": _resize, "cell": _move}
@@ -313,7 +332,7 @@ def describe_change(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | 
     """
     r_objs = {o["id"]: o for o in ref["objects"]}
     t_objs = {o["id"]: o for o in tgt["objects"]}
-    statements: list[_Statement] = []
+    said: list[Options] = []
     view_changed = ref["view"] != tgt["view"]
     replaced: set[str] = set()
     for oid in sorted(r_objs.keys() & t_objs.keys()):
@@ -322,10 +341,10 @@ def describe_change(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | 
         if len(changed) > 1 or (changed == ["cell"] and view_changed):
             return None
         if changed:
-            st = _ATTRIBUTE_CHANGES[changed[0]](ref, tgt, a, b, rng)
+            st = _ATTRIBUTE_CHANGES[changed[0]](ref, tgt, a, b)
             if st is None:
                 return None
-            statements.append(st)
+            said.append(st)
             if changed == ["kind"]:
                 replaced |= {a["kind"], b["kind"]}
     added = [t_objs[i] for i in sorted(t_objs.keys() - r_objs.keys())]
@@ -334,19 +353,19 @@ def describe_change(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | 
         if kind in replaced:
             return None
         st = _count_change(ref, tgt, kind, [o for o in added if o["kind"] == kind],
-                           [o for o in removed if o["kind"] == kind], rng)
+                           [o for o in removed if o["kind"] == kind])
         if st is None:
             return None
-        statements.append(st)
+        said.append(st)
     if ref["background"] != tgt["background"]:
-        statements.append(_background_change(ref, tgt, rng))
+        said.append(_background_change(ref, tgt))
     for flag in ("close_up", "mirrored"):
         if ref["view"][flag] != tgt["view"][flag]:
-            statements.append(_view_change(tgt, flag, rng))
-    if not statements:
+            said.append(_view_change(tgt, flag))
+    if not said:
         return None
 
-    statements = [statements[i] for i in rng.permutation(len(statements))]
+    statements = [_pick(rng, said[i], len(said) > 1) for i in rng.permutation(len(said))]
     texts = [s.text for s in statements]
     caption = texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
     aspects = set().union(*(s.aspects for s in statements)) | ({CONJ} if len(statements) > 1 else set())
@@ -358,5 +377,6 @@ def describe_change(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | 
     constraints += [c for s in statements for c in s.constraints]
     if not satisfies(tgt, constraints) or satisfies(ref, constraints):
         return None
-    return Change(caption, tuple(a for a in ASPECTS if a in aspects), tuple(constraints), _shared_concept(ref, tgt))
+    aspects_in_order = tuple(a for a in ASPECTS if a in aspects)
+    return Change(caption, aspects_in_order, tuple(constraints), _shared_concept(ref, tgt, caption))
 

@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 from cirlib.core.io import file_sha256, fingerprint, write_json
 from cirlib.data import fashion_mnist
 from cirlib.data.synth.meta import META_FILE, peek_meta, read_meta, write_meta
-from cirlib.data.synth.scenes.captions import Change, describe_change
+from cirlib.data.synth.scenes.captions import Change, describe_change, sentence
 from cirlib.data.synth.scenes.config import CIRCO_SPLITS, CIRR_SPLITS, ScenesBenchConfig
 from cirlib.data.synth.scenes.drawing import ImageWriter, SceneRenderer
 from cirlib.data.synth.scenes.graph import ITEM_KINDS, Scene, is_valid, satisfies
 from cirlib.data.synth.scenes.sampler import Sampler, apply_edit
 
 GENERATOR = "cirlib.data.synth.scenes"
-VERSION = 2  # 2: official CIRCO aspect spelling
+VERSION = 3  # 2: official CIRCO aspect spelling; 3: CIRR captions are sentences, concepts unnamed
 CIRCO_MAX_ID = 581_929  # COCO 2017 unlabeled ids are at most this large
 PARTIAL_MARKER = ".cirlib_partial"  # present while a root is being (re)generated
 
@@ -154,10 +154,11 @@ def _generate_cirr(root: Path, config: ScenesBenchConfig, fp: str, labels: dict[
                 if split != "test1":
                     entry |= {"target_hard": names[t], "target_soft": {names[t]: 1.0}}
                     img_set["target_rank"] = order.index(t)
-                entry |= {"caption": change.caption, "img_set": img_set}
+                entry |= {"caption": sentence(change.caption), "img_set": img_set}
                 captions.append(entry)
-                records.append({"pairid": pairid, "reference": names[r], "target": names[t], "caption": change.caption,
-                                "aspects": list(change.aspects), "constraints": list(change.constraints),
+                records.append({"pairid": pairid, "reference": names[r], "target": names[t],
+                                "caption": entry["caption"], "aspects": list(change.aspects),
+                                "constraints": list(change.constraints),
                                 "shared_concept": change.shared_concept})
                 pairid += 1
         write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", captions)
