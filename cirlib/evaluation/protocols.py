@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cirlib.core import distributed
 from cirlib.core.tensors import row_chunks
 from cirlib.data.datasets import CIRSplit
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
@@ -334,7 +335,8 @@ class CachedEvaluator:
         self.splits = {"val": splits} if isinstance(splits, CIRSplit) else dict(splits)
         self.features: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         for name, split in self.splits.items():
-            f = encode_split(backbone, split, transform_kind, target_ratio, cache_dir)
+            with distributed.main_first():  # under torchrun rank 0 fills the cache, the others read it
+                f = encode_split(backbone, split, transform_kind, target_ratio, cache_dir)
             self.features[name] = (f.reference, f.text, f.gallery)
 
     def __call__(self, combine: CombineFn) -> dict[str, float]:
