@@ -80,8 +80,9 @@ test-arithmetic: fashion-mnist
 	  $(MAKE) clean-quick test
 	PYTEST_ADDOPTS="-m 'not real_layout'" ATEN_CPU_CAPABILITY=default $(MAKE) clean-quick test
 
+# Library tests only: no notebook execution (nbval, real-layout run, result tables of a quick run).
 unit: env
-	$(PY) -m pytest tests --ignore=tests/notebooks
+	$(PY) -m pytest tests --ignore=tests/notebooks --ignore=tests/test_notebook_results.py -m "not real_layout"
 
 nbtest: fashion-mnist
 	$(PY) -m pytest tests/notebooks $(PYTEST_NB)
