@@ -10,6 +10,7 @@ cell runs, adapts where only the embedded benchmarks have something, and writes 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +48,7 @@ def real_setup(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("CIRLIB_ROOT", None)
     else:
         os.environ["CIRLIB_ROOT"] = previous
+    shutil.rmtree(base, ignore_errors=True)  # gigabytes of checkpoints; the executed notebooks stay
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

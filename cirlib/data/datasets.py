@@ -335,7 +335,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         mode = os.stat(path).st_mode  # follows links: a dangling one is FileNotFoundError
         if not stat.S_ISREG(mode):
             raise ImageLoadError(f"{path}: not a regular file ({_file_kind(mode)}), cannot be an image")
-        im = Image.open(path)
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; check_image_size refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
         rgb = None
         try:
             check_image_size(im.size, str(path))
