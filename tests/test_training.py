@@ -95,6 +95,9 @@ def test_keep_last_run_with_a_schedule_resumes_exactly(tmp_path: Path) -> None:
     done, model3, _ = _regression_loop(tmp_path / "full")  # finished: loaded, not retrained
     assert done.finished and done.run(lambda e: pytest.fail("retrained")) == history
     assert torch.equal(model3.weight, uninterrupted)
+    finished = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    assert "modules" in finished and not {"optimizer", "scaler", "scheduler"} & set(finished), (
+        "a finished keep-last run keeps its last weights and history only")
 
 
 def test_time_budget_ends_the_run_after_the_epoch_under_way(tmp_path: Path) -> None:
@@ -116,6 +119,10 @@ def test_selection_keeps_the_best_epoch_and_stops_early(tmp_path: Path) -> None:
     history = loop.run(train_and_remember, lambda: {"score": scores[loop.epoch + 1]})
     assert [h["epoch"] for h in history] == [1, 2, 3, 4] and loop.best_epoch == 2
     assert torch.equal(model.weight, weights[2])
+    finished = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert not {"modules", "optimizer", "scaler", "scheduler"} & set(finished), "only the best weights stay"
+    again, model2, _ = _regression_loop(tmp_path, epochs=5, main_metric="score", patience=2)
+    assert again.run(lambda e: pytest.fail("retrained")) == history and torch.equal(model2.weight, weights[2])
 
 
 # ------------------------------------------------------------------------- two processes (gloo)
