@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(
 # A smaller config for tests that generate several copies.
 TINY = replace(
     FashionBenchConfig.quick(),
-    train=SplitSizes(items=6, triplets_per_item=1, renderings_per_item=3),
-    val=SplitSizes(items=4, triplets_per_item=2, renderings_per_item=6, near_misses=1, text_distractors=1),
-    test=SplitSizes(items=3, triplets_per_item=1, renderings_per_item=4, near_misses=1, text_distractors=1),
+    train=SplitSizes(items=6, renderings_per_item=3, queries=6),
+    val=SplitSizes(items=4, renderings_per_item=3, queries=4),
+    test=SplitSizes(items=3, renderings_per_item=2, queries=2),
     long_side=64,
 )
 TARGET_WORDS = {
@@ -120,15 +120,21 @@ def test_items_disjoint_across_splits(meta: dict) -> None:
         assert len(items[split]) == 3 * cfg.sizes(split).items
 
 
-def test_target_is_same_item_with_one_or_two_changes(quick_root: Path, meta: dict) -> None:
+def test_target_is_another_item_with_one_or_two_changes(quick_root: Path, meta: dict) -> None:
     attrs = meta["attributes"]
     counts = {1: 0, 2: 0}
     for category in bf.CATEGORIES:
         for split in ("train", "val"):
-            for t in read(quick_root, "captions", category, split):
+            triplets = read(quick_root, "captions", category, split)
+            pairs = [(t["candidate"], t["target"]) for t in triplets]
+            assert len(set(pairs)) == len(pairs), (category, split)
+            for t in triplets:
                 ref, tgt = attrs[t["candidate"]], attrs[t["target"]]
-                assert ref["item"] == tgt["item"] and ref["category"] == tgt["category"] == category
+                assert ref["item"] != tgt["item"], t  # another product ...
+                assert ref["category"] == tgt["category"] == category  # ... of the same category
+                assert ref["split"] == tgt["split"] == split
                 changed = [a for a in bf.ATTRIBUTES if ref[a] != tgt[a]]
+                assert len(changed) in (1, 2), t  # the rest are equal
                 counts[len(changed)] += 1
                 c1, c2 = t["captions"]
                 if len(changed) == 1:  # one caption says the change, the other an attribute that stays
@@ -143,24 +149,28 @@ def test_target_is_same_item_with_one_or_two_changes(quick_root: Path, meta: dic
                         mentions(c1, b, tgt[b]) and mentions(c2, a, tgt[a])
                     ), t
     assert counts[1] > 10 and counts[2] > 10
+    # references recur across triplets, as in FashionIQ
+    references = [t["candidate"] for c in bf.CATEGORIES for t in read(quick_root, "captions", c, "train")]
+    assert len(set(references)) < len(references)
 
 
-def test_gallery_defeats_single_modalities(quick_root: Path, meta: dict) -> None:
-    """Several renderings of each target's item (image-only) and its attributes on other items (text-only)."""
+def test_one_gallery_shape_for_every_split(quick_root: Path, meta: dict) -> None:
+    """Every item has at least ``renderings_per_item`` renderings, each with its own attributes, in every split."""
     attrs = meta["attributes"]
-    cfg = FashionBenchConfig.quick().val
-    for category in bf.CATEGORIES:
-        gallery = read(quick_root, "image_splits", category, "val")
-        for t in read(quick_root, "captions", category, "val"):
-            tgt = attrs[t["target"]]
-            same_item = [n for n in gallery if attrs[n]["item"] == tgt["item"]]
-            same_look = [
-                n
-                for n in gallery
-                if attrs[n]["item"] != tgt["item"] and all(attrs[n][a] == tgt[a] for a in bf.ATTRIBUTES)
-            ]
-            assert len(same_item) >= cfg.renderings_per_item
-            assert len(same_look) >= cfg.text_distractors
+    cfg = FashionBenchConfig.quick()
+    mean_per_item = {}
+    for split in bf.SPLITS:
+        per_item: dict[tuple[str, int], list[tuple[str, str, str]]] = {}
+        for category in bf.CATEGORIES:
+            for name in read(quick_root, "image_splits", category, split):
+                a = attrs[name]
+                per_item.setdefault((category, a["item"]), []).append(tuple(a[x] for x in bf.ATTRIBUTES))
+        assert len(per_item) == len(bf.CATEGORIES) * cfg.sizes(split).items
+        for key, combos in per_item.items():
+            assert len(combos) >= cfg.sizes(split).renderings_per_item, (split, key)
+            assert len(set(combos)) == len(combos), (split, key)  # no item rendered twice alike
+        mean_per_item[split] = np.mean([len(c) for c in per_item.values()])
+    assert abs(mean_per_item["train"] - mean_per_item["val"]) < 0.25 * mean_per_item["val"], mean_per_item
 
 
 def test_aspect_ratio_by_category(quick_root: Path) -> None:
@@ -177,7 +187,7 @@ def test_summary_counts(quick_root: Path) -> None:
         for category in bf.CATEGORIES:
             row = df.loc[(split, category)]
             sizes = cfg.sizes(split)
-            assert row["queries"] == sizes.items * sizes.triplets_per_item
+            assert row["queries"] == sizes.queries
             assert row["items"] == sizes.items
             assert row["gallery"] == len(read(quick_root, "image_splits", category, split))
             assert row["gallery"] >= sizes.items * sizes.renderings_per_item
@@ -244,4 +254,13 @@ def test_relative_captions() -> None:
 
 def test_too_many_items_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dress: asked for .* Fashion-MNIST has 6000"):
-        bf.generate_fashion(tmp_path, replace(TINY, train=SplitSizes(7000, 1, 2)), workers=1)
+        too_many = SplitSizes(items=7000, renderings_per_item=1, queries=2)
+        bf.generate_fashion(tmp_path, replace(TINY, train=too_many), workers=1)
+
+
+def test_split_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="items >= 2"):
+        SplitSizes(items=1, renderings_per_item=3, queries=1)  # a target needs another item
+    with pytest.raises(ValueError, match="renderings_per_item >= 1"):
+        SplitSizes(items=5, renderings_per_item=0, queries=1)
+    assert SplitSizes(items=1, renderings_per_item=1, queries=0).queries == 0

@@ -4,15 +4,22 @@ Items are real Fashion-MNIST product photos (dress, shirt, T-shirt/top -> ``dres
 ``toptee``). Every gallery image is one *rendering* of an item: colour x pattern x chest print,
 on a canvas whose aspect ratio depends on the category (dresses tall, as in CLIP4Cir's Fig. 5).
 
-A triplet is (reference rendering, two relative captions, target rendering) where the target is
-the same item with one or two attributes changed. Both modalities are needed by construction:
+A triplet is (reference rendering, two relative captions, target rendering), as in FashionIQ:
+reference and target are *different products of the same category*. The target's attributes are
+the reference's with one or two of them changed, rendered on another item of the split/category
+drawn at random, and the captions describe the target's changed attributes. References recur
+across triplets (half of them reuse a rendering already planned). After the triplets are planned,
+every item of every split is topped up with random attributes to the same number of renderings
+(a triplet's renderings count toward it), so the gallery is diverse and has one shape in all
+splits, and no item is rendered twice with the same attributes. What each modality is worth:
 
-- image-only retrieval is hard because the gallery holds many renderings of the same item,
-  including *near misses* (only one of two changes applied, or the right attribute changed to the
-  wrong value);
-- text-only retrieval is hard because the captions are relative (they name what changes and at
-  most one attribute that stays) and the target's exact attributes are also rendered on other
-  items (*text distractors*).
+- image-only retrieval is the weakest: the target is another product, so the images closest to
+  the reference (the reference itself and the other renderings of its item) are not the answer;
+- text carries most of the answer: the captions state the target's changed attributes (and, for
+  one change, an attribute that stays), two of its three attributes, which leave a small share of
+  the gallery;
+- the image still matters: the attribute neither caption mentions is the reference's, so only
+  the reference says what it is (text alone ties every rendering that matches the captions).
 
 With two changes the captions split them (c1 one, c2 the other), so both captions are needed;
 with one change one caption says it and the other an attribute that stays, so a query
@@ -54,7 +61,10 @@ from cirlib.data.synth import render
 from cirlib.data.synth.meta import meta_path, peek_meta, read_meta, write_meta
 
 GENERATOR = "cirlib.data.synth.fashion/1"
-VERSION = 2  # 2: captions say each attribute once, in one mood (part of the fingerprint)
+# Part of the fingerprint. 2: captions say each attribute once, in one mood. 3: the target is another item of
+# the same category, not the reference re-rendered; every split's gallery has one shape (random renderings
+# per item); sizes count queries per category.
+VERSION = 3
 CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CLASS_OF: dict[str, int] = {cat: label for label, cat in fashion_mnist.FASHIONIQ_CATEGORIES.items()}
@@ -83,23 +93,23 @@ class SplitSizes:
     """Sizes of one split, per category."""
 
     items: int  # Fashion-MNIST items
-    triplets_per_item: int
     renderings_per_item: int  # each item's gallery renderings are topped up to at least this many
-    near_misses: int = 0  # per triplet: same item, partly right attributes (defeats image-only)
-    text_distractors: int = 0  # per triplet: the target's attributes on other items (defeats text-only)
+    queries: int  # triplets
+
+    def __post_init__(self) -> None:
+        if self.renderings_per_item < 1 or self.queries < 0:
+            raise ValueError(f"need renderings_per_item >= 1 and queries >= 0, got {self}")
+        if self.queries and self.items < 2:
+            raise ValueError(f"a target is another item than its reference: need items >= 2, got {self}")
 
 
 @dataclass(frozen=True)
 class FashionBenchConfig:
     """Everything that determines the generated benchmark (it is part of the fingerprint)."""
 
-    train: SplitSizes = SplitSizes(items=1100, triplets_per_item=3, renderings_per_item=6)
-    val: SplitSizes = SplitSizes(
-        items=100, triplets_per_item=3, renderings_per_item=30, near_misses=2, text_distractors=3
-    )
-    test: SplitSizes = SplitSizes(
-        items=60, triplets_per_item=3, renderings_per_item=30, near_misses=2, text_distractors=3
-    )
+    train: SplitSizes = SplitSizes(items=2000, renderings_per_item=3, queries=3300)
+    val: SplitSizes = SplitSizes(items=600, renderings_per_item=3, queries=300)
+    test: SplitSizes = SplitSizes(items=300, renderings_per_item=3, queries=150)
     seed: int = 0
     long_side: int = 128
     two_change_prob: float = 0.5  # share of triplets whose target differs in two attributes
@@ -108,9 +118,9 @@ class FashionBenchConfig:
     def quick(cls) -> FashionBenchConfig:
         """Tiny sizes for tests and quick notebook runs (a few seconds); same code paths."""
         return cls(
-            train=SplitSizes(items=24, triplets_per_item=2, renderings_per_item=5),
-            val=SplitSizes(10, triplets_per_item=2, renderings_per_item=10, near_misses=2, text_distractors=2),
-            test=SplitSizes(6, triplets_per_item=2, renderings_per_item=10, near_misses=2, text_distractors=2),
+            train=SplitSizes(items=40, renderings_per_item=3, queries=60),
+            val=SplitSizes(items=40, renderings_per_item=3, queries=20),
+            test=SplitSizes(items=12, renderings_per_item=3, queries=6),
         )
 
     def sizes(self, split: str) -> SplitSizes:
@@ -278,6 +288,18 @@ def absolute_caption(attrs: dict) -> str:
     return text
 
 
+LEGIBILITY_ATTRIBUTES: tuple[str, ...] = ATTRIBUTES
+"""What the relative captions talk about, as :func:`counterfactual` can change it."""
+
+
+def counterfactual(attrs: dict, attribute: str, rng: np.random.Generator) -> dict:
+    """``attrs`` with ``attribute`` (colour, pattern or logo) set to another value, for legibility probes."""
+    if attribute not in VOCAB:
+        raise ValueError(f"unknown attribute {attribute!r}; choose one of {ATTRIBUTES}")
+    options = [v for v in VOCAB[attribute] if v != attrs[attribute]]
+    return {**attrs, attribute: options[int(rng.integers(len(options)))]}
+
+
 # -------------------------------------------------------------------------------------- planning
 @dataclass
 class _ItemRenderings:
@@ -286,18 +308,22 @@ class _ItemRenderings:
     index: int
     combos: dict[Combo, None] = field(default_factory=dict)
 
-    def add(self, combo: Combo) -> None:
-        self.combos.setdefault(combo, None)
+    def add(self, combo: Combo) -> bool:
+        """Add ``combo``; whether it is new for this item."""
+        if combo in self.combos:
+            return False
+        self.combos[combo] = None
+        return True
 
 
 def _random_combo(rng: np.random.Generator) -> Combo:
     return tuple(str(VOCAB[a][rng.integers(len(VOCAB[a]))]) for a in ATTRIBUTES)  # type: ignore[return-value]
 
 
-def _change(combo: Combo, attr: str, rng: np.random.Generator, avoid: tuple[str, ...] = ()) -> Combo:
-    """``combo`` with ``attr`` set to a random different value (also different from ``avoid``)."""
+def _change(combo: Combo, attr: str, rng: np.random.Generator) -> Combo:
+    """``combo`` with ``attr`` set to a random different value."""
     i = ATTRIBUTES.index(attr)
-    choices = [v for v in VOCAB[attr] if v != combo[i] and v not in avoid]
+    choices = [v for v in VOCAB[attr] if v != combo[i]]
     out = list(combo)
     out[i] = choices[rng.integers(len(choices))]
     return tuple(out)  # type: ignore[return-value]
@@ -309,34 +335,34 @@ def _plan_category(
     """Triplets (with combos), per-image attributes and per-image texture seeds of one split/category."""
     rng = np.random.default_rng([config.seed, SPLITS.index(split), CATEGORIES.index(category)])
     items = [_ItemRenderings(int(i)) for i in item_indices]
-    plans: list[tuple[int, Combo, Combo]] = []
+    rendered: list[tuple[int, Combo]] = []  # every (item position, combo), in first-seen order
+
+    def add(pos: int, combo: Combo) -> None:
+        if items[pos].add(combo):
+            rendered.append((pos, combo))
+
+    plans: list[tuple[int, Combo, int, Combo]] = []
+    used_pairs: set[tuple[int, Combo, int, Combo]] = set()
+    while len(plans) < sizes.queries:
+        if rendered and rng.random() < 0.5:  # FashionIQ references recur across triplets
+            ref_pos, ref = rendered[rng.integers(len(rendered))]
+        else:
+            ref_pos, ref = int(rng.integers(len(items))), _random_combo(rng)
+        n_changes = 2 if rng.random() < config.two_change_prob else 1
+        tgt = ref
+        for i in sorted(rng.choice(len(ATTRIBUTES), n_changes, replace=False)):
+            tgt = _change(tgt, ATTRIBUTES[i], rng)
+        tgt_pos = int(rng.integers(len(items) - 1))
+        tgt_pos += tgt_pos >= ref_pos  # another item of the same category
+        if (ref_pos, ref, tgt_pos, tgt) in used_pairs:
+            continue
+        used_pairs.add((ref_pos, ref, tgt_pos, tgt))
+        add(ref_pos, ref)
+        add(tgt_pos, tgt)
+        plans.append((ref_pos, ref, tgt_pos, tgt))
     for pos, item in enumerate(items):
-        used_pairs: set[tuple[Combo, Combo]] = set()
-        while len(used_pairs) < sizes.triplets_per_item:
-            existing = list(item.combos)
-            reuse = existing and rng.random() < 0.5  # FashionIQ references recur across triplets
-            ref = existing[rng.integers(len(existing))] if reuse else _random_combo(rng)
-            n_changes = 2 if rng.random() < config.two_change_prob else 1
-            changed = [ATTRIBUTES[i] for i in sorted(rng.choice(3, n_changes, replace=False))]
-            tgt = ref
-            for attr in changed:
-                tgt = _change(tgt, attr, rng)
-            if (ref, tgt) in used_pairs:
-                continue
-            used_pairs.add((ref, tgt))
-            item.add(ref)
-            item.add(tgt)
-            plans.append((pos, ref, tgt))
-            near = _near_misses(ref, tgt, changed, rng)
-            for k in rng.permutation(len(near))[: sizes.near_misses]:
-                item.add(near[k])
-            if len(items) > 1:
-                others = rng.choice(len(items) - 1, min(sizes.text_distractors, len(items) - 1), replace=False)
-                for o in others:
-                    items[o + (o >= pos)].add(tgt)
-    for item in items:
         while len(item.combos) < sizes.renderings_per_item:
-            item.add(_random_combo(rng))
+            add(pos, _random_combo(rng))
 
     lo, hi = ASPECT_RANGES[category]
     attributes: dict[str, dict] = {}
@@ -362,31 +388,14 @@ def _plan_category(
             seeds[name] = int(rng.integers(2**31))
 
     triplets = []
-    for pos, ref, tgt in plans:
-        ref_name, tgt_name = names[(pos, ref)], names[(pos, tgt)]
+    for ref_pos, ref, tgt_pos, tgt in plans:
+        ref_name, tgt_name = names[(ref_pos, ref)], names[(tgt_pos, tgt)]
         captions = relative_captions(attributes[ref_name], attributes[tgt_name], rng)
         entry = {"target": tgt_name, "candidate": ref_name, "captions": captions}
         if split == "test":
             del entry["target"]
         triplets.append(entry)
     return triplets, attributes, seeds
-
-
-def _near_misses(ref: Combo, tgt: Combo, changed: list[str], rng: np.random.Generator) -> list[Combo]:
-    """Same-item renderings that a model ignoring (part of) the captions would confuse with the target."""
-    out = []
-    if len(changed) == 2:  # only one of the two requested changes applied
-        for attr in changed:
-            i = ATTRIBUTES.index(attr)
-            partial = list(ref)
-            partial[i] = tgt[i]
-            out.append(tuple(partial))
-    for attr in changed:  # the right attribute changed to the wrong value
-        i = ATTRIBUTES.index(attr)
-        out.append(_change(tgt, attr, rng, avoid=(ref[i],)))
-    unchanged = [a for a in ATTRIBUTES if a not in changed]
-    out.append(_change(tgt, unchanged[rng.integers(len(unchanged))], rng))  # an extra, unrequested change
-    return out
 
 
 def _select_items(config: FashionBenchConfig, labels: dict[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
