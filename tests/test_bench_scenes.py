@@ -15,6 +15,7 @@ from PIL import Image
 from cirlib.data import datasets, stats
 from cirlib.data.synth import scenes as bs
 from cirlib.data.synth.scenes import Scene, SceneObject, ScenesBenchConfig
+from cirlib.data.synth.scenes.captions import CLAUSE_STARTS, partial_caption
 
 QUICK = ScenesBenchConfig.quick()
 
@@ -67,6 +68,9 @@ def holds(attrs: dict, constraints: list[dict]) -> bool:
                    "above": lambda a, b: b["y"] - a["y"], "below": lambda a, b: a["y"] - b["y"]}[c["rel"]]
             pairs = [(a, b) for i, a in enumerate(objs) for j, b in enumerate(objs) if i != j]
             if not any(_obj_ok(a, c["a"]) and _obj_ok(b, c["b"]) and gap(a, b) > 0.15 for a, b in pairs):
+                return False
+        elif c["op"] == "objects":
+            if not c["min"] <= len(objs) <= c["max"]:
                 return False
         elif c["op"] == "view":
             if attrs["view"]["close_up"] != c["close_up"]:
@@ -127,21 +131,41 @@ def test_cirr_pairids_unique_and_sets_are_variations_of_one_scene(root: Path) ->
         sizes = {(meta["attributes"][m]["width"], meta["attributes"][m]["height"]) for m in q["img_set"]["members"]}
         assert len(sizes) == 1  # one canvas: the members are edits of one base scene
         assert all(meta["attributes"][m]["split"] == "val" for m in q["img_set"]["members"])
+    for name, family in _families(meta["attributes"], "dev").items():
+        assert len(family) == 6 * QUICK.cirr_family or name == max(_families(meta["attributes"], "dev"))
+        assert len({(a["width"], a["height"]) for a in family}) == 1  # look-alikes: one base scene's canvas
 
 
-def test_cirr_captions_single_out_their_target_in_the_set(root: Path) -> None:
+def _families(attributes: dict, prefix: str) -> dict[int, list[dict]]:
+    """The images of each family of ``cirr_family`` sets drawn from one base scene, by family index."""
+    out: dict[int, list[dict]] = {}
+    for name, a in attributes.items():
+        if name.startswith(prefix + "-"):
+            out.setdefault(int(name.split("-")[1]) // QUICK.cirr_family, []).append(a)
+    return out
+
+
+def test_cirr_captions_single_out_their_target_in_its_family(root: Path) -> None:
+    """No other image of the set (Recall_subset) or of the look-alike sets drawn from the same base fits."""
     meta = bs.load_meta(root / "CIRR")
     attrs = meta["attributes"]
+    absolute = 0
     for split in ("train", "val", "test1"):
         captions = {q["pairid"]: q for q in read(root / "CIRR" / "cirr" / "captions" / f"cap.rc2.{split}.json")}
+        prefix = bs.CIRR_SPLITS[split]
+        family_of = {n: int(n.split("-")[1]) // QUICK.cirr_family for n in attrs if n.startswith(prefix + "-")}
         for record in meta["queries"][split]:
-            members = captions[record["pairid"]]["img_set"]["members"]
             assert record["reference"] == captions[record["pairid"]]["reference"]
             assert record["caption"] == captions[record["pairid"]]["caption"]
             assert holds(attrs[record["target"]], record["constraints"]), record
             assert not holds(attrs[record["reference"]], record["constraints"]), record
-            others = [m for m in members if m != record["target"]]
-            assert not any(holds(attrs[m], record["constraints"]) for m in others), record
+            family = [n for n, f in family_of.items() if f == family_of[record["target"]]]
+            assert set(captions[record["pairid"]]["img_set"]["members"]) <= set(family)
+            others = [n for n in family if n != record["target"]]
+            assert not any(holds(attrs[n], record["constraints"]) for n in others), record
+            absolute += record["absolute"]
+    n = sum(len(meta["queries"][s]) for s in ("train", "val", "test1"))
+    assert 0.2 * n < absolute < 0.7 * n  # many captions name the target's content, as many of CIRR's do
 
 
 def test_fashion_mnist_items_are_disjoint_across_splits(root: Path) -> None:
@@ -203,6 +227,30 @@ def test_circo_ground_truths_are_every_gallery_image_that_satisfies_the_query(ro
     val = read(root / "CIRCO" / "annotations" / "val.json")
     assert [q["gt_img_ids"] for q in val] == [r["gt_img_ids"] for r in meta["queries"]["val"]]
     assert np.mean(n_gts) > 2 and max(n_gts) >= 4  # several true positives, as in CIRCO
+
+
+def test_circo_subject_comes_from_the_reference(root: Path) -> None:
+    """The shared concept is an object of the reference that every ground truth shows and the caption
+    never names; the index set holds look-alikes of the reference (they show it too) that are not
+    ground truths."""
+    meta = bs.load_meta(root / "CIRCO")
+    gallery = meta["attributes"]
+    look_alikes = []
+    for record in meta["queries"]["val"]:
+        colour_kind = record["shared_concept"].split(" ", 1)[1]
+        noun = next(k for k in sorted(bs.KINDS, key=len, reverse=True) if colour_kind.endswith(_noun(k)))
+        colour = colour_kind[: -len(_noun(noun))].strip()
+        assert not re.search(rf"\b{noun}", record["caption"]), record
+        assert record["caption"].startswith(CLAUSE_STARTS), record
+        shows = [i for i, a in gallery.items()
+                 if any(o["kind"] == noun and o["colour"] == colour for o in a["objects"])]
+        assert str(record["reference_img_id"]) in shows and {str(i) for i in record["gt_img_ids"]} <= set(shows)
+        look_alikes.append(len(set(shows) - {str(i) for i in record["gt_img_ids"]} - {str(record["reference_img_id"])}))
+    assert np.median(look_alikes) >= 5, look_alikes
+
+
+def _noun(kind: str) -> str:
+    return "pair of trousers" if kind == "trousers" else kind
 
 
 def test_circo_gallery_holds_hard_negatives(root: Path) -> None:
@@ -287,11 +335,11 @@ def scene(*objects: SceneObject, bg: str = "light grey", pattern: str = "plain",
     return Scene("val", "test", 128, 85, (2, 3), bg, pattern, tuple(objects), **view)
 
 
-def captions_of(ref: Scene, tgt: Scene, n: int = 60) -> dict[str, tuple[str, ...]]:
+def captions_of(ref: Scene, tgt: Scene, n: int = 60, style: str = "cirr") -> dict[str, tuple[str, ...]]:
     """Every phrasing the captioner picks over ``n`` seeds, with its aspects; all must be true."""
     out = {}
     for seed in range(n):
-        change = bs.describe_change(ref.attrs, tgt.attrs, np.random.default_rng(seed))
+        change = bs.describe_change(ref.attrs, tgt.attrs, np.random.default_rng(seed), style)
         assert change is not None
         assert holds(tgt.attrs, list(change.constraints)) and not holds(ref.attrs, list(change.constraints))
         out[change.caption] = change.aspects
@@ -311,6 +359,10 @@ def test_addition_captions() -> None:
         "add a navy blue circle at the bottom": ("addition", "spatial_relations_background"),
         "add a navy blue circle to the right of the bag": ("addition", "spatial_relations_background"),
         "add a navy blue circle below the bag": ("addition", "spatial_relations_background"),
+        "has a navy blue circle on the right": ("addition", "spatial_relations_background"),
+        "has a navy blue circle at the bottom": ("addition", "spatial_relations_background"),
+        "has a navy blue circle to the right of the bag": ("addition", "spatial_relations_background"),
+        "has a navy blue circle below the bag": ("addition", "spatial_relations_background"),
     }
     assert got == expected
 
@@ -335,6 +387,7 @@ def test_negation_cardinality_and_comparative_captions() -> None:
         "the circle is larger now": ("comparative_statement",),
         "make the circle large": ("direct_addressing",),
         "the circle is bigger than the bag": ("comparative_statement",),
+        "has a bigger circle": ("comparative_statement",),
     }
 
 
@@ -344,16 +397,20 @@ def test_direct_addressing_compare_and_change_captions() -> None:
         "make the bag yellow": ("direct_addressing",),
         "the bag is yellow instead of red": ("direct_addressing", "compare_change"),
         "same bag but yellow": ("compare_change",),
+        "has a yellow bag instead of a red one": ("compare_change",),
+        "has a yellow bag": ("direct_addressing",),
     }
     two = (BAG, obj(1, "bag", "green", (1, 0)))  # two bags: point at one by its colour
     assert captions_of(scene(*two), scene(replace(BAG, colour="yellow"), two[1])) == {
         "the red bag is yellow instead": ("direct_addressing", "compare_change"),
         "change the red bag to yellow": ("direct_addressing", "compare_change"),
+        "has a yellow bag instead of the red bag": ("compare_change",),
     }
     assert captions_of(scene(BAG), scene(replace(BAG, kind="coat"))) == {
         "replace the bag with a red coat": ("direct_addressing", "compare_change"),
         "has a red coat instead of the bag": ("compare_change",),
         "the bag is now a coat": ("compare_change",),
+        "shows a red coat in place of the bag": ("compare_change",),
     }
 
 
@@ -373,6 +430,8 @@ def test_spatial_background_and_viewpoint_captions() -> None:
         "on a light blue background": spatial,
         "the background is light blue": ("direct_addressing", *spatial),
         "the background is light blue instead of light grey": ("compare_change", *spatial),
+        "has a light blue background instead of a light grey one": ("compare_change", *spatial),
+        "has a light blue background": spatial,
     }
     assert captions_of(scene(BAG), scene(BAG, pattern="stripes")) == {
         "on a striped background": spatial,
@@ -385,6 +444,35 @@ def test_spatial_background_and_viewpoint_captions() -> None:
     }
     assert set(captions_of(scene(BAG, coat), scene(BAG, coat, mirrored=True))) == {
         "mirrored", "seen from the opposite side", "flipped left to right", "flip it left to right", "mirror the scene"}
+
+
+def test_circo_captions_are_clauses_around_an_unnamed_shared_object() -> None:
+    coat = obj(1, "coat", "black", (0, 2))  # kept unchanged: the shared concept
+    got = captions_of(scene(BAG, coat), scene(replace(BAG, colour="yellow"), coat), style="circo")
+    assert got == {"has a yellow bag instead of a red one": ("compare_change",),
+                   "has the bag in yellow": ("direct_addressing",), "has a yellow bag": ("direct_addressing",)}
+    concepts = {bs.describe_change(scene(BAG, coat).attrs, scene(BAG, coat, bg="lavender").attrs,
+                                   np.random.default_rng(seed), "circo").shared_concept for seed in range(10)}
+    assert concepts == {"a red bag"}  # the first unchanged object the caption does not name
+    got = captions_of(scene(BAG, coat), scene(BAG, coat, pattern="dots"), style="circo")
+    assert set(got) == {"is on a polka-dot background", "has a polka-dot background"}
+    got = captions_of(scene(BAG, coat), scene(BAG), style="circo")
+    assert set(got) == {"has no coats", "does not have the coat"}
+    # the only object changes: nothing both images share is left to be the subject
+    assert bs.describe_change(scene(BAG).attrs, scene(replace(BAG, colour="yellow")).attrs,
+                              np.random.default_rng(0), "circo") is None
+
+
+def test_absolute_descriptions_of_the_target() -> None:
+    coat = obj(1, "coat", "black", (0, 2))
+    ref, tgt = scene(BAG, coat), scene(replace(BAG, colour="yellow"), coat, bg="lavender")
+    change = bs.captions.describe_target(ref.attrs, tgt.attrs, np.random.default_rng(0))
+    assert change.absolute and change.aspects == ()
+    assert bs.absolute_caption(tgt.attrs) in change.caption
+    assert holds(tgt.attrs, list(change.constraints)) and not holds(ref.attrs, list(change.constraints))
+    extra = scene(replace(BAG, colour="yellow"), coat, obj(2, "star", "pink", (1, 1)), bg="lavender")
+    assert not holds(extra.attrs, list(change.constraints))  # one object more is another scene
+    assert bs.captions.describe_target(ref.attrs, ref.attrs, np.random.default_rng(0)) is None
 
 
 def test_conjunction_and_unsayable_differences() -> None:
@@ -439,3 +527,20 @@ def test_scene_renderer_size_mirror_and_zoom() -> None:
     # the sneaker sits in the top-left cell; the bottom-right cell holds only navy and background
     assert np.abs(image[:42, :42].astype(int) - red).sum(axis=2).min() < 120
     assert np.abs(image[43:, 86:].astype(int) - red).sum(axis=2).min() > 120
+
+
+def test_partial_captions_name_only_what_the_scene_shows() -> None:
+    rng = np.random.default_rng(0)
+    obj = {"id": 0, "kind": "bag", "colour": "red", "size": "small", "cell": [0, 0], "x": 0.3, "y": 0.3}
+    scene = {"objects": [obj, {**obj, "id": 1, "x": 0.7}, {**obj, "id": 2, "kind": "star", "colour": "navy blue",
+                                                            "size": "large", "y": 0.7}],
+             "background": {"colour": "lavender", "pattern": "stripes"}, "view": {"close_up": False, "mirrored": False}}
+    seen = set()
+    for _ in range(200):
+        text = partial_caption(scene, rng)
+        seen.add(text)
+        assert re.fullmatch(r"(has |is on )?[a-z ,-]+", text) and "  " not in text, text
+        assert not re.search(r"\b(coat|sneaker|heart|pink|green|plain|dotted)\b", text), text
+        assert not re.search(r"\ba bags\b|\btwo [a-z ]*bag\b", text), text  # the two red bags are counted
+        assert not re.search(r"\bsmall [a-z ]*star\b", text.split(" and ")[-1]), text  # the star is large
+    assert len(seen) >= 20 and any(t.startswith("has ") for t in seen) and any("background" in t for t in seen)

@@ -19,6 +19,7 @@ from cirlib.data import datasets
 from cirlib.data.synth import fashion as bf
 from cirlib.data.synth import render
 from cirlib.data.synth import scenes as bs
+from cirlib.data.synth.scenes.captions import CLAUSE_STARTS
 from cirlib.data.synth.scenes.graph import BACKGROUNDS, ITEM_KINDS
 from cirlib.data.synth.scenes.sampler import Sampler
 
@@ -227,22 +228,28 @@ def scenes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return bs.generate_scenes(tmp_path_factory.mktemp("scenes"), bs.ScenesBenchConfig.quick())
 
 
-def _cirr_captions(root: Path) -> list[str]:
-    return [q["caption"] for s in ("train", "val", "test1")
-            for q in read(root / "CIRR" / "cirr" / "captions" / f"cap.rc2.{s}.json")]
+def _cirr_captions(root: Path, absolute: bool = False) -> list[str]:
+    """CIRR captions of the change (or, with ``absolute``, those naming the target's content)."""
+    meta = bs.load_meta(root / "CIRR")
+    return [q["caption"] for s in ("train", "val", "test1") for q in meta["queries"][s] if q["absolute"] == absolute]
+
+
+def _change_part(caption: str) -> str:
+    """A CIRR caption without the objects it names after the change (", with a small red bag ...")."""
+    return caption.split(", with ")[0].rstrip(".") + "."
 
 
 def _circo_queries(root: Path) -> list[dict]:
     return [q for s in ("val", "test") for q in read(root / "CIRCO" / "annotations" / f"{s}.json")]
 
 
-def sampled_changes(n: int, seed: int = 0) -> list[bs.Change]:
+def sampled_changes(n: int, seed: int = 0, style: str = "cirr") -> list[bs.Change]:
     """``n`` captions straight from the sampler and :func:`describe_change` (no images drawn)."""
     config = bs.ScenesBenchConfig.quick()
     sampler = Sampler(np.random.default_rng(seed), {k: np.arange(3) for k in ITEM_KINDS.values()}, "test", config)
     out = []
     while len(out) < n:
-        got = sampler.mutate(sampler.scene("val"), 0.6)
+        got = sampler.mutate(sampler.scene("val"), 0.6, style=style)
         if got is not None:
             out.append(got[2])
     return out
@@ -251,19 +258,25 @@ def sampled_changes(n: int, seed: int = 0) -> list[bs.Change]:
 def test_every_scene_caption_is_clean(scenes_root: Path) -> None:
     cirr = _cirr_captions(scenes_root)
     circo = [q["relative_caption"] for q in _circo_queries(scenes_root)]
-    sampled = [c.caption for c in sampled_changes(3000)]
-    bad = Counter(c for c in cirr + circo + sampled if scene_errors(c))
+    sampled = [c.caption for c in sampled_changes(3000) + sampled_changes(2000, style="circo")]
+    bad = Counter(c for c in [*map(_change_part, cirr), *circo, *sampled] if scene_errors(c))
     assert not bad, f"{len(bad)} distinct bad captions, e.g. {[(c, scene_errors(c)) for c in list(bad)[:5]]}"
-    for c in cirr:  # CIRR: short sentences
-        assert c[0].isupper() and c.endswith(".") and c[1:-1] == c[1:-1].lower(), c
+    absolute = _cirr_captions(scenes_root, absolute=True)  # descriptions list objects: only the surface is checked
+    bad = Counter(c for c in absolute + cirr if grammar_errors(c) + count_errors(c))
+    assert absolute and not bad, f"{len(bad)} bad descriptions, e.g. {list(bad)[:5]}"
+    for c in cirr + absolute:  # CIRR: short sentences
+        assert c[0].isupper() and c.endswith(".") and c[2:-1] == c[2:-1].lower(), c
     for c in circo:  # CIRCO: what follows "I want a photo of {shared concept} that"
-        assert c == c.lower() and not c.endswith("."), c
+        assert c == c.lower() and not c.endswith(".") and c.startswith(CLAUSE_STARTS), c
 
 
 def test_circo_captions_do_not_name_the_shared_concept(scenes_root: Path) -> None:
-    for q in _circo_queries(scenes_root):
-        concept = q["shared_concept"].split(" ", 1)[1]
-        assert concept not in q["relative_caption"], q
+    queries = _circo_queries(scenes_root) + [{"shared_concept": c.shared_concept, "relative_caption": c.caption}
+                                             for c in sampled_changes(1000, style="circo")]
+    for q in queries:
+        noun = _NOUN.search(q["shared_concept"])
+        assert noun and q["shared_concept"].startswith(("a ", "an ")), q
+        assert _kind_of(noun.group(0)) not in {_kind_of(n.group(0)) for n in _NOUN.finditer(q["relative_caption"])}, q
 
 
 def test_scene_captions_are_varied(scenes_root: Path) -> None:

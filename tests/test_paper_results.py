@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from cirlib.evaluation import paper_results as P
 from cirlib.evaluation.paper_results import SOURCE, clip4cir_main_table, side_by_side
 
 
@@ -41,3 +42,15 @@ def test_side_by_side_labels_both_sources():
     assert table.loc[("zero-shot", "Sum"), ("ours", "fashioniq R@10")] == 5.0
     with pytest.raises(KeyError, match="extra"):
         side_by_side(ours, ["extra"], "ours")
+
+
+def test_isearle_baselines_have_each_datasets_ordering():
+    t = P.isearle_baselines()
+    assert list(t.index) == ["image", "text", "sum"]
+    assert list(t.columns) == ["fashioniq R@10", "cirr R@1", "circo mAP@10"]
+    assert "iSEARLE" in P.ISEARLE_SOURCE and "B/32" in P.ISEARLE_SOURCE
+    assert t.loc["text", "fashioniq R@10"] == 18.70 and t.loc["sum", "circo mAP@10"] == 3.25
+    # image-only is the weakest everywhere; text leads on FashionIQ and CIRR, the sum on CIRCO
+    assert (t.loc["image"] < t.loc["text"]).all() and (t.loc["image"] < t.loc["sum"]).all()
+    assert t.loc["text", "cirr R@1"] > t.loc["sum", "cirr R@1"]
+    assert t.loc["sum", "circo mAP@10"] > t.loc["text", "circo mAP@10"]

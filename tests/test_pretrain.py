@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def test_build_corpus_uses_train_split_and_generator_captions(fashion_root):
         assert caption == absolute_caption(meta[path.stem])
     assert ("a red striped dress" in {c for _, c in corpus}) and ("a plain navy blue top" in {c for _, c in corpus})
     assert len(P.build_corpus([fashion_root], "val")) == 3 * SPLIT_SIZES["val"]
+
+
+def test_build_corpus_adds_partial_descriptions_of_a_share_of_the_images(fashion_root):
+    full = P.build_corpus([fashion_root])
+    corpus = P.build_corpus([fashion_root], partial_share=0.5, seed=3)
+    assert corpus[: len(full)] == full and corpus == P.build_corpus([fashion_root], partial_share=0.5, seed=3)
+    partial = corpus[len(full):]
+    assert 0 < len(partial) < len(full)
+    assert len({p for p, _ in partial}) == len(partial)  # at most one partial description per image
+    meta = json.loads((fashion_root / "cirlib_meta.json").read_text())["attributes"]
+    for path, caption in partial:
+        attrs = meta[path.stem]
+        assert caption != absolute_caption(attrs)
+        named = [c for c in COLOURS if re.search(rf"\b{c}\b", caption)]
+        assert named in ([], [attrs["colour"]]), (caption, attrs)  # only the image's own colour, if any
+        assert "strip" not in caption or attrs["pattern"] == "stripes", (caption, attrs)
+    assert len(P.build_corpus([fashion_root], partial_share=1.0)) == 2 * len(full)
 
 
 def test_build_corpus_errors_name_the_file(tmp_path, fashion_root):

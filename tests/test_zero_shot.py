@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.nn.functional as F
 from real_layout import real_layout_roots
 from test_pretrain import COLOUR_NAMES, make_fashion_root
 
 from cirlib.data.labels import caption_function, labelled_images, load_attributed_images
 from cirlib.data.pixels import PixelCache
+from cirlib.data.synth import fashion as bf
+from cirlib.data.synth.scenes.captions import counterfactual
 from cirlib.evaluation import zero_shot as Z
 from cirlib.models.backbone import TINY_MODEL, load_backbone
 from cirlib.models.features import encode_pixels
@@ -63,3 +66,43 @@ def test_a_real_fashioniq_root_gives_categories_only(tmp_path):
     assert result.n == len(items) and result.confusion.sum() == len(items)
     with pytest.raises(ValueError, match="expected 'fashion', 'scenes' or 'fashioniq'"):
         caption_function("cirr")
+
+
+def test_caption_choice_scores_the_true_caption_against_a_changed_one(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    items = load_attributed_images([fashion_root], "val")
+    texts = F.normalize(bb.encode_text([it.caption for it in items]).float(), dim=-1).detach()
+    # images that *are* their true captions' embeddings: the true caption always wins
+    perfect = Z.caption_choice_accuracies(bb, items, ["colour", "pattern"], image_features=texts)
+    assert {a: (r.accuracy, r.n, r.chance) for a, r in perfect.items()} == {
+        "colour": (1.0, len(items), 0.5), "pattern": (1.0, len(items), 0.5)}
+    # images that are the changed captions' embeddings (same seed, same changes): it never wins
+    rng = np.random.default_rng([0, 0])
+    changed = [caption_function("fashion")(bf.counterfactual(it.attributes, "colour", rng)) for it in items]
+    wrong = F.normalize(bb.encode_text(changed).float(), dim=-1).detach()
+    assert Z.caption_choice_accuracies(bb, items, ["colour"], image_features=wrong)["colour"].accuracy == 0.0
+    with pytest.raises(ValueError, match="unknown attribute 'sleeve'"):
+        Z.caption_choice_accuracies(bb, items, ["sleeve"], image_features=texts)
+
+
+def test_counterfactuals_change_exactly_one_thing():
+    rng = np.random.default_rng(0)
+    attrs = {"category": "dress", "colour": "red", "pattern": "plain", "logo": "none"}
+    for attribute in ("colour", "pattern", "logo"):
+        other = bf.counterfactual(attrs, attribute, rng)
+        assert [k for k in attrs if other[k] != attrs[k]] == [attribute]
+    obj = {"id": 0, "kind": "bag", "colour": "red", "size": "small", "cell": [0, 0], "x": 0.3, "y": 0.3}
+    scene = {"objects": [obj, {**obj, "id": 1, "kind": "star", "x": 0.7}], "background": {"colour": "lavender",
+             "pattern": "plain"}, "view": {"close_up": False, "mirrored": False}}
+    for attribute in ("kind", "colour", "size"):
+        other = counterfactual(scene, attribute, rng)
+        diffs = [(a, b) for a, b in zip(scene["objects"], other["objects"]) if a != b]
+        assert len(diffs) == 1 and [k for k in diffs[0][0] if diffs[0][0][k] != diffs[0][1][k]] == [attribute]
+    assert len(counterfactual(scene, "count", rng)["objects"]) == 3
+    full = {**scene, "objects": [{**obj, "id": i} for i in range(4)]}
+    assert len(counterfactual(full, "count", rng)["objects"]) == 3  # a full scene loses a copy
+    unique = {**scene, "objects": [{**obj, "id": i, "kind": k} for i, k in enumerate(("bag", "star", "coat", "heart"))]}
+    assert counterfactual(unique, "count", rng) is None
+    assert counterfactual(scene, "background", rng)["background"]["colour"] != "lavender"
+    with pytest.raises(ValueError, match="unknown attribute"):
+        counterfactual(scene, "texture", rng)

@@ -61,6 +61,29 @@ def caption_function(benchmark: str) -> Callable[[dict[str, Any]], str]:
     return absolute_caption
 
 
+def partial_caption_function(benchmark: str) -> Callable[[dict[str, Any], Any], str]:
+    """A generated benchmark's rule for describing part of an image ("a red dress", "has two bags")."""
+    if benchmark == "fashion":
+        return fashion.partial_caption
+    if benchmark == "scenes":
+        return scenes.captions.partial_caption
+    raise ValueError(f"no partial-caption rule for benchmark {benchmark!r}; expected 'fashion' or 'scenes'")
+
+
+def counterfactual_function(benchmark: str) -> Callable[[dict[str, Any], str, Any], dict[str, Any] | None]:
+    """A generated benchmark's rule for changing one captioned attribute of an image (legibility probes)."""
+    if benchmark == "fashion":
+        return fashion.counterfactual
+    if benchmark == "scenes":
+        return scenes.captions.counterfactual
+    raise ValueError(f"no counterfactual rule for benchmark {benchmark!r}; expected 'fashion' or 'scenes'")
+
+
+def legibility_attributes(benchmark: str) -> tuple[str, ...]:
+    """The attributes :func:`counterfactual_function` of ``benchmark`` can change."""
+    return {"fashion": fashion.LEGIBILITY_ATTRIBUTES, "scenes": scenes.captions.LEGIBILITY_ATTRIBUTES}[benchmark]
+
+
 def _split_images(root: Path, split: str) -> dict[str, Path]:
     """name -> file of every image a split of a FashionIQ/CIRR/CIRCO-layout root references."""
     if (root / "image_splits").is_dir() and (root / "captions").is_dir():

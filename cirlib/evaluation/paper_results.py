@@ -1,7 +1,9 @@
 """Published numbers the course sets its own results beside, for orientation only.
 
 They come from CLIP4Cir (Baldrati et al., ACM TOMM 2023), Tables 1 and 2: CLIP RN50 on the real
-FashionIQ and CIRR validation sets. The course's numbers come from a tiny CLIP on the embedded
+FashionIQ and CIRR validation sets; and from iSEARLE (Agnolucci et al., 2024), Tables II-IV: the
+zero-shot baselines of CLIP ViT-B/32 on FashionIQ val, CIRR test and CIRCO test. The course's
+numbers come from a tiny CLIP on the embedded
 benchmarks, so only the *orderings* are comparable, never the values; every table that shows
 both says so in its column labels.
 """
@@ -11,6 +13,13 @@ from __future__ import annotations
 import pandas as pd
 
 SOURCE = "CLIP4Cir (TOMM 2023) Tables 1-2, CLIP RN50, real FashionIQ / CIRR val"
+ISEARLE_SOURCE = "iSEARLE (2024) Tables II-IV, CLIP ViT-B/32, FashionIQ val / CIRR test / CIRCO test"
+# Zero-shot baselines: FashionIQ R@10 averaged over the categories, CIRR R@1, CIRCO mAP@10.
+_ISEARLE_BASELINES = {
+    "image": {"fashioniq R@10": 5.90, "cirr R@1": 6.89, "circo mAP@10": 1.60},
+    "text": {"fashioniq R@10": 18.70, "cirr R@1": 21.81, "circo mAP@10": 2.67},
+    "sum": {"fashioniq R@10": 14.78, "cirr R@1": 11.71, "circo mAP@10": 3.25},
+}
 
 _STAGE1 = ("zero-shot", "image", "text", "both")  # nothing, IFT, TFT, IFT + TFT
 # FashionIQ: average over the three categories of R@10 and R@50 (Table 1, "Average" columns).
@@ -66,4 +75,11 @@ def side_by_side(
     return pd.concat({ours_label: ours[columns], paper_label: paper.loc[ours.index, columns]}, axis=1)
 
 
-__all__ = ["SOURCE", "clip4cir_main_table", "side_by_side"]
+def isearle_baselines() -> pd.DataFrame:
+    """iSEARLE's zero-shot baseline rows (image-only, text-only, image + text sum) in the layout of
+    notebook 02's baseline table: rows ``image`` / ``text`` / ``sum``, columns
+    ``"fashioniq R@10"``, ``"cirr R@1"``, ``"circo mAP@10"``, in percent (:data:`ISEARLE_SOURCE`)."""
+    return pd.DataFrame.from_dict(_ISEARLE_BASELINES, orient="index").rename_axis("method")
+
+
+__all__ = ["ISEARLE_SOURCE", "SOURCE", "clip4cir_main_table", "isearle_baselines", "side_by_side"]

@@ -14,12 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from cirlib.core.device import autocast
 from cirlib.core.tensors import eval_mode
-from cirlib.data.labels import CAPTION_TEMPLATES, AttributedImage, caption_function
+from cirlib.data.labels import (
+    CAPTION_TEMPLATES,
+    AttributedImage,
+    caption_function,
+    counterfactual_function,
+    legibility_attributes,
+)
 from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import TransformKind
 from cirlib.models.backbone import Backbone
@@ -36,10 +43,8 @@ class ZeroShotResult:
     confusion: np.ndarray  # [C, C] counts, rows true, columns predicted
     n: int
 
-    def confusion_frame(self):
+    def confusion_frame(self) -> pd.DataFrame:
         """The confusion matrix as a labelled pandas DataFrame (for seaborn heatmaps)."""
-        import pandas as pd
-
         return pd.DataFrame(self.confusion, index=self.classes, columns=self.classes)
 
 
@@ -128,3 +133,76 @@ def zero_shot_accuracies(
 def available_attributes(items: Sequence[AttributedImage], wanted: Sequence[str]) -> list[str]:
     """The attributes of ``wanted`` that at least two classes of ``items`` carry (classifiable)."""
     return [a for a in wanted if len({str(it.attributes[a]) for it in items if a in it.attributes}) >= 2]
+
+
+@dataclass
+class ChoiceResult:
+    """Two-way caption choice for one attribute: how often the true caption beats a changed one."""
+
+    attribute: str
+    accuracy: float
+    n: int
+    chance: float = 0.5
+
+
+@torch.no_grad()
+def caption_choice_accuracies(
+    backbone: Backbone,
+    items: Sequence[AttributedImage],
+    attributes: Sequence[str],
+    image_features: torch.Tensor | None = None,
+    transform_kind: TransformKind = "squarepad",
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> dict[str, ChoiceResult]:
+    """Legibility of what captions talk about: for each image and attribute, does the model score the
+    image's true caption above the same caption with that attribute changed (one object's colour,
+    one more object, another background, ...)? Chance is 50 %.
+
+    Unlike classification, this works on scenes with several objects, and it asks exactly what a
+    relative caption needs: can the model see *this* detail at its input size. Items whose
+    generator cannot change an attribute (a full scene cannot gain an object) are left out of it.
+    """
+    if image_features is None:
+        image_features = _encode_items(backbone, items, transform_kind, cache_dir)
+    image_features = F.normalize(image_features.float().cpu(), dim=-1)
+    out = {}
+    for k, attribute in enumerate(attributes):
+        rng = np.random.default_rng([seed, k])
+        rows, true, changed = [], [], []
+        for i, item in enumerate(items):
+            other = counterfactual_function(item.benchmark)(item.attributes, attribute, rng)
+            caption = caption_function(item.benchmark)
+            if other is None or caption(other) == item.caption:
+                continue
+            rows.append(i)
+            true.append(item.caption)
+            changed.append(caption(other))
+        if not rows:
+            raise ValueError(f"no item's {attribute!r} can be changed")
+        with eval_mode(backbone.model):
+            feats = []
+            for texts in (true, changed):
+                chunks = [texts[j : j + 256] for j in range(0, len(texts), 256)]
+                with autocast(backbone.device):
+                    emb = torch.cat([backbone.encode_text(c).float().cpu() for c in chunks])
+                feats.append(F.normalize(emb, dim=-1))
+        img = image_features[rows]
+        wins = (img * feats[0]).sum(-1) > (img * feats[1]).sum(-1)
+        out[attribute] = ChoiceResult(attribute, float(wins.float().mean()), len(rows))
+    return out
+
+
+def legibility_table(
+    backbone: Backbone,
+    items_by_benchmark: dict[str, Sequence[AttributedImage]],
+    cache_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """:func:`caption_choice_accuracies` of every attribute each generated benchmark's captions talk
+    about, as one table: rows ``(benchmark, attribute)``, columns ``images``, ``accuracy %``, ``chance %``."""
+    rows = {}
+    for name, items in items_by_benchmark.items():
+        attributes = legibility_attributes(items[0].benchmark) if items else ()
+        for attribute, r in caption_choice_accuracies(backbone, items, attributes, cache_dir=cache_dir).items():
+            rows[name, attribute] = {"images": r.n, "accuracy %": 100 * r.accuracy, "chance %": 100 * r.chance}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "attribute"])

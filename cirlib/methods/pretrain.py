@@ -2,7 +2,9 @@
 
 The corpus is every image of the *train* splits with the absolute caption its generator derives
 from the image's attributes (``cirlib_meta.json``), e.g. "a navy blue striped dress with a star
-print"; captions are wrapped in a few templates ("a photo of ...") for variety. The objective is
+print", and half of them again with a partial description ("is navy blue and has stripes", "has
+two bags"), as web alt-text mentions only part of a photo; captions are wrapped in a few templates
+("a photo of ...") for variety. The objective is
 CLIP's symmetric contrastive loss with a learnable temperature. Two twists, both because the
 attribute space is small: a batch often holds several images with the same caption, and those
 pairs count as positives of each other (soft targets) instead of as false negatives; and batches
@@ -38,7 +40,12 @@ from cirlib.core.device import autocast, get_device, grad_scaler, precision
 from cirlib.core.io import fingerprint
 from cirlib.core.tensors import eval_mode, row_chunks
 from cirlib.core.training import TrainingLoop, optimizer_step, step_batches
-from cirlib.data.labels import CAPTION_TEMPLATES, AttributedImage, load_attributed_images
+from cirlib.data.labels import (
+    CAPTION_TEMPLATES,
+    AttributedImage,
+    load_attributed_images,
+    partial_caption_function,
+)
 from cirlib.data.pixels import PixelCache, normalise
 from cirlib.data.preprocess import TransformKind
 from cirlib.data.synth.meta import read_meta
@@ -56,12 +63,19 @@ ZERO_SHOT_TARGETS: dict[str, float] = {"colour": 95.0, "pattern": 95.0, "categor
 
 
 # ------------------------------------------------------------------------------------------ corpus
-def build_corpus(roots: Sequence[str | os.PathLike], split: str = "train") -> list[tuple[Path, str]]:
-    """(image file, absolute caption) for every image of ``split`` in the generated roots.
+def build_corpus(
+    roots: Sequence[str | os.PathLike], split: str = "train", partial_share: float = 0.0, seed: int = 0
+) -> list[tuple[Path, str]]:
+    """(image file, absolute caption) for every image of ``split`` in the generated roots, plus
+    (image file, partial description) for a ``partial_share`` of them (drawn with ``seed``).
 
     Templates ("a photo of ...") are applied at training time, a random one per sample.
     """
-    return [(item.path, item.caption) for item in load_attributed_images(roots, split)]
+    items = load_attributed_images(roots, split)
+    rng = np.random.default_rng([seed, 7])
+    partial = [(it.path, partial_caption_function(it.benchmark)(it.attributes, rng))
+               for it in items if rng.random() < partial_share]
+    return [(item.path, item.caption) for item in items] + partial
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator, min_scale: float) -> torch.Tensor:
@@ -102,6 +116,10 @@ class PretrainConfig:
     eval_items: int = 1024  # val images for the periodic validation loss
     log_every: int = 10
     zero_shot_attributes: tuple[str, ...] = ("colour", "pattern", "category")
+    # Share of train images also paired with a partial description ("is red and has stripes", "has
+    # two bags"): without them the model reads only whole-image descriptions, and a relative caption,
+    # which states a few attributes, is out of its language (text-only retrieval near zero).
+    partial_captions: float = 0.5
     seed: int = 0
     device: str = "auto"
     time_budget_s: float | None = None  # stop early (and finish) after this much training time
@@ -441,7 +459,7 @@ def pretrain(
     checkpoint, state_path = out_dir / CHECKPOINT_NAME, out_dir / STATE_NAME
     device = get_device(config.device)
 
-    train_items = build_corpus(roots, "train")
+    train_items = build_corpus(roots, "train", config.partial_captions, config.seed)
     if len(train_items) < 2:
         raise ValueError(f"the train splits of {[str(r) for r in roots]} hold {len(train_items)} images; need >= 2")
     config_fp = config.fingerprint(_corpus_key(roots, train_items))

@@ -288,6 +288,36 @@ def absolute_caption(attrs: dict) -> str:
     return text
 
 
+def partial_caption(attrs: dict, rng: np.random.Generator) -> str:
+    """A description of one or two of a rendering's attributes, as people write them: "a red dress",
+    "is striped and has a star print". Pretraining pairs some images with one, as web alt-text
+    mentions only some of what a photo shows; it is how the model learns to read captions that
+    state attributes rather than describe a whole product."""
+    chosen = [ATTRIBUTES[i] for i in sorted(rng.choice(3, int(rng.integers(1, 3)), replace=False))]
+    if rng.random() < 0.5:  # a noun phrase: "a red dress", "a striped top with a star print"
+        noun = CATEGORY_NOUNS[attrs["category"]]
+        words = [attrs["colour"]] if "colour" in chosen else []
+        if "pattern" in chosen:
+            words.append(render.PATTERN_ADJECTIVES[attrs["pattern"]])
+        text = _a(" ".join([*words, noun]))
+        if "logo" in chosen:
+            text += f" with a {attrs['logo']} print" if attrs["logo"] != "none" else " with no print"
+        return text
+    options = [_statements(a, attrs[a]) for a in chosen]  # "is red", "has stripes", "has a star print"
+    return " and ".join(str(o[int(rng.integers(len(o)))]) for o in options)
+
+
+def _statements(attr: str, value: str) -> list[str]:
+    """Descriptive statements of one attribute value, with no reference to compare with."""
+    if attr == "colour":
+        return [f"is {value}", f"comes in {value}", f"is {value} in color"]
+    if attr == "pattern":
+        return ["is plain", "has no pattern"] if value == "plain" else list(_PATTERN_PHRASES[value])
+    if value == "none":
+        return ["has no print", "has no logo"]
+    return [f"has a {value} print", f"has a {value} on the chest", f"features a {value} logo"]
+
+
 LEGIBILITY_ATTRIBUTES: tuple[str, ...] = ATTRIBUTES
 """What the relative captions talk about, as :func:`counterfactual` can change it."""
 

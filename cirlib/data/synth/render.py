@@ -104,7 +104,10 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 def _fit(item_bytes: bytes, size: Size, margin: float) -> tuple[np.ndarray, np.ndarray]:
     """Alpha and shading of the item fitted (aspect kept) and centred in ``size``; cached per item."""
     item = np.frombuffer(item_bytes, dtype=np.uint8).reshape(28, 28).astype(np.float32)
-    cover = np.clip(item / 48.0, 0.0, 1.0)
+    # a few product photos sit on a grey card rather than black: measured at the border, it is
+    # background, not garment (else it renders as a visible box around the item)
+    floor = float(np.median(np.concatenate([item[0], item[-1], item[:, 0], item[:, -1]])))
+    cover = np.clip((item - floor) / 48.0, 0.0, 1.0)
     solid = _fill_holes(cover >= 0.5)
     cover = _smooth(np.where(solid, 1.0, cover))
     rows, cols = np.nonzero(cover > 0.1)

@@ -1,22 +1,24 @@
 """Captions of scene graphs: absolute descriptions, and relative captions of a change.
 
 :func:`describe_change` writes a relative caption from the *difference* of two scene graphs, tags
-it with the CIRCO semantic aspects it exercises, and compiles it into constraints (what both images
-share plus what the caption asks for) that the target satisfies and the reference does not.
+it with the CIRCO semantic aspects it exercises, and compiles it into constraints (for CIRR, what
+both images share plus what the caption asks for; for CIRCO, the shared concept plus what the
+caption asks for) that the target satisfies and the reference does not.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from cirlib.data.datasets import CIRCO_ASPECTS
 from cirlib.data.synth import render
-from cirlib.data.synth.scenes.graph import REGIONS, RELATIONS, count_matching, in_region, related, satisfies
+from cirlib.data.synth.scenes.graph import KINDS, REGIONS, RELATIONS, count_matching, in_region, related, satisfies
 
 # CIRCO's official spelling and order; the annotations use these strings.
 ASPECTS: tuple[str, ...] = CIRCO_ASPECTS
@@ -30,6 +32,10 @@ _NUMBERS = ("no", "one", "two", "three", "four", "five")
 _NOUNS = {"trousers": ("pair of trousers", "pairs of trousers")}
 
 
+def _kind_of_noun(noun: str) -> str:
+    return next(k for k in KINDS if noun in (_noun(k), _noun(k, 2)))
+
+
 def _noun(kind: str, n: int = 1) -> str:
     singular, plural = _NOUNS.get(kind, (kind, kind + "s"))
     return singular if n == 1 else plural
@@ -41,6 +47,10 @@ def _a(phrase: str) -> str:
 
 def _count_phrase(n: int, kind: str) -> str:
     return f"{_NUMBERS[n]} {_noun(kind, n)}"
+
+
+_NOUN_RE = re.compile(r"\b(?:" + "|".join(sorted((re.escape(_noun(k, n)) for k in KINDS for n in (1, 2)),
+                                               key=len, reverse=True)) + r")\b")
 
 
 def sentence(caption: str) -> str:
@@ -75,14 +85,57 @@ def absolute_caption(attrs: dict) -> str:
     return ("a close-up of " + text) if attrs["view"]["close_up"] else text
 
 
+Style = Literal["cirr", "circo"]
+# CIRCO captions complete "Unlike the provided image, I want a photo of {shared concept} that ...":
+# only statements that start like a clause of that sentence ("has two bags", "is on a striped
+# background") are used for them.
+CLAUSE_STARTS = ("has ", "also has ", "is ", "shows ", "does not ")
+
+
+def partial_caption(attrs: dict, rng: np.random.Generator) -> str:
+    """A description of part of a scene, as people write them: "two stars", "a red bag on a striped
+    background", "has a small coat and is on a lavender background". Pretraining pairs some images
+    with one, as web alt-text mentions only some of what a photo shows; it is how the model learns
+    to read captions that name a few objects rather than the whole scene."""
+    groups: Counter[tuple[str, str, str]] = Counter((o["size"], o["colour"], o["kind"]) for o in attrs["objects"])
+    keys = sorted(groups)
+    picked = [keys[int(i)] for i in rng.choice(len(keys), min(len(keys), int(rng.integers(1, 3))), replace=False)]
+    parts = []
+    for size, colour, kind in picked:
+        n = groups[(size, colour, kind)]
+        words = [w for w, keep in ((size, rng.random() < 0.4), (colour, rng.random() < 0.8)) if keep]
+        phrase = " ".join([*words, _noun(kind, n)])
+        phrase = _a(phrase) if n == 1 else f"{_NUMBERS[n]} {phrase}"
+        if n == 1 and rng.random() < 0.3:  # where it is, when it is somewhere: "a red bag on the left"
+            o = next(o for o in attrs["objects"] if (o["size"], o["colour"], o["kind"]) == (size, colour, kind))
+            regions = [r for r in REGIONS if in_region(o, r)]
+            if regions:
+                phrase += " " + _REGION_AT[regions[int(rng.integers(len(regions)))]]
+        parts.append(phrase)
+    bg = attrs["background"]
+    texture = "" if bg["pattern"] == "plain" else _pattern_adj(bg["pattern"]) + " "
+    background = _a(texture + bg["colour"]) + " background" if rng.random() < 0.4 else None
+    if rng.random() < 0.5:  # a noun phrase
+        text = " and ".join(parts)
+        return f"{text} on {background}" if background else text
+    clauses = [f"has {p}" for p in parts] + ([f"is on {background}"] if background else [])
+    return " and ".join(clauses)
+
+
 @dataclass(frozen=True)
 class Change:
-    """A relative caption with its aspects and the predicate it stands for."""
+    """A relative caption with its aspects and the predicate it stands for.
+
+    ``absolute`` marks a caption that describes the target's content instead of the change, and
+    ``context`` one that also names what the change leaves alone (as many CIRR captions do).
+    """
 
     caption: str
     aspects: tuple[str, ...]
     constraints: tuple[dict, ...]
     shared_concept: str
+    absolute: bool = False
+    context: bool = False  # the caption also names what the change leaves alone (:func:`with_context`)
 
 
 @dataclass(frozen=True)
@@ -95,6 +148,7 @@ class _Statement:
 Options = list[_Statement]  # the phrasings of one statement, all true, one is picked
 # Phrasings that are fragments, not clauses ("without the bag", "zoomed in"): a caption uses them
 # only as its single statement, so that joined statements read as one sentence.
+_CIRCO_ONLY_STARTS = ("is ", "does not ", "has the ", "has no ")
 _FRAGMENT_STARTS = ("without ", "on ", "seen ", "a close-up", "zoomed ", "mirrored", "flipped ", "same ")
 
 
@@ -102,10 +156,19 @@ def _options(options: Sequence[tuple[str, Iterable[str], Sequence[dict]]]) -> Op
     return [_Statement(text, frozenset(aspects), tuple(constraints)) for text, aspects, constraints in options]
 
 
-def _pick(rng: np.random.Generator, options: Options, joined: bool) -> _Statement:
-    """One of ``options``; in a caption of several statements, one of its clauses when it has any."""
-    if joined:
-        options = [o for o in options if not o.text.startswith(_FRAGMENT_STARTS)] or options
+def _pick(rng: np.random.Generator, options: Options, joined: bool, style: Style) -> _Statement | None:
+    """One of ``options``; in a caption of several statements, one of its clauses when it has any.
+
+    CIRCO style picks only clause-like statements (:data:`CLAUSE_STARTS`), None if there is none.
+    """
+    if style == "circo":
+        options = [o for o in options if o.text.startswith(CLAUSE_STARTS)]
+        if not options:
+            return None
+    else:  # CIRR: imperatives and statements mix; CIRCO's bare clauses would read badly after "add ... and"
+        options = [o for o in options if not o.text.startswith(_CIRCO_ONLY_STARTS)] or options
+        if joined:
+            options = [o for o in options if not o.text.startswith(_FRAGMENT_STARTS)] or options
     return options[int(rng.integers(len(options)))]
 
 
@@ -154,13 +217,17 @@ def _recolour(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
     noun = _noun(a["kind"])
     con = [_has(a["kind"], count_matching(ref, {"kind": a["kind"], "colour": c}) + 1, colour=c)]
     if "colour" in spec:  # "the red bag" already names the old colour
-        options = [(f"the {name} is {c} instead", (CC, DIRECT), con), (f"change the {name} to {c}", (CC, DIRECT), con)]
+        options = [(f"the {name} is {c} instead", (CC, DIRECT), con), (f"change the {name} to {c}", (CC, DIRECT), con),
+                   (f"has {_a(c)} {noun} instead of the {name}", (CC,), con)]
     else:
         options = [
             (f"the {noun} is {c}", (DIRECT,), con),
             (f"make the {noun} {c}", (DIRECT,), con),
             (f"the {noun} is {c} instead of {c0}", (CC, DIRECT), con),
             (f"same {noun} but {c}", (CC,), con),
+            (f"has {_a(c)} {noun} instead of {_a(c0)} one", (CC,), con),
+            (f"has {_a(c)} {noun}", (DIRECT,), con),
+            (f"has the {noun} in {c}", (DIRECT,), con),
         ]
     return _options(options)
 
@@ -179,6 +246,7 @@ def _replace(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
         (f"replace the {name} with {_a(new)}", (CC, DIRECT), con),
         (f"has {_a(new)} instead of the {name}", (CC,), con),
         (f"the {name} is now {_a(_noun(b['kind']))}", (CC,), con),
+        (f"shows {_a(new)} in place of the {name}", (CC,), con),
     ])
 
 
@@ -194,12 +262,14 @@ def _resize(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
         (f"the {name} is {bigger}", (COMP,), con),
         (f"the {name} is {'larger' if size == 'large' else 'smaller'} now", (COMP,), con),
         (f"make the {name} {size}", (DIRECT,), con),
+        (f"has a {bigger} {name}", (COMP,), con),
     ]
     other = "small" if size == "large" else "large"
     for o in tgt["objects"]:  # "the bag is bigger than the coat": a comparison between two objects
         if o["kind"] != a["kind"] and o["size"] == other and (p := name_object(tgt, o)) is not None:
             than = {"op": "has", **p[1], "size": other, "min": 1}
-            options.append((f"the {name} is {bigger} than the {p[0]}", (COMP,), [*con, than]))
+            options += [(f"the {name} is {bigger} than the {p[0]}", (COMP,), [*con, than]),
+                        (f"has the {name} {bigger} than the {p[0]}", (COMP,), [*con, than])]
     return _options(options)
 
 
@@ -213,11 +283,13 @@ def _move(ref: dict, tgt: dict, a: dict, b: dict) -> Options | None:
         if in_region(b, region) and not in_region(a, region):
             con = [{"op": "has", **spec, "region": region, "min": 1}]
             options += [(f"move the {name} {_REGION_TO[region]}", (SPATIAL, DIRECT), con),
-                        (f"the {name} is {_REGION_AT[region]}", (SPATIAL,), con)]
+                        (f"the {name} is {_REGION_AT[region]}", (SPATIAL,), con),
+                        (f"has the {name} {_REGION_AT[region]}", (SPATIAL,), con)]
     for rel, (other, other_spec) in _related_pairs(ref, tgt, b):
         con = [{"op": "relation", "a": spec, "b": other_spec, "rel": rel}]
         options += [(f"the {name} is {_RELATION_TEXT[rel]} the {other}", (SPATIAL,), con),
-                    (f"the {name} is now {_RELATION_TEXT[rel]} the {other}", (SPATIAL,), con)]
+                    (f"the {name} is now {_RELATION_TEXT[rel]} the {other}", (SPATIAL,), con),
+                    (f"has the {name} {_RELATION_TEXT[rel]} the {other}", (SPATIAL,), con)]
     return _options(options) if options else None
 
 
@@ -233,6 +305,8 @@ def _count_change(ref: dict, tgt: dict, kind: str, added: list[dict], removed: l
             (f"remove {the} {noun}", (NEG,), exact),
             (f"without {the} {noun}", (NEG,), exact),
             (f"there is no {noun} anymore" if n0 == 1 else f"there are no {noun} anymore", (NEG,), exact),
+            (f"has no {_noun(kind, 2)}", (NEG,), exact),
+            (f"does not have {the} {noun}", (NEG,), exact),
         ])
     if added and n0 == 0:  # a new kind of object
         if len(added) != 1:
@@ -244,11 +318,12 @@ def _count_change(ref: dict, tgt: dict, kind: str, added: list[dict], removed: l
                    (f"add {_a(o['size'] + ' ' + desc)}", (ADD,), [_has(kind, colour=o["colour"], size=o["size"])])]
         for region in REGIONS:
             if in_region(o, region):
-                options.append((f"add {_a(desc)} {_REGION_AT[region]}", (ADD, SPATIAL),
-                                [_has(kind, colour=o["colour"], region=region)]))
+                options += [(f"{verb} {_a(desc)} {_REGION_AT[region]}", (ADD, SPATIAL),
+                              [_has(kind, colour=o["colour"], region=region)]) for verb in ("add", "has")]
         for rel, (other, other_spec) in _related_pairs(ref, tgt, o, exclude_kind=kind):
             relation = {"op": "relation", "a": {"kind": kind, "colour": o["colour"]}, "b": other_spec, "rel": rel}
-            options.append((f"add {_a(desc)} {_RELATION_TEXT[rel]} the {other}", (ADD, SPATIAL), [*con, relation]))
+            options += [(f"{verb} {_a(desc)} {_RELATION_TEXT[rel]} the {other}", (ADD, SPATIAL), [*con, relation])
+                        for verb in ("add", "has")]
         return _options(options)
     if n1 == n0:
         return None
@@ -279,6 +354,9 @@ def _background_change(ref: dict, tgt: dict) -> Options:
             (f"on {_a(c1)} background", (SPATIAL,), cons),
             (f"the background is {c1}", (SPATIAL, DIRECT), cons),
             (f"the background is {c1} instead of {c0}", (SPATIAL, CC), cons),
+            (f"is on {_a(c1)} background", (SPATIAL,), cons),
+            (f"has {_a(c1)} background instead of {_a(c0)} one", (SPATIAL, CC), cons),
+            (f"has {_a(c1)} background", (SPATIAL,), cons),
         ])
     adj0, adj1 = _pattern_adj(p0), _pattern_adj(p1)
     if c0 == c1:
@@ -286,8 +364,11 @@ def _background_change(ref: dict, tgt: dict) -> Options:
             (f"on {_a(adj1)} background", (SPATIAL,), cons),
             (f"has {_a(adj1)} background", (SPATIAL,), cons),
             (f"the background is {adj1} instead of {adj0}", (SPATIAL, CC), cons),
+            (f"is on {_a(adj1)} background", (SPATIAL,), cons),
         ])
     return _options([(f"on {_a(adj1 + ' ' + c1)} background", (SPATIAL,), cons),
+                     (f"is on {_a(adj1 + ' ' + c1)} background", (SPATIAL,), cons),
+                     (f"has {_a(adj1 + ' ' + c1)} background", (SPATIAL,), cons),
                        (f"the background is {c1} with {_BACKGROUND_PATTERNS[p1]}", (SPATIAL, DIRECT), cons)
                        if p1 != "plain" else (f"the background is plain {c1}", (SPATIAL, DIRECT), cons)])
 
@@ -295,15 +376,26 @@ def _background_change(ref: dict, tgt: dict) -> Options:
 def _view_change(tgt: dict, flag: str) -> Options:
     if flag == "close_up":
         con = [{"op": "view", "close_up": tgt["view"]["close_up"]}]
-        texts = (["seen closer", "a close-up of the same scene", "zoomed in", "zoom in", "show it closer"]
+        texts = (["seen closer", "a close-up of the same scene", "zoomed in", "zoom in", "show it closer",
+                  "is seen closer", "is a close-up"]
                  if tgt["view"]["close_up"] else ["seen from further away", "zoomed out", "zoom out",
-                                                  "show it from further away"])
+                                                  "show it from further away", "is seen from further away"])
     else:
         con = [{"op": "layout", "mirrored": tgt["view"]["mirrored"],
                 "objects": [{k: o[k] for k in ("kind", "colour", "x", "y")} for o in tgt["objects"]]}]
         texts = ["mirrored", "seen from the opposite side", "flipped left to right", "flip it left to right",
-                 "mirror the scene"]
+                 "mirror the scene", "is mirrored", "is seen from the opposite side"]
     return _options([(t, (VIEW,), con) for t in texts])
+
+
+def _unnamed_shared_object(ref: dict, tgt: dict, caption: str) -> dict | None:
+    """An object both images show unchanged whose kind ``caption`` never names, or None."""
+    t_objs = {o["id"]: o for o in tgt["objects"]}
+    for o in ref["objects"]:
+        same = o["id"] in t_objs and all(o[k] == t_objs[o["id"]][k] for k in ("kind", "colour", "size"))
+        if same and not re.search(rf"\b{_noun(o['kind'])}|\b{_noun(o['kind'], 2)}", caption):
+            return o
+    return None
 
 
 def _shared_concept(ref: dict, tgt: dict, caption: str) -> str:
@@ -323,12 +415,15 @@ def _shared_concept(ref: dict, tgt: dict, caption: str) -> str:
 _ATTRIBUTE_CHANGES = {"kind": _replace, "colour": _recolour, "size": _resize, "cell": _move}
 
 
-def describe_change(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | None:
+def describe_change(ref: dict, tgt: dict, rng: np.random.Generator, style: Style = "cirr") -> Change | None:
     """Relative caption from the difference of two scene graphs (attribute dicts), or None.
 
     None when the difference is not sayable without ambiguity (two attributes of one object,
     an object that cannot be pointed at, a move with no relation that changed, ...) or when the
-    compiled constraints would not separate target from reference.
+    compiled constraints would not separate target from reference. ``style="circo"`` phrases
+    every statement as a clause after "a photo of {shared concept} that", and needs an object
+    both images share that the caption does not name: that object is the shared concept, so the
+    subject of the query can only come from the reference image.
     """
     r_objs = {o["id"]: o for o in ref["objects"]}
     t_objs = {o["id"]: o for o in tgt["objects"]}
@@ -365,7 +460,10 @@ def describe_change(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | 
     if not said:
         return None
 
-    statements = [_pick(rng, said[i], len(said) > 1) for i in rng.permutation(len(said))]
+    picked = [_pick(rng, said[i], len(said) > 1, style) for i in rng.permutation(len(said))]
+    statements = [s for s in picked if s is not None]
+    if len(statements) < len(picked):
+        return None
     texts = [s.text for s in statements]
     caption = texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
     aspects = set().union(*(s.aspects for s in statements)) | ({CONJ} if len(statements) > 1 else set())
@@ -378,5 +476,97 @@ def describe_change(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | 
     if not satisfies(tgt, constraints) or satisfies(ref, constraints):
         return None
     aspects_in_order = tuple(a for a in ASPECTS if a in aspects)
+    if style == "circo":
+        # a photo of the shared concept that does what the caption says: the rest of the reference
+        # (its other objects, its background unless the caption speaks of it) is not asked for
+        concept = _unnamed_shared_object(ref, tgt, caption)
+        if concept is None:
+            return None
+        constraints = [_has(concept["kind"], colour=concept["colour"])]
+        constraints += [c for s in statements for c in s.constraints]
+        if not satisfies(tgt, constraints) or satisfies(ref, constraints):
+            return None
+        name = _a(f"{concept['colour']} {_noun(concept['kind'])}")
+        return Change(caption, aspects_in_order, tuple(constraints), name)
     return Change(caption, aspects_in_order, tuple(constraints), _shared_concept(ref, tgt, caption))
 
+
+def with_context(change: Change, tgt: dict, rng: np.random.Generator) -> Change | None:
+    """``change`` with what else the target shows named after it ("make the bag red, with a large
+    navy blue star on a striped lavender background"), as many CIRR captions name objects the change
+    leaves alone; None when nothing is left to name. The named objects and background join the
+    constraints."""
+    named = {_kind_of_noun(m.group(0)) for m in _NOUN_RE.finditer(change.caption)}
+    groups = Counter((o["size"], o["colour"], o["kind"]) for o in tgt["objects"] if o["kind"] not in named)
+    if not groups:
+        return None
+    keys = sorted(groups)
+    picked = [keys[int(i)] for i in rng.choice(len(keys), min(2, len(keys)), replace=False)]
+    parts = [_a(f"{size} {colour} {_noun(kind)}") if groups[(size, colour, kind)] == 1
+             else f"{_NUMBERS[groups[(size, colour, kind)]]} {size} {colour} {_noun(kind, 2)}"
+             for size, colour, kind in picked]
+    constraints = [_has(kind, groups[(size, colour, kind)], colour=colour, size=size) for size, colour, kind in picked]
+    text = " and ".join(parts)
+    if "background" not in change.caption:
+        bg = tgt["background"]
+        texture = "" if bg["pattern"] == "plain" else _pattern_adj(bg["pattern"]) + " "
+        text += f" on {_a(texture + bg['colour'])} background"
+        constraints.append({"op": "background", **bg})
+    return Change(f"{change.caption}, with {text}", change.aspects, (*change.constraints, *constraints),
+                  change.shared_concept, context=True)
+
+
+_ABSOLUTE_FORMS = ("{}", "show {}", "it should be {}", "I want {}")
+
+
+def describe_target(ref: dict, tgt: dict, rng: np.random.Generator) -> Change | None:
+    """A caption that names the target's content rather than the change ("Two red bags and a star on
+    a striped light blue background."), as many CIRR captions do; None if it also fits the reference.
+
+    Its constraints are the whole description: every (size, colour, kind) group with its exact
+    count, the number of objects, the background and the view's distance.
+    """
+    groups = Counter((o["size"], o["colour"], o["kind"]) for o in tgt["objects"])
+    constraints = [_has(kind, n, n, colour=colour, size=size) for (size, colour, kind), n in sorted(groups.items())]
+    constraints += [{"op": "objects", "min": len(tgt["objects"]), "max": len(tgt["objects"])},
+                    {"op": "background", **tgt["background"]}, {"op": "view", "close_up": tgt["view"]["close_up"]}]
+    if satisfies(ref, constraints):
+        return None
+    form = _ABSOLUTE_FORMS[int(rng.integers(len(_ABSOLUTE_FORMS)))]
+    caption = form.format(absolute_caption(tgt))
+    return Change(caption, (), tuple(constraints), _shared_concept(ref, tgt, caption), absolute=True)
+
+
+
+LEGIBILITY_ATTRIBUTES: tuple[str, ...] = ("kind", "colour", "size", "count", "background")
+"""What the relative captions talk about, as :func:`counterfactual` can change it."""
+
+
+def counterfactual(attrs: dict, attribute: str, rng: np.random.Generator) -> dict | None:
+    """The scene graph with one thing of ``attribute`` changed, or None where it cannot be.
+
+    ``kind`` / ``colour`` / ``size``: one object's; ``count``: one more copy of an object (or one
+    fewer of a group of copies when the scene is full); ``background``: the background colour.
+    Legibility is measured by whether a model prefers the true caption to the changed one.
+    """
+    from cirlib.data.synth.scenes.graph import BACKGROUNDS, KINDS, OBJECT_COLOURS, SIZES
+
+    objects = attrs["objects"]
+    o = objects[int(rng.integers(len(objects)))]
+    changed = None
+    if attribute == "background":
+        options = [b for b in BACKGROUNDS if b != attrs["background"]["colour"]]
+        return {**attrs, "background": {**attrs["background"], "colour": options[int(rng.integers(len(options)))]}}
+    if attribute == "count":
+        copies = [x for x in objects if all(x[k] == o[k] for k in ("kind", "colour", "size"))]
+        if len(objects) < 4:
+            changed = [*objects, {**o, "id": max(x["id"] for x in objects) + 1}]
+        elif len(copies) > 1:
+            changed = [x for x in objects if x is not o]
+        return None if changed is None else {**attrs, "objects": changed}
+    vocab = {"kind": KINDS, "colour": OBJECT_COLOURS, "size": SIZES}.get(attribute)
+    if vocab is None:
+        raise ValueError(f"unknown attribute {attribute!r}; choose one of {LEGIBILITY_ATTRIBUTES}")
+    options = [v for v in vocab if v != o[attribute]]
+    new = {**o, attribute: options[int(rng.integers(len(options)))]}
+    return {**attrs, "objects": [new if x is o else x for x in objects]}

@@ -16,16 +16,20 @@ class ScenesBenchConfig:
     long_side: int = 128
     min_objects: int = 1
     max_objects: int = 4
-    # CIRR: image sets of 6 per split and queries spread over them
+    # CIRR: image sets of 6 per split and queries spread over them; every ``cirr_family`` sets are
+    # variations of one base scene (look-alikes of each reference elsewhere in the gallery)
     cirr_sets: dict[str, int] = field(default_factory=lambda: {"train": 1100, "val": 420, "test1": 250})
-    cirr_queries: dict[str, int] = field(default_factory=lambda: {"train": 4400, "val": 500, "test1": 300})
+    cirr_family: int = 5
+    cirr_queries: dict[str, int] = field(default_factory=lambda: {"train": 4400, "val": 1000, "test1": 300})
     # CIRCO: queries per split; the shared gallery is filled with distractor scenes up to this size
     circo_queries: dict[str, int] = field(default_factory=lambda: {"val": 200, "test": 100})
-    circo_gallery: int = 3000
+    circo_gallery: int = 6500
     circo_extra_positives: tuple[int, int] = (0, 6)  # nuisance variants of the target, inclusive range
-    circo_near_misses: tuple[int, int] = (2, 4)
+    circo_near_misses: tuple[int, int] = (12, 16)  # the reference's look-alikes: other edits, incidental changes
     p_conjunction_cirr: float = 0.4  # CIRR: 43.7% of captions are conjunctions, CIRCO: 76.2%
     p_conjunction_circo: float = 0.7
+    p_absolute_cirr: float = 0.4  # CIRR captions that name the target's content rather than the change
+    p_context_cirr: float = 0.5  # CIRR captions of a change that also name what it leaves alone
 
     @classmethod
     def quick(cls, seed: int = 0) -> ScenesBenchConfig:
@@ -38,7 +42,7 @@ class ScenesBenchConfig:
             cirr_sets={"train": 12, "val": 20, "test1": 6},
             cirr_queries={"train": 36, "val": 40, "test1": 8},
             circo_queries={"val": 40, "test": 6},
-            circo_gallery=250,
+            circo_gallery=700,
         )
 
     def __post_init__(self) -> None:

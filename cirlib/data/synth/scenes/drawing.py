@@ -14,7 +14,10 @@ from cirlib.data import fashion_mnist
 from cirlib.data.synth import render
 from cirlib.data.synth.scenes.graph import BACKGROUNDS, SHAPE_KINDS, ZOOM
 
-OBJECT_SIDE = {"small": 0.55, "large": 0.92}  # object side as a fraction of the grid cell
+# Object side as a fraction of the grid cell: at the 64-px model input a small object spans ~15 px
+# and a large one ~23 px on a 4:3 canvas, enough for its kind and colour to be read (notebook 02
+# measures it).
+OBJECT_SIDE = {"small": 0.62, "large": 0.98}
 
 
 @functools.lru_cache(maxsize=512)

@@ -161,7 +161,8 @@ def satisfies(attrs: dict, constraints: Sequence[dict]) -> bool:
     """Whether a scene graph (a ``cirlib_meta.json`` attribute dict) meets every constraint of a query.
 
     Constraint vocabulary (JSON): ``has`` {kind, colour?, size?, region?, min, max?} counts matching
-    objects; ``background`` {colour?, pattern?}; ``relation`` {a, b, rel} needs two distinct
+    objects; ``objects`` {min, max} counts all objects;
+    ``background`` {colour?, pattern?}; ``relation`` {a, b, rel} needs two distinct
     objects matching a and b in that relation; ``view`` {close_up}; ``layout`` {mirrored, objects:
     [{kind, colour, x, y}]} needs that mirroring and an object of that kind/colour at each place.
     """
@@ -182,6 +183,9 @@ def satisfies(attrs: dict, constraints: Sequence[dict]) -> bool:
                 for a in objs
                 for b in objs
             ):
+                return False
+        elif op == "objects":
+            if not c["min"] <= len(attrs["objects"]) <= c["max"]:
                 return False
         elif op == "view":
             if attrs["view"]["close_up"] != c["close_up"]:

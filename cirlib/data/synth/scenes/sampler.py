@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cirlib.data.synth.scenes.captions import Change, describe_change, name_object
+from cirlib.data.synth.scenes.captions import Change, Style, describe_change, name_object
 from cirlib.data.synth.scenes.config import ScenesBenchConfig
 from cirlib.data.synth.scenes.graph import (
     ASPECT_RATIOS,
@@ -96,7 +96,7 @@ class Sampler:
             w, h = long, round(long * ratio[1] / ratio[0])
         else:
             w, h = round(long * ratio[0] / ratio[1]), long
-        grid = (2, 3) if w >= 1.25 * h else (3, 2) if h >= 1.25 * w else (2, 2)
+        grid = (2, 3) if w >= 1.4 * h else (3, 2) if h >= 1.4 * w else (2, 2)  # cells as square as the canvas allows
         bg = self.choice(list(BACKGROUNDS))
         n = int(self.rng.integers(self.cfg.min_objects, self.cfg.max_objects + 1))
         cells = [(int(i) // grid[1], int(i) % grid[1]) for i in self.rng.choice(grid[0] * grid[1], n, replace=False)]
@@ -128,7 +128,7 @@ class Sampler:
             return None
         present = {o.kind for o in scene.objects}
         counted = sorted(k for k in present - busy)
-        if counted and self.rng.random() < 0.35:  # another object of a kind already there: cardinality
+        if counted and self.rng.random() < 0.5:  # another object of a kind already there: cardinality
             kind = self.choice(counted)
         else:
             fresh = [k for k in KINDS if k not in present and k not in busy]
@@ -207,8 +207,9 @@ class Sampler:
         kinds = {scene.object(e.obj).kind}
         return kinds | {e.value[0]} if e.op == "replace" else kinds
 
-    def mutate(self, scene: Scene, p_two: float, attempts: int = 60) -> tuple[Scene, list[Edit], Change] | None:
-        """1-2 edits of ``scene`` whose difference is sayable; None if ``attempts`` draws all fail."""
+    def mutate(self, scene: Scene, p_two: float, attempts: int = 60, style: Style = "cirr"
+               ) -> tuple[Scene, list[Edit], Change] | None:
+        """1-2 edits of ``scene`` whose difference is sayable (in ``style``); None if ``attempts`` draws all fail."""
         for _ in range(attempts):
             n = 2 if self.rng.random() < p_two else 1
             cur, edits, busy = scene, [], set()
@@ -224,15 +225,16 @@ class Sampler:
                 edits.append(e)
             if not edits or not is_valid(cur):
                 continue
-            change = describe_change(scene.attrs, cur.attrs, self.rng)
+            change = describe_change(scene.attrs, cur.attrs, self.rng, style)
             if change is not None:
                 return cur, edits, change
         return None
 
-    def nuisance(self, scene: Scene) -> Scene:
-        """The same content with 1-3 incidental changes (item instance, place, size, background, extras)."""
+    def nuisance(self, scene: Scene, changes: int | None = None) -> Scene:
+        """The same content with ``changes`` (default 1-3) incidental changes (item instance, place,
+        size, background, extras)."""
         cur = scene
-        for _ in range(int(self.rng.integers(1, 4))):
+        for _ in range(changes or int(self.rng.integers(1, 4))):
             o = self.choice(cur.objects)
             what = self.choice(("item", "move", "resize", "background", "add", "remove"))
             if what == "item":

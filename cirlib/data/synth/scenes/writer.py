@@ -14,14 +14,16 @@ from tqdm.auto import tqdm
 from cirlib.core.io import file_sha256, fingerprint, write_json
 from cirlib.data import fashion_mnist
 from cirlib.data.synth.meta import META_FILE, peek_meta, read_meta, write_meta
-from cirlib.data.synth.scenes.captions import Change, describe_change, sentence
+from cirlib.data.synth.scenes.captions import Change, describe_change, describe_target, sentence, with_context
 from cirlib.data.synth.scenes.config import CIRCO_SPLITS, CIRR_SPLITS, ScenesBenchConfig
 from cirlib.data.synth.scenes.drawing import ImageWriter, SceneRenderer
 from cirlib.data.synth.scenes.graph import ITEM_KINDS, Scene, is_valid, satisfies
 from cirlib.data.synth.scenes.sampler import Sampler, apply_edit
 
 GENERATOR = "cirlib.data.synth.scenes"
-VERSION = 3  # 2: official CIRCO aspect spelling; 3: CIRR captions are sentences, concepts unnamed
+VERSION = 4  # 2: official CIRCO aspect spelling; 3: CIRR captions are sentences, concepts unnamed;
+# 4: larger objects, CIRR families of look-alike sets and captions naming the target, CIRCO clauses
+# around an unnamed shared object and look-alike distractors
 CIRCO_MAX_ID = 581_929  # COCO 2017 unlabeled ids are at most this large
 PARTIAL_MARKER = ".cirlib_partial"  # present while a root is being (re)generated
 
@@ -81,39 +83,101 @@ def _split_evenly(total: int, parts: int) -> list[int]:
     return [(total * (i + 1)) // parts - (total * i) // parts for i in range(parts)]
 
 
-def _cirr_set(sampler: Sampler, split: str, wanted: int, p_two: float
-              ) -> tuple[list[Scene], list[tuple[int, int, Change]]] | None:
-    """Six variations of one base scene and up to ``wanted`` queries inside the set.
+def _cirr_family(sampler: Sampler, split: str, wanted: list[int], config: ScenesBenchConfig
+                 ) -> list[tuple[list[Scene], list[tuple[int, int, Change]]]] | None:
+    """``len(wanted)`` image sets of six drawn from one base scene, with up to ``wanted[k]`` queries in set k.
 
-    Queries go from the base scene to a variant or back; each must single out its target among
-    the six (no other member satisfies its constraints).
+    Set k's own base is the first base with one incidental change (another item of the same kind,
+    a moved or resized object, another background), and its other five members are edits of
+    it, each shown with one to three incidental changes of its own that captions never mention (they
+    are written from the clean edit). So the gallery holds over a dozen look-alikes of every
+    reference, as CIRR's gallery holds many photos like each reference, and the reference image
+    alone rarely finds the target. Queries
+    go from a set's base to a member or back; each must single out its target among *every* image
+    of the family (Recall_subset is well posed, and no look-alike in another set fits the caption).
     """
-    base = sampler.scene(split)
-    members = [base]
-    for _ in range(40):
-        if len(members) == 6:
-            break
-        out = sampler.mutate(base, p_two)
-        if out is not None and all(out[0].key != m.key for m in members):
-            members.append(out[0])
-    if len(members) < 6:
+    first = sampler.scene(split)
+    bases = [first] + [sampler.nuisance(first, 1) for _ in wanted[1:]]
+    sets: list[list[Scene]] = []
+    keys: set[str] = set()
+    for base in bases:
+        if base.key in keys:
+            return None
+        members = [base]
+        keys.add(base.key)
+        for _ in range(40):
+            if len(members) == 6:
+                break
+            out = sampler.mutate(base, config.p_conjunction_cirr)
+            if out is not None and out[0].key not in keys:
+                members.append(out[0])
+                keys.add(out[0].key)
+        if len(members) < 6:
+            return None
+        sets.append(members)
+    # what the gallery shows: every member but a set's base with an incidental change or two that no
+    # caption mentions (another item of the same kind, a move, ...), as two photos of a scene differ
+    shown = [[members[0], *(sampler.nuisance(m, int(sampler.rng.integers(1, 4))) for m in members[1:])]
+             for members in sets]
+    if len({m.key for members in shown for m in members}) < 6 * len(sets):
         return None
-    attrs = [m.attrs for m in members]
-    candidates = [(0, i) for i in range(1, 6)] + [(i, 0) for i in range(1, 6)]
-    queries = []
-    for k in sampler.rng.permutation(len(candidates)):
-        if len(queries) == wanted:
-            break
-        r, t = candidates[int(k)]
-        change = describe_change(attrs[r], attrs[t], sampler.rng)
-        if change is None or any(satisfies(attrs[j], change.constraints) for j in range(6) if j != t):
-            continue
-        queries.append((r, t, change))
-    return members, queries
+    family = [m.attrs for members in shown for m in members]
+    result = []
+    for k, members in enumerate(sets):
+        clean = [m.attrs for m in members]
+        candidates = [(0, i) for i in range(1, 6)] + [(i, 0) for i in range(1, 6)]
+        queries = []
+        for c in sampler.rng.permutation(len(candidates)):
+            if len(queries) == wanted[k]:
+                break
+            r, t = candidates[int(c)]
+            absolute = sampler.rng.random() < config.p_absolute_cirr
+            change = (describe_target(family[6 * k + r], family[6 * k + t], sampler.rng) if absolute  # what it shows
+                      else describe_change(clean[r], clean[t], sampler.rng))  # the edit, as annotators see it
+            if change is not None and not absolute and sampler.rng.random() < config.p_context_cirr:
+                change = with_context(change, family[6 * k + t], sampler.rng) or change
+            fits = [j for j, a in enumerate(family) if change is not None and satisfies(a, change.constraints)]
+            if fits != [6 * k + t]:  # the shown target, and nothing else in the family (its reference neither)
+                continue
+            queries.append((r, t, change))
+        result.append((shown[k], queries))
+    return result
 
 
 def _cirr_image_name(prefix: str, set_id: int, member: int) -> str:
     return f"{prefix}-{set_id}-{member // 2}-img{member % 2}"  # NLVR2-style, like "dev-147-1-img1"
+
+
+def _write_cirr_set(root: Path, writer: ImageWriter, split: str, set_id: int, members: list[Scene],
+                    queries: list[tuple[int, int, Change]], pairid: int, rng: np.random.Generator,
+                    name_to_rel: dict[str, str], attributes: dict[str, dict], captions: list[dict],
+                    records: list[dict]) -> int:
+    """Draw one image set, append its images and queries to the split's lists; return the next pairid."""
+    prefix = CIRR_SPLITS[split]
+    names = [_cirr_image_name(prefix, set_id, m) for m in range(6)]
+    folder = f"./train/{set_id % 100}" if split == "train" else f"./{prefix}"
+    for name, scene in zip(names, members):
+        rel = f"{folder}/{name}.png"
+        writer.write(scene.attrs, root / rel, compress_level=1)
+        name_to_rel[name] = rel
+        attributes[name] = scene.attrs
+    order = [int(i) for i in rng.permutation(6)]
+    listed = [names[i] for i in order]
+    for r, t, change in queries:
+        img_set = {"id": set_id, "members": listed, "reference_rank": order.index(r)}
+        entry: dict[str, Any] = {"pairid": pairid, "reference": names[r]}
+        if split != "test1":
+            entry |= {"target_hard": names[t], "target_soft": {names[t]: 1.0}}
+            img_set["target_rank"] = order.index(t)
+        entry |= {"caption": sentence(change.caption), "img_set": img_set}
+        captions.append(entry)
+        records.append({"pairid": pairid, "reference": names[r], "target": names[t],
+                        "caption": entry["caption"], "aspects": list(change.aspects),
+                        "constraints": list(change.constraints),
+                        "shared_concept": change.shared_concept, "absolute": change.absolute,
+                        "context": change.context})
+        pairid += 1
+    return pairid
 
 
 def _generate_cirr(root: Path, config: ScenesBenchConfig, fp: str, labels: dict[str, np.ndarray],
@@ -123,44 +187,26 @@ def _generate_cirr(root: Path, config: ScenesBenchConfig, fp: str, labels: dict[
     meta_queries: dict[str, list[dict]] = {}
     sizes: dict[str, dict[str, int]] = {}
     pairid = 0
-    for s_index, (split, prefix) in enumerate(CIRR_SPLITS.items()):
+    for s_index, split in enumerate(CIRR_SPLITS):
         fm = "train" if split == "train" else "test"
         pools = _item_pools(labels[fm], *_POOL_SLICE[split])
         sampler = Sampler(np.random.default_rng([config.seed, 1, s_index]), pools, fm, config)
-        p_two = config.p_conjunction_cirr
         quotas = _split_evenly(config.cirr_queries[split], config.cirr_sets[split])
         name_to_rel: dict[str, str] = {}
         captions: list[dict] = []
         records: list[dict] = []
         debt = 0
-        for set_id in tqdm(range(config.cirr_sets[split]), desc=f"CIRR {split}", leave=False):
-            out = None
-            while out is None:
-                out = _cirr_set(sampler, split, quotas[set_id] + debt, p_two)
-            members, queries = out
-            debt = quotas[set_id] + debt - len(queries)
-            names = [_cirr_image_name(prefix, set_id, m) for m in range(6)]
-            folder = f"./train/{set_id % 100}" if split == "train" else f"./{prefix}"
-            for name, scene in zip(names, members):
-                rel = f"{folder}/{name}.png"
-                writer.write(scene.attrs, root / rel, compress_level=1)
-                name_to_rel[name] = rel
-                attributes[name] = scene.attrs
-            order = [int(i) for i in sampler.rng.permutation(6)]
-            listed = [names[i] for i in order]
-            for r, t, change in queries:
-                img_set = {"id": set_id, "members": listed, "reference_rank": order.index(r)}
-                entry: dict[str, Any] = {"pairid": pairid, "reference": names[r]}
-                if split != "test1":
-                    entry |= {"target_hard": names[t], "target_soft": {names[t]: 1.0}}
-                    img_set["target_rank"] = order.index(t)
-                entry |= {"caption": sentence(change.caption), "img_set": img_set}
-                captions.append(entry)
-                records.append({"pairid": pairid, "reference": names[r], "target": names[t],
-                                "caption": entry["caption"], "aspects": list(change.aspects),
-                                "constraints": list(change.constraints),
-                                "shared_concept": change.shared_concept})
-                pairid += 1
+        for first in tqdm(range(0, config.cirr_sets[split], config.cirr_family), desc=f"CIRR {split}", leave=False):
+            set_ids = list(range(first, min(first + config.cirr_family, config.cirr_sets[split])))
+            wanted = [quotas[i] for i in set_ids]
+            wanted[0] += debt
+            family = None
+            while family is None:
+                family = _cirr_family(sampler, split, wanted, config)
+            debt = sum(wanted) - sum(len(q) for _, q in family)
+            for set_id, (members, queries) in zip(set_ids, family):
+                pairid = _write_cirr_set(root, writer, split, set_id, members, queries, pairid, sampler.rng,
+                                         name_to_rel, attributes, captions, records)
         write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", captions)
         write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", name_to_rel)
         meta_queries[split] = records
@@ -198,23 +244,30 @@ def _generate_circo(root: Path, config: ScenesBenchConfig, fp: str, labels: dict
         for _ in tqdm(range(config.circo_queries[split]), desc=f"CIRCO {split} queries", leave=False):
             while True:  # reference and target must be pictures not already in the gallery
                 ref = sampler.scene(split)
-                out = sampler.mutate(ref, config.p_conjunction_circo)
-                if out is not None and ref.key not in keys and out[0].key not in keys:
+                out = sampler.mutate(ref, config.p_conjunction_circo, style="circo")
+                if out is None:
+                    continue
+                edited, edits, change = out
+                # the target is another photo of the shared concept, not the reference's twin: three
+                # incidental changes (other objects, places, background) that keep it a ground truth
+                tgt = next((t for t in (sampler.nuisance(edited, 3) for _ in range(10))
+                            if satisfies(t.attrs, change.constraints)), edited)
+                if ref.key not in keys and tgt.key not in keys and ref.key != tgt.key:
                     break
-            tgt, edits, change = out
             r_idx, t_idx = keep(ref), keep(tgt)
             groups.append((split, r_idx, t_idx, change))
             lo, hi = config.circo_extra_positives
             for _ in range(int(sampler.rng.integers(lo, hi + 1))):  # more true positives
                 for _ in range(10):
-                    cand = sampler.nuisance(tgt)
+                    cand = sampler.nuisance(tgt, 2)
                     if satisfies(cand.attrs, change.constraints) and keep(cand) is not None:
                         break
             near = [apply_edit(ref, e) for e in edits] if len(edits) > 1 else []  # half of a conjunction
             lo, hi = config.circo_near_misses
-            for _ in range(int(sampler.rng.integers(lo, hi + 1))):  # same base scene, other edits
-                other = sampler.mutate(ref, config.p_conjunction_circo)
-                near.append(other[0] if other is not None else sampler.nuisance(ref))
+            for _ in range(int(sampler.rng.integers(lo, hi + 1))):  # the reference's look-alikes
+                kind = sampler.rng.random()  # another edit, or one or several incidental changes
+                other = sampler.mutate(ref, config.p_conjunction_circo) if kind < 0.3 else None
+                near.append(other[0] if other is not None else sampler.nuisance(ref, 1 if kind < 0.8 else None))
             for cand in near:
                 if cand is not None and is_valid(cand):
                     keep(cand)
