@@ -67,8 +67,10 @@ class Sampler:
     EDIT_WEIGHTS = {"add": 0.2, "remove": 0.12, "recolour": 0.17, "replace": 0.1, "resize": 0.11,
                     "move": 0.12, "background": 0.1, "view": 0.08}
 
-    def __init__(self, rng: np.random.Generator, pools: dict[str, np.ndarray], fmnist: str, config: ScenesBenchConfig):
+    def __init__(self, rng: np.random.Generator, pools: dict[str, np.ndarray], fmnist: str, config: ScenesBenchConfig,
+                 edit_weights: dict[str, float] | None = None):
         self.rng, self.pools, self.fmnist, self.cfg = rng, pools, fmnist, config
+        self.edit_weights = edit_weights or self.EDIT_WEIGHTS
 
     def choice(self, options: Sequence[Any]) -> Any:
         """One of ``options``, uniformly."""
@@ -109,8 +111,8 @@ class Sampler:
 
     def edit(self, scene: Scene, busy: set[str]) -> Edit | None:
         """A random edit touching nothing in ``busy`` (kinds, "background", "layout"), or None."""
-        ops = list(self.EDIT_WEIGHTS)
-        p = np.array([self.EDIT_WEIGHTS[o] for o in ops])
+        ops = list(self.edit_weights)
+        p = np.array([self.edit_weights[o] for o in ops])
         for op in self.rng.choice(ops, len(ops), replace=False, p=p / p.sum()):
             e = getattr(self, "_" + str(op))(scene, busy)
             if e is not None:

@@ -23,9 +23,12 @@ from cirlib.data.synth.scenes.sampler import Sampler, apply_edit
 GENERATOR = "cirlib.data.synth.scenes"
 VERSION = 4  # 2: official CIRCO aspect spelling; 3: CIRR captions are sentences, concepts unnamed;
 # 4: larger objects, CIRR families of look-alike sets and captions naming the target, CIRCO clauses
-# around an unnamed shared object and look-alike distractors
+# around an unnamed shared object (drawing removals more often) and look-alike distractors
 CIRCO_MAX_ID = 581_929  # COCO 2017 unlabeled ids are at most this large
 PARTIAL_MARKER = ".cirlib_partial"  # present while a root is being (re)generated
+# CIRCO draws removals twice as often: a CIRCO caption needs an object both images share, which
+# leaves few removals sayable, and a removal is what its negation aspect ("has no coats") needs
+CIRCO_EDIT_WEIGHTS = {**Sampler.EDIT_WEIGHTS, "remove": 0.3}
 
 
 
@@ -228,7 +231,7 @@ def _generate_circo(root: Path, config: ScenesBenchConfig, fp: str, labels: dict
                     writer: ImageWriter) -> dict[str, Any]:
     _reset(root, ("annotations", "COCO2017_unlabeled"))
     sampler = Sampler(np.random.default_rng([config.seed, 2]), _item_pools(labels["test"], *_POOL_SLICE["circo"]),
-                       "test", config)
+                       "test", config, CIRCO_EDIT_WEIGHTS)
     scenes: list[Scene] = []
     keys: set[str] = set()
 
