@@ -234,7 +234,9 @@ def test_config_change_invalidates_the_checkpoint(finished_run, fashion_root, tm
 
 
 def test_loss_decreases(fashion_root, tmp_path):
-    config = replace(FAST, steps=40, warmup_steps=3, eval_every=100)
+    # without partial descriptions: the fixture's (4 colours x 2 patterns) are shared by so many of its
+    # 24 images that batches of 8 are mostly positives of each other, and the loss has little to lose
+    config = replace(FAST, steps=40, warmup_steps=3, eval_every=100, partial_captions=0.0)
     result = P.pretrain(config, [fashion_root], tmp_path, progress=False)
     losses = [h["loss"] for h in result.history if h["phase"] == "train"]
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
