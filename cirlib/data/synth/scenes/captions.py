@@ -45,6 +45,12 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+def _counted(n: int, words: list[str], kind: str) -> str:
+    """``n`` objects of ``kind`` described by ``words``: "a small red bag", "two small red bags"."""
+    phrase = " ".join([*words, _noun(kind, n)])
+    return _a(phrase) if n == 1 else f"{_NUMBERS[n]} {phrase}"
+
+
 def _count_phrase(n: int, kind: str) -> str:
     return f"{_NUMBERS[n]} {_noun(kind, n)}"
 
@@ -72,12 +78,7 @@ def absolute_caption(attrs: dict) -> str:
         if key not in groups:
             order.append(key)
         groups[key] += 1
-    parts = []
-    for size, colour, kind in order:
-        n = groups[(size, colour, kind)]
-        det = "a" if n == 1 else _NUMBERS[n]
-        phrase = f"{size} {colour} {_noun(kind, n)}"
-        parts.append(_a(phrase) if det == "a" else f"{det} {phrase}")
+    parts = [_counted(groups[(size, colour, kind)], [size, colour], kind) for size, colour, kind in order]
     things = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     bg = attrs["background"]
     texture = "" if bg["pattern"] == "plain" else _pattern_adj(bg["pattern"]) + " "
@@ -104,8 +105,7 @@ def partial_caption(attrs: dict, rng: np.random.Generator) -> str:
     for size, colour, kind in picked:
         n = groups[(size, colour, kind)]
         words = [w for w, keep in ((size, rng.random() < 0.4), (colour, rng.random() < 0.8)) if keep]
-        phrase = " ".join([*words, _noun(kind, n)])
-        phrase = _a(phrase) if n == 1 else f"{_NUMBERS[n]} {phrase}"
+        phrase = _counted(n, words, kind)
         if n == 1 and rng.random() < 0.3:  # where it is, when it is somewhere: "a red bag on the left"
             o = next(o for o in attrs["objects"] if (o["size"], o["colour"], o["kind"]) == (size, colour, kind))
             regions = [r for r in REGIONS if in_region(o, r)]
@@ -502,9 +502,7 @@ def with_context(change: Change, tgt: dict, rng: np.random.Generator) -> Change 
         return None
     keys = sorted(groups)
     picked = [keys[int(i)] for i in rng.choice(len(keys), min(2, len(keys)), replace=False)]
-    parts = [_a(f"{size} {colour} {_noun(kind)}") if groups[(size, colour, kind)] == 1
-             else f"{_NUMBERS[groups[(size, colour, kind)]]} {size} {colour} {_noun(kind, 2)}"
-             for size, colour, kind in picked]
+    parts = [_counted(groups[(size, colour, kind)], [size, colour], kind) for size, colour, kind in picked]
     constraints = [_has(kind, groups[(size, colour, kind)], colour=colour, size=size) for size, colour, kind in picked]
     text = " and ".join(parts)
     if "background" not in change.caption:
