@@ -30,7 +30,7 @@ from cirlib.data.labels import (
 from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import TransformKind
 from cirlib.models.backbone import Backbone
-from cirlib.models.features import encode_pixels
+from cirlib.models.features import encode_pixels, text_features
 
 
 @dataclass
@@ -166,29 +166,23 @@ def caption_choice_accuracies(
     if image_features is None:
         image_features = _encode_items(backbone, items, transform_kind, cache_dir)
     image_features = F.normalize(image_features.float().cpu(), dim=-1)
+    true = F.normalize(text_features(backbone, [it.caption for it in items], progress=False), dim=-1)
     out = {}
     for k, attribute in enumerate(attributes):
         rng = np.random.default_rng([seed, k])
-        rows, true, changed = [], [], []
+        rows, changed = [], []
         for i, item in enumerate(items):
             other = counterfactual_function(item.benchmark)(item.attributes, attribute, rng)
             caption = caption_function(item.benchmark)
             if other is None or caption(other) == item.caption:
                 continue
             rows.append(i)
-            true.append(item.caption)
             changed.append(caption(other))
         if not rows:
             raise ValueError(f"no item's {attribute!r} can be changed")
-        with eval_mode(backbone.model):
-            feats = []
-            for texts in (true, changed):
-                chunks = [texts[j : j + 256] for j in range(0, len(texts), 256)]
-                with autocast(backbone.device):
-                    emb = torch.cat([backbone.encode_text(c).float().cpu() for c in chunks])
-                feats.append(F.normalize(emb, dim=-1))
+        other_text = F.normalize(text_features(backbone, changed, progress=False), dim=-1)
         img = image_features[rows]
-        wins = (img * feats[0]).sum(-1) > (img * feats[1]).sum(-1)
+        wins = (img * true[rows]).sum(-1) > (img * other_text).sum(-1)
         out[attribute] = ChoiceResult(attribute, float(wins.float().mean()), len(rows))
     return out
 
