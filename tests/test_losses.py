@@ -112,3 +112,78 @@ def test_clip_loss_matches_hand_computed_values() -> None:
     ce = torch.nn.functional.cross_entropy
     reference = (ce(logits, torch.arange(5)) + ce(logits.T, torch.arange(5))) / 2
     assert torch.allclose(clip_loss(img, txt, torch.tensor(10.0), torch.arange(5)), reference)
+
+
+# Textual inversion losses (iSEARLE), each against numbers worked out by hand.
+
+
+def test_content_loss_by_hand() -> None:
+    from cirlib.methods.losses import content_loss
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([[3.0, 4.0], [0.0, -1.0]])
+    # cos((1,0),(3,4)) = 0.6; cos((0,2),(0,-1)) = -1  ->  mean(0.4, 2.0)
+    assert content_loss(x, y).item() == pytest.approx(1.2, rel=1e-6)
+    # noise (0,-4) and (1,1): y + n = (3,0), (1,0)  ->  cos 1 and 0  ->  mean(0, 1)
+    noise = torch.tensor([[0.0, -4.0], [1.0, 1.0]])
+    assert content_loss(x, y, noise=noise).item() == pytest.approx(0.5, rel=1e-6)
+    torch.testing.assert_close(content_loss(x, y, noise=noise, reduction="none"), torch.tensor([0.0, 1.0]))
+    # L2: ((3,0)-(1,0))^2 -> (4 + 0)/2 = 2; ((1,0)-(0,2))^2 -> (1 + 4)/2 = 2.5
+    assert content_loss(x, y, noise=noise, kind="l2").item() == pytest.approx(2.25, rel=1e-6)
+
+
+def test_content_loss_noise_from_a_generator() -> None:
+    from cirlib.methods.losses import content_loss
+
+    x = torch.tensor([[1.0, 0.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    assert content_loss(x, y).item() == pytest.approx(0.0, abs=1e-7)
+    noisy = [content_loss(x, y, 0.5, torch.Generator().manual_seed(s)).item() for s in range(3)]
+    assert all(v > 0 for v in noisy) and len(set(noisy)) == 3
+    assert content_loss(x, y, 0.5, torch.Generator().manual_seed(0)).item() == noisy[0]  # reproducible
+    n = 0.5 * torch.randn((1, 3), generator=torch.Generator().manual_seed(0))
+    assert noisy[0] == pytest.approx(content_loss(x, y, noise=n).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        content_loss(x, y, kind="l1")
+
+
+def test_cosine_loss_by_hand() -> None:
+    from cirlib.methods.losses import cosine_loss
+
+    a = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [-5.0, 0.0]])
+    c = 1 / math.sqrt(2)
+    assert cosine_loss(a, b).item() == pytest.approx(((1 - c) + 2.0) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        cosine_loss(a, b[:1])
+
+
+def test_distillation_loss_by_hand() -> None:
+    from cirlib.methods.losses import distillation_loss
+
+    # predicted p0 = (1,0), p1 = (0,1); OTI targets t0 = (1,0), t1 = (1,1)/sqrt2 (unnormalised (2,2))
+    p = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    t = torch.tensor([[1.0, 0.0], [2.0, 2.0]])
+    c, tau = 1 / math.sqrt(2), 0.5
+    # cosines of each anchor to the others (p0, p1, t0, t1), positive first
+    rows = {
+        "p0": (1.0, [0.0, 1.0, c]),  # positive t0; others p1, t0, t1
+        "p1": (c, [0.0, 0.0, c]),  # positive t1; others p0, t0, t1
+        "t0": (1.0, [1.0, 0.0, c]),  # positive p0; others p0, p1, t1
+        "t1": (c, [c, c, c]),  # positive p1; others p0, p1, t0
+    }
+    expected = 0.0
+    for positive, others in rows.values():
+        expected += -(positive / tau - math.log(sum(math.exp(v / tau) for v in others)))
+    assert distillation_loss(p, t, tau).item() == pytest.approx(expected / 4, rel=1e-6)
+    # symmetric in its two arguments; low when each prediction is its own target, high when swapped
+    assert distillation_loss(t, p, tau).item() == pytest.approx(expected / 4, rel=1e-6)
+    eye = torch.eye(3)
+    assert distillation_loss(eye, eye, 0.1).item() < 0.01 < 10 < distillation_loss(eye, eye.roll(1, 0), 0.1).item()
+
+
+def test_norm_penalty_by_hand() -> None:
+    from cirlib.methods.losses import norm_penalty
+
+    tokens = torch.tensor([[3.0, 4.0], [1.0, -1.0], [0.0, 0.0]])
+    assert norm_penalty(tokens).item() == pytest.approx((25 + 2 + 0) / 3, rel=1e-6)

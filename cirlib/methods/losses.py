@@ -75,3 +75,91 @@ def clip_loss(
     loss_i2t = -(targets * F.log_softmax(logits[rows], dim=1)).sum(dim=1).mean()
     loss_t2i = -(targets * F.log_softmax(logits[:, rows].T, dim=1)).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+# Textual inversion (iSEARLE): a pseudo-word token per image, by optimisation (OTI) and by phi.
+
+
+def cosine_loss(a: Tensor, b: Tensor, reduction: str = "mean") -> Tensor:
+    """``1 - cos(a_i, b_i)`` in fp32, averaged over rows (``reduction="none"``: one per row).
+
+    It is L_gpt (the text feature of a phrase with the pseudo-word against the same phrase with
+    the image's concept word, which keeps the token where real words live and talking to them) and
+    the cosine distillation that the contrastive one replaces.
+    """
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"expected two [N, D] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _reduce(1 - F.cosine_similarity(a.float(), b.float(), dim=-1), reduction)
+
+
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_row.mean() if reduction == "mean" else per_row
+
+
+def content_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    kind: str = "cosine",
+    reduction: str = "mean",
+) -> Tensor:
+    """OTI's L_content: how far each pseudo-word prompt's text feature is from its image feature.
+
+    Gaussian noise ``n ~ N(0, noise_std^2)`` (or the given ``noise``) is added to the raw text
+    features first: image and text features of CLIP lie in separate regions (the modality gap),
+    and the noise spreads each text feature over a ball that reaches the image's region, so the
+    token is asked to be near the image up to the gap rather than to cross it. ``kind="cosine"``
+    is ``mean(1 - cos(x, y + n))``; ``kind="l2"`` (an ablation) is the mean squared difference of
+    the raw features, which also asks the text feature to take the image feature's norm.
+    ``reduction="none"`` gives one loss per row.
+    """
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image and text features differ in shape: {tuple(image_features.shape)} vs {tuple(text_features.shape)}"
+        )
+    y = text_features.float()
+    if noise is None and noise_std > 0:
+        device = generator.device if generator is not None else y.device
+        noise = noise_std * torch.randn(y.shape, generator=generator, device=device)
+    if noise is not None:
+        y = y + noise.to(y.device, torch.float32)
+    if kind == "cosine":
+        return cosine_loss(image_features, y, reduction)
+    if kind == "l2":
+        return _reduce((y - image_features.float()).pow(2).mean(dim=-1), reduction)
+    raise ValueError(f"content loss kind must be 'cosine' or 'l2', got {kind!r}")
+
+
+def distillation_loss(predicted: Tensor, target: Tensor, temperature: float = 0.25) -> Tensor:
+    """phi's symmetric contrastive distillation (SimCLR's NT-Xent between predicted and OTI tokens).
+
+    Each predicted token must be closer in cosine to its own OTI token than to any other token of
+    the batch, predicted or OTI, and each OTI token likewise to its prediction: a term
+    ``-log e^{c(a, a+)/tau} / sum_{k != a} e^{c(a, k)/tau}`` for every one of the 2B tokens ``a``
+    as anchor, averaged (i.e. the mean of the two directions). Matching tokens only up to what
+    tells images apart leaves phi free in the directions OTI's tokens vary in at random.
+    """
+    if predicted.shape != target.shape or predicted.ndim != 2 or len(predicted) < 2:
+        raise ValueError(
+            f"expected two [B, D] tensors of one shape with B >= 2, got {tuple(predicted.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    joint = F.normalize(torch.cat([predicted.float(), target.float()]), dim=-1)
+    logits = joint @ joint.T / temperature
+    logits = logits.masked_fill(torch.eye(len(joint), dtype=torch.bool, device=joint.device), float("-inf"))
+    b = len(predicted)
+    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(joint.device)
+    return F.cross_entropy(logits, positives)
+
+
+def norm_penalty(tokens: Tensor) -> Tensor:
+    """L_pen: mean squared L2 norm of the predicted tokens.
+
+    Weight decay on phi's output rather than its weights: it keeps predicted tokens as short as
+    real word embeddings, as weight decay does for OTI's tokens.
+    """
+    return tokens.float().pow(2).sum(dim=-1).mean()
