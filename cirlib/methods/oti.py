@@ -127,7 +127,7 @@ def _image_concepts(concepts: ConceptSpec, n: int) -> list[tuple[str, ...]]:
     return per_image
 
 
-class _Phrases:
+class PhraseSampler:
     """Draws each image's L_gpt phrase pair and caches the frozen concept phrases' features."""
 
     def __init__(
@@ -195,7 +195,7 @@ def oti(
         )
     n, width, device = len(image_features), embedding.embedding_dim, backbone.device
     use_gpt = concepts is not None and config.lambda_gpt > 0
-    pairs = _Phrases(backbone, concepts, phrases, n, config.regularisation) if use_gpt else None
+    pairs = PhraseSampler(backbone, concepts, phrases, n, config.regularisation) if use_gpt else None
     init_std = float(embedding.weight.detach().float().std())  # start at the scale of real words
     generators = [torch.Generator().manual_seed(epoch_seed(config.seed, i)) for i in range(n)]
     start = time.perf_counter()
