@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from test_pretrain import make_fashion_root
 
 from cirlib.data.concepts import image_concepts
@@ -81,6 +82,12 @@ def test_model_cache_hit_and_invalidation(cache, tiny_lm, monkeypatch):
     changed = G.train_phrase_lm([*PATTERN * 4, "a photo of hat that is blue"], QUICK, cache_dir=cache, progress=False)
     assert fits == [1] and changed.fingerprint != tiny_lm.fingerprint
     assert len(list(cache.glob("phrase-lm-*.safetensors"))) == 2
+
+
+def test_training_repeats_exactly(tiny_lm):
+    again = G.train_phrase_lm(PATTERN * 4, QUICK, progress=False)  # no cache: trained anew
+    pairs = zip(again.model.state_dict().values(), tiny_lm.model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_phrase_cache_hit_and_invalidation(tmp_path, tiny_lm, monkeypatch):

@@ -199,30 +199,30 @@ def _encode_corpus(lm: PhraseLM, corpus: Sequence[str], max_len: int) -> tuple[t
     return ids, torch.tensor([len(r) for r in rows])
 
 
-def _fit(lm: PhraseLM, ids: torch.Tensor, lengths: torch.Tensor, config: PhraseLMConfig, progress: bool) -> float:
-    """Train ``lm.model`` in place on random batches of sentences; the last step's loss."""
+def _fit(lm: PhraseLM, ids: torch.Tensor, lengths: torch.Tensor, config: PhraseLMConfig, progress: bool) -> None:
+    """Train ``lm.model`` in place on random batches of sentences (the loss shows on the progress bar)."""
     model, device = lm.model, lm.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
-    loss = torch.tensor(float("nan"))
     bar = tqdm(range(config.steps), desc="phrase LM", disable=not progress, leave=False)
-    for step in bar:
-        rows = torch.randint(len(ids), (config.batch_size,), generator=generator)
-        width = int(lengths[rows].max())
-        x = ids[rows, :width].to(device)
-        mask = (torch.arange(width) < lengths[rows, None]).to(device)
-        loss = model(input_ids=x, attention_mask=mask.long(), labels=x.masked_fill(~mask, -100)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 20 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else None, device_type=device.type):
+        torch.manual_seed(config.seed)  # dropout draws from the global RNG: seeded, the run repeats exactly
+        for step in bar:
+            rows = torch.randint(len(ids), (config.batch_size,), generator=generator)
+            width = int(lengths[rows].max())
+            x = ids[rows, :width].to(device)
+            mask = (torch.arange(width) < lengths[rows, None]).to(device)
+            loss = model(input_ids=x, attention_mask=mask.long(), labels=x.masked_fill(~mask, -100)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 20 == 0 or step == config.steps - 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return float(loss.item())
 
 
 def train_phrase_lm(

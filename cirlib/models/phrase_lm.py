@@ -98,7 +98,9 @@ def small_gpt(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    model.loss_type = "ForCausalLM"  # transformers cannot tell it from the class name and warns that it guessed
+    return model
 
 
 def save_lm_file(lm: PhraseLM, path: str | os.PathLike, key: str) -> None:
