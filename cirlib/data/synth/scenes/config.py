@@ -20,15 +20,19 @@ class ScenesBenchConfig:
     # variations of one base scene (look-alikes of each reference elsewhere in the gallery)
     cirr_sets: dict[str, int] = field(default_factory=lambda: {"train": 1100, "val": 420, "test1": 250})
     cirr_family: int = 5
+    # incidental changes of each shown set member (inclusive range): with two to four, the target looks
+    # less like its reference than the reference's other look-alikes do, so the reference image misleads
+    cirr_shown_changes: tuple[int, int] = (2, 4)
     cirr_queries: dict[str, int] = field(default_factory=lambda: {"train": 4400, "val": 1000, "test1": 300})
-    # CIRCO: queries per split; the shared gallery is filled with distractor scenes up to this size
+    # CIRCO: queries per split; the shared gallery is filled with distractor scenes up to this size (when the
+    # queries' targets, positives and look-alikes leave room: at the default sizes they alone fill ~8,600)
     circo_queries: dict[str, int] = field(default_factory=lambda: {"val": 200, "test": 100})
     circo_gallery: int = 6500
     circo_extra_positives: tuple[int, int] = (0, 6)  # nuisance variants of the target, inclusive range
-    circo_near_misses: tuple[int, int] = (12, 16)  # the reference's look-alikes: other edits, incidental changes
+    circo_near_misses: tuple[int, int] = (24, 32)  # the reference's look-alikes: other edits, incidental changes
     p_conjunction_cirr: float = 0.4  # CIRR: 43.7% of captions are conjunctions, CIRCO: 76.2%
     p_conjunction_circo: float = 0.7
-    p_absolute_cirr: float = 0.4  # CIRR captions that name the target's content rather than the change
+    p_absolute_cirr: float = 0.7  # CIRR captions that name the target's content rather than the change
     p_context_cirr: float = 0.5  # CIRR captions of a change that also name what it leaves alone
 
     @classmethod
@@ -52,6 +56,10 @@ class ScenesBenchConfig:
             raise ValueError(f"long_side must be at least 32 px, got {self.long_side}")
         if set(self.cirr_sets) != set(CIRR_SPLITS) or set(self.cirr_queries) != set(CIRR_SPLITS):
             raise ValueError(f"cirr_sets and cirr_queries need exactly the splits {list(CIRR_SPLITS)}")
+        for name in ("cirr_shown_changes", "circo_extra_positives", "circo_near_misses"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi or (name == "cirr_shown_changes" and lo < 1):
+                raise ValueError(f"{name} must be an inclusive range lo <= hi (lo >= 1 for shown changes), got {(lo, hi)}")
         if set(self.circo_queries) != set(CIRCO_SPLITS):
             raise ValueError(f"circo_queries needs exactly the splits {list(CIRCO_SPLITS)}")
 

@@ -21,9 +21,10 @@ from cirlib.data.synth.scenes.graph import ITEM_KINDS, Scene, is_valid, satisfie
 from cirlib.data.synth.scenes.sampler import Sampler, apply_edit
 
 GENERATOR = "cirlib.data.synth.scenes"
-VERSION = 4  # 2: official CIRCO aspect spelling; 3: CIRR captions are sentences, concepts unnamed;
+VERSION = 5  # 2: official CIRCO aspect spelling; 3: CIRR captions are sentences, concepts unnamed;
 # 4: larger objects, CIRR families of look-alike sets and captions naming the target, CIRCO clauses
-# around an unnamed shared object (drawing removals more often) and look-alike distractors
+# around an unnamed shared object (drawing removals more often) and look-alike distractors; 5: CIRR targets
+# shown with 2-4 incidental changes and 70 % absolute captions, twice as many CIRCO look-alikes
 CIRCO_MAX_ID = 581_929  # COCO 2017 unlabeled ids are at most this large
 PARTIAL_MARKER = ".cirlib_partial"  # present while a root is being (re)generated
 # CIRCO draws removals twice as often: a CIRCO caption needs an object both images share, which
@@ -92,8 +93,8 @@ def _cirr_family(sampler: Sampler, split: str, wanted: list[int], config: Scenes
 
     Set k's own base is the first base with one incidental change (another item of the same kind,
     a moved or resized object, another background), and its other five members are edits of
-    it, each shown with one to three incidental changes of its own that captions never mention (they
-    are written from the clean edit). So the gallery holds over a dozen look-alikes of every
+    it, each shown with ``config.cirr_shown_changes`` incidental changes of its own that captions never
+    mention (they are written from the clean edit). So the gallery holds over a dozen look-alikes of every
     reference, as CIRR's gallery holds many photos like each reference, and the reference image
     alone rarely finds the target. Queries
     go from a set's base to a member or back; each must single out its target among *every* image
@@ -118,9 +119,10 @@ def _cirr_family(sampler: Sampler, split: str, wanted: list[int], config: Scenes
         if len(members) < 6:
             return None
         sets.append(members)
-    # what the gallery shows: every member but a set's base with an incidental change or two that no
+    # what the gallery shows: every member but a set's base with incidental changes that no
     # caption mentions (another item of the same kind, a move, ...), as two photos of a scene differ
-    shown = [[members[0], *(sampler.nuisance(m, int(sampler.rng.integers(1, 4))) for m in members[1:])]
+    lo, hi = config.cirr_shown_changes
+    shown = [[members[0], *(sampler.nuisance(m, int(sampler.rng.integers(lo, hi + 1))) for m in members[1:])]
              for members in sets]
     if len({m.key for members in shown for m in members}) < 6 * len(sets):
         return None
