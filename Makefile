@@ -90,6 +90,9 @@ nbtest: fashion-mnist
 perf: data
 	$(PY) tests/perf/perf_features.py
 	$(PY) tests/perf/perf_combiner.py
+	$(PY) tests/perf/perf_oti.py
+	$(PY) tests/perf/perf_gpt_phrases.py
+	$(PY) tests/perf/perf_index.py
 
 clean-quick:
 	rm -rf data/quick
