@@ -117,6 +117,7 @@ def test_cirr_protocol_hand_computed():
         "Rsubset@2": 100.0,
         "Rsubset@3": 100.0,
         "avg": 75.0,
+        "recall_mean": 600.0 / 7,  # CLIP4Cir's CIRR model-selection score
     }
     # Keeping the reference in both rankings costs q1 its R@1 and its Rsubset@1 (no R@5: no avg).
     kept = evaluate_split(split, features, one_hot_gallery(10), ks=(1, 4), exclude_reference=False)

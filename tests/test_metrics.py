@@ -117,6 +117,10 @@ def test_summaries_and_cirr_average():
     assert summarise(per_query) == {"Rsubset@1": 25.0, "Rsubset@5": 75.0}
     assert with_cirr_average({"R@5": 60.0, "Rsubset@1": 30.0}) == {"R@5": 60.0, "Rsubset@1": 30.0, "avg": 45.0}
     assert with_cirr_average({"R@10": 60.0}) == {"R@10": 60.0}  # FashionIQ, CIRCO: no CIRR average
+    seven = {"R@1": 10.0, "R@5": 30.0, "R@10": 40.0, "R@50": 90.0, "Rsubset@1": 20.0, "Rsubset@2": 50.0,
+             "Rsubset@3": 70.0}
+    out = with_cirr_average(dict(seven))
+    assert out["recall_mean"] == pytest.approx(310.0 / 7) and out["avg"] == 25.0
     with pytest.raises(ValueError, match="zero queries"):
         summarise({"R@1": torch.zeros(0)})
 

@@ -238,10 +238,17 @@ def summarise(per_query: Mapping[str, Tensor]) -> dict[str, float]:
     return out
 
 
+CIRR_RECALLS = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3")
+"""The seven recalls CIRR's tables report; CLIP4Cir's scripts select CIRR models by their mean."""
+
+
 def with_cirr_average(results: dict[str, float]) -> dict[str, float]:
-    """Add CIRR's headline ``avg`` = (R@5 + Rsubset@1) / 2 when both are present."""
+    """Add CIRR's headline ``avg`` = (R@5 + Rsubset@1) / 2 when both are present, and
+    ``recall_mean``, the mean of the seven recalls (the model-selection score), when all are."""
     if "R@5" in results and "Rsubset@1" in results:
         results["avg"] = (results["R@5"] + results["Rsubset@1"]) / 2
+    if all(k in results for k in CIRR_RECALLS):
+        results["recall_mean"] = sum(results[k] for k in CIRR_RECALLS) / len(CIRR_RECALLS)
     return results
 
 

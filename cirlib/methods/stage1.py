@@ -57,7 +57,7 @@ class Stage1Config:
     backbone, pretrained from scratch on a few thousand images, moves much less per step at that
     rate, so :meth:`for_tiny` raises it and shrinks batch size and schedule to fit a CPU budget.
     ``main_metric=None`` selects by the dataset: FashionIQ ``average`` ((R@10 + R@50) / 2, averaged
-    over categories), CIRR ``avg`` ((R@5 + Rsubset@1) / 2), CIRCO ``mAP@10``.
+    over categories), CIRR ``recall_mean`` (the mean of its seven recalls), CIRCO ``mAP@10``.
     """
 
     encoders: Encoders = "both"
