@@ -249,3 +249,5 @@ def test_similarity_and_gap_histograms_mark_means() -> None:
         fig = plots.gap_histograms(stats)
     texts = [t.get_text() for t in fig.axes[1].texts]
     assert f"gap {stats['combiner'].mean_gap:.3f}" in texts and f"IoU {stats['combiner'].overlap:.3f}" in texts
+    assert fig.axes[0].get_xlim() == fig.axes[1].get_xlim()  # one x-range: the two panels compare by eye
+    assert fig.axes[0].get_xlim()[0] <= float(stats["combiner"].bin_edges[0])

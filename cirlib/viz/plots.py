@@ -222,7 +222,8 @@ def gap_histograms(stats: Mapping[str, "GapStats"], ncols: int = 2, title: str =
     """CLIP4Cir Fig. 8: query-target (violet) vs query-non-target (green) similarity densities.
 
     The red arrow spans the gap between the two means; the dark-green area is the histograms'
-    intersection, its intersection-over-union printed in the corner (smaller = fewer errors).
+    intersection, its intersection-over-union printed in the corner (smaller = fewer errors). All
+    panels share one x-range, so gaps and spreads of different combiners compare by eye.
     """
     ncols = max(1, min(ncols, len(stats)))
     nrows = -(-len(stats) // ncols)
@@ -246,6 +247,10 @@ def gap_histograms(stats: Mapping[str, "GapStats"], ncols: int = 2, title: str =
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("cosine similarity to the combined query")
         ax.set_ylabel("density")
+    lo = min(float(s.bin_edges[0]) for s in stats.values())
+    hi = max(float(s.bin_edges[-1]) for s in stats.values())
+    for ax in list(axes.flat)[: len(stats)]:
+        ax.set_xlim(lo, hi)
     for ax in list(axes.flat)[len(stats):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper right")
