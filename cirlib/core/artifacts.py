@@ -68,6 +68,13 @@ def combiner_checkpoint(quick: bool, benchmark: str, stage1: str) -> Path:
     return checkpoints_dir(quick) / "combiner" / benchmark / f"{stage1}.pt"
 
 
+def phi_checkpoint(quick: bool, pretraining: str, variant: str = "isearle") -> Path:
+    """The textual inversion network phi notebook 07 trains on the images of ``pretraining`` (a
+    benchmark, or a user's image folder's name); ``variant`` names an ablation. The OTI tokens it
+    distils are cache entries under :func:`feature_cache_dir`, keyed by their inputs."""
+    return checkpoints_dir(quick) / "isearle" / pretraining / f"{variant}.pt"
+
+
 def ablation_dir(quick: bool, benchmark: str, name: str) -> Path:
     return checkpoints_dir(quick) / "ablations" / benchmark / name
 
