@@ -76,6 +76,10 @@ def test_query_features_per_protocol(tiny, fixture_splits, features, cache) -> N
                         I.captioning_query_features(tiny, split, f, corpus, CONFIG)):
             assert queries.shape == (len(split.queries), tiny.embed_dim), name
             torch.testing.assert_close(queries.norm(dim=-1), torch.ones(len(split.queries)))
+    with torch.no_grad():  # iSEARLE reads phi's token of each query's reference image
+        tokens = phi(features["circo"].reference)
+    torch.testing.assert_close(I.phi_query_features(tiny, phi, fixture_splits["circo"], features["circo"], CONFIG),
+                               I.compose_features(tiny, fixture_splits["circo"].queries, tokens, amp=False))
 
 
 def test_fashioniq_averages_both_caption_orders(tiny, fixture_splits) -> None:
