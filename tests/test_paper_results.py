@@ -54,3 +54,35 @@ def test_isearle_baselines_have_each_datasets_ordering():
     assert (t.loc["image"] < t.loc["text"]).all() and (t.loc["image"] < t.loc["sum"]).all()
     assert t.loc["text", "cirr R@1"] > t.loc["sum", "cirr R@1"]
     assert t.loc["sum", "circo mAP@10"] > t.loc["text", "circo mAP@10"]
+
+
+def test_isearle_results_are_tables_ii_to_iv_b32():
+    t = P.isearle_results()
+    assert list(t.index) == ["image", "text", "sum", "captioning", "isearle-oti", "isearle"]
+    assert list(t.columns) == ["fashioniq R@10", "fashioniq R@50", "cirr R@1", "cirr R@5", "cirr R@10", "cirr R@50",
+                               "circo mAP@5", "circo mAP@10", "circo mAP@25", "circo mAP@50"]
+    assert t.loc["isearle-oti", "fashioniq R@10"] == 25.06 and t.loc["isearle", "fashioniq R@50"] == 44.80
+    assert t.loc["isearle-oti", "cirr R@1"] == 26.19 and t.loc["isearle", "cirr R@50"] == 90.82
+    assert t.loc["isearle-oti", "circo mAP@5"] == 10.31 and t.loc["isearle", "circo mAP@10"] == 11.24
+    # the baseline rows agree with isearle_baselines, and recall/mAP grow with K
+    base = P.isearle_baselines()
+    assert (t.loc[base.index, base.columns] == base).all().all()
+    for prefix, ks in (("fashioniq R@", (10, 50)), ("cirr R@", (1, 5, 10, 50)), ("circo mAP@", (5, 10, 25, 50))):
+        cols = [f"{prefix}{k}" for k in ks]
+        assert (t[cols].diff(axis=1).iloc[:, 1:] >= 0).all().all()
+    # item 7's orderings are the paper's: both iSEARLE variants beat image + text and text-only everywhere
+    for method in ("isearle", "isearle-oti"):
+        assert (t.loc[method] > t.loc["sum"]).all() and (t.loc[method] > t.loc["text"]).all()
+    assert (t.loc["isearle"] - t.loc["isearle-oti"]).abs().max() < 1.0
+
+
+def test_isearle_aspects_are_table_v_b32():
+    from cirlib.data.datasets import CIRCO_ASPECTS
+
+    t = P.isearle_aspects()
+    assert tuple(t.index) == CIRCO_ASPECTS and list(t.columns) == ["isearle-oti", "isearle"]
+    assert t.loc["cardinality", "isearle"] == 9.50 and t.loc["viewpoint", "isearle-oti"] == 7.98
+    # the paper's reading: viewpoint and negation are among the hardest aspects, direct addressing the easiest
+    for method in t.columns:
+        hardest = set(t[method].nsmallest(3).index)
+        assert "viewpoint" in hardest and "direct_addressing" in set(t[method].nlargest(2).index)
