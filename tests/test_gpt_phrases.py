@@ -71,6 +71,17 @@ def test_phrases_respect_the_length_limit(tiny_lm):
     assert phrases["coat"] == ["a photo of coat that is"]
 
 
+def test_phrases_stop_at_the_models_context(tiny_lm):
+    context = tiny_lm.model.config.n_positions
+    long_concept = " ".join(["coat"] * (context - 8))  # the prompt leaves a few positions only
+    prompt_len = len(tiny_lm.tokenizer(f"a photo of {long_concept} that")["input_ids"])
+    assert 0 < context - prompt_len < G.PhraseConfig.quick().max_new_tokens
+    phrases = G.generate_phrases(tiny_lm, [long_concept], G.PhraseConfig.quick(), progress=False)
+    assert all(len(tiny_lm.tokenizer(p)["input_ids"]) <= context for p in phrases[long_concept])
+    with pytest.raises(ValueError, match="fills the phrase model's context"):
+        G.generate_phrases(tiny_lm, [" ".join(["coat"] * context)], G.PhraseConfig.quick(), progress=False)
+
+
 def test_model_cache_hit_and_invalidation(cache, tiny_lm, monkeypatch):
     fits = []
     real_fit = G._fit

@@ -289,13 +289,19 @@ def _concept_seed(seed: int, concept: str) -> int:
 def _sample(lm: PhraseLM, concept: str, config: PhraseConfig) -> list[str]:
     prompt = config.prompt.format(concept)
     enc = lm.tokenizer(prompt, return_tensors="pt").to(lm.device)
+    # a model with learned positions cannot continue past its context: cap the phrase at what is left
+    context = getattr(lm.model.config, "n_positions", None) or getattr(lm.model.config, "max_position_embeddings", None)
+    room = config.max_new_tokens if context is None else min(config.max_new_tokens, context - enc["input_ids"].shape[1])
+    if room < 1:
+        raise ValueError(f"the prompt {prompt!r} fills the phrase model's context of {context} tokens; "
+                         "use a model with a longer context (PhraseLMConfig.n_positions)")
     with torch.random.fork_rng(devices=[] if lm.device.type == "cpu" else None, device_type=lm.device.type):
         torch.manual_seed(_concept_seed(config.seed, concept))
         out = lm.model.generate(
             **enc,
             do_sample=True,
             temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=room,
             num_return_sequences=config.phrases_per_concept,
             pad_token_id=lm.tokenizer.pad_token_id,
         )
