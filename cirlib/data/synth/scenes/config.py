@@ -59,7 +59,8 @@ class ScenesBenchConfig:
         for name in ("cirr_shown_changes", "circo_extra_positives", "circo_near_misses"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi or (name == "cirr_shown_changes" and lo < 1):
-                raise ValueError(f"{name} must be an inclusive range lo <= hi (lo >= 1 for shown changes), got {(lo, hi)}")
+                raise ValueError(f"{name} must be an inclusive range lo <= hi (lo >= 1 for shown changes), "
+                                 f"got {(lo, hi)}")
         if set(self.circo_queries) != set(CIRCO_SPLITS):
             raise ValueError(f"circo_queries needs exactly the splits {list(CIRCO_SPLITS)}")
 
