@@ -58,6 +58,13 @@ PERCENT_FLOOR = 15.0
 FRACTION_FLOOR = 0.10
 EXACT_TABLES = {"01_split_statistics", "01_semantic_aspects", "03_visible_area"}
 EXACT_COLUMNS = {"classes", "images", "chance %", "target %"}
+# Not recorded: text a model generates (phrases, top concepts) changes word by word with the arithmetic.
+UNRECORDED_TABLES = {"07_concepts_and_phrases"}
+# Not compared: wall-clock times measure the machine and its load, not the code.
+UNCHECKED_COLUMNS = {"seconds"}
+UNCHECKED = 1e9
+# Notebook 07's quick run scores 6 queries per split (16.7 points each): two queries' worth.
+PERCENT_FLOOR_BY_NOTEBOOK = {"07": 35.0}
 
 
 def read_grid(path: Path) -> list[list[str]]:
@@ -123,8 +130,10 @@ def tolerances(name: str, header: list[str], spreads: list[float], grid: list[li
         return [FLOOR] * len(spreads)
     values = [abs(x) for row in grid[1:] for j, cell in enumerate(row) if header[j] not in EXACT_COLUMNS
               for x in (numbers_in(cell) or [])]
-    floor = FRACTION_FLOOR if max(values, default=0.0) <= 1.0 else PERCENT_FLOOR
-    return [FLOOR if h in EXACT_COLUMNS else max(floor, SAFETY * s) for h, s in zip(header, spreads)]
+    percent = PERCENT_FLOOR_BY_NOTEBOOK.get(name[:2], PERCENT_FLOOR)
+    floor = FRACTION_FLOOR if max(values, default=0.0) <= 1.0 else percent
+    return [FLOOR if h in EXACT_COLUMNS else UNCHECKED if h in UNCHECKED_COLUMNS else max(floor, SAFETY * s)
+            for h, s in zip(header, spreads)]
 
 
 def run_quick_notebooks(env: dict[str, str], out: Path) -> None:
@@ -146,7 +155,8 @@ def record_reference() -> None:
     shutil.rmtree(EXPECTED, ignore_errors=True)
     EXPECTED.mkdir(parents=True)
     for csv in sorted(QUICK_FIGURES.glob("*.csv")):
-        shutil.copy2(csv, EXPECTED / csv.name)
+        if csv.stem not in UNRECORDED_TABLES:
+            shutil.copy2(csv, EXPECTED / csv.name)
     print(f"recorded {len(list(EXPECTED.glob('*.csv')))} tables in {EXPECTED.relative_to(ROOT)}")
 
 
