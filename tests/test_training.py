@@ -148,7 +148,7 @@ def _val_fn(combiner: nn.Module) -> dict[str, float]:
     data = _random_data()
     rows = torch.arange(32)
     query = combiner(data.images[rows], data.texts[data.text_index[rows, 0]])
-    return {"avg": -batch_contrastive_loss(query, data.images[data.target_index[rows]], 10.0).item()}
+    return {"recall_mean": -batch_contrastive_loss(query, data.images[data.target_index[rows]], 10.0).item()}
 
 
 def _train_on_ranks(rank: int, world: int, folder: str) -> None:
@@ -190,5 +190,5 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path: Path) -> None
     assert [h["epoch"] for h in one] == [h["epoch"] for h in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
-        assert b["avg"] == pytest.approx(a["avg"], rel=1e-4, abs=1e-5)
+        assert b["recall_mean"] == pytest.approx(a["recall_mean"], rel=1e-4, abs=1e-5)
     assert one[-1]["loss"] < 0.95 * one[0]["loss"]  # it learns, so the curves compare something
