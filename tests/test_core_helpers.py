@@ -194,3 +194,11 @@ def test_generator_meta_round_trip_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"cirlib_meta.json: not valid UTF-8 JSON"):
         meta.read_meta(root)
     assert meta.peek_meta(root) is None
+
+
+def test_tensor_digest_keys_values_and_shape() -> None:
+    x = torch.arange(6, dtype=torch.float32)
+    assert io.tensor_digest(x) == io.tensor_digest(x.clone().double())  # the fp32 values, not the dtype
+    assert io.tensor_digest(x) != io.tensor_digest(x.view(2, 3))  # same bytes, another shape
+    assert io.tensor_digest(x) != io.tensor_digest(x + 1e-3)
+    assert io.tensor_digest(x, x) != io.tensor_digest(x)

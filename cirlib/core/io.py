@@ -17,7 +17,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -116,6 +119,15 @@ def fingerprint(obj: Any) -> str:
     """Stable short hash of a JSON-serialisable description (config dicts, file lists)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """Stable short hash of tensors' shapes and fp32 values: keys artifacts computed from in-memory data."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from cirlib.core.cache import cache_entry
 from cirlib.core.device import precision
+from cirlib.core.io import tensor_digest
 from cirlib.data.concepts import assign_concepts
 from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
@@ -48,7 +49,7 @@ from cirlib.evaluation.bootstrap import PerQuery
 from cirlib.evaluation.protocols import similarity_chunks
 from cirlib.methods.gpt_phrases import PhraseConfig, PhraseLMConfig, concept_phrases
 from cirlib.methods.oti import OTIConfig, oti
-from cirlib.methods.phi_training import PhiConfig, _digest, train_phi
+from cirlib.methods.phi_training import PhiConfig, train_phi
 from cirlib.methods.pretrain import build_corpus
 from cirlib.models.backbone import Backbone
 from cirlib.models.features import SplitFeatures, encode_in_batches, encode_split, image_features, text_features
@@ -202,7 +203,7 @@ def oti_tokens(
     entry = None
     if cache_dir is not None:
         settings = {k: v for k, v in asdict(config).items() if k != "progress"}
-        inputs = {"version": OTI_TOKENS_VERSION, "backbone": backbone.fingerprint, "features": _digest(features),
+        inputs = {"version": OTI_TOKENS_VERSION, "backbone": backbone.fingerprint, "features": tensor_digest(features),
                   "config": settings, "concepts": None if concepts is None else [list(c) for c in concepts],
                   "phrases": None if phrases is None else {c: list(p) for c, p in phrases.items()},
                   "precision": precision(backbone.device, config.amp)}

@@ -12,7 +12,6 @@ L_gpt, one text-encoder pass per batch.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cirlib.core.device import autocast, get_device, grad_scaler, precision
-from cirlib.core.io import fingerprint
+from cirlib.core.io import fingerprint, tensor_digest
 from cirlib.core.training import TrainingLoop, epoch_seed, optimizer_step
 from cirlib.methods.losses import cosine_loss, distillation_loss, norm_penalty
 from cirlib.methods.oti import ConceptSpec, PhraseSampler, Regularisation
@@ -163,14 +162,6 @@ def hard_negative_batches(labels: Tensor, batch_size: int, alpha: float, generat
     return batches
 
 
-def _digest(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def train_phi(
     image_features: Tensor,
     oti_tokens: Tensor,
@@ -206,7 +197,7 @@ def train_phi(
         scaler=grad_scaler(device, config.amp),
         ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
         fingerprint=fingerprint({
-            "stage": "phi", "config": config_dict, "data": _digest(image_features, oti_tokens),
+            "stage": "phi", "config": config_dict, "data": tensor_digest(image_features, oti_tokens),
             "gpt": [backbone.fingerprint, concepts, phrases] if use_gpt else None,
             "precision": precision(device, config.amp),
         }),
