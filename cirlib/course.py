@@ -14,6 +14,8 @@ from pathlib import Path
 from cirlib.core import artifacts, paths
 from cirlib.data import benchmarks
 from cirlib.data.datasets import CIRSplit
+from cirlib.methods.combiner_training import CombinerConfig
+from cirlib.methods.stage1 import Stage1Config
 from cirlib.models.backbone import TINY_MODEL, Backbone
 
 HEADLINE: dict[str, list[str]] = {"fashioniq": ["R@10", "R@50"], "cirr": ["R@1", "R@5"]}
@@ -74,6 +76,19 @@ class Course:
         if encoders == "zero-shot":
             return self.backbone()
         return artifacts.stage1_backbone(self.quick, benchmark, encoders, self.backbone_name, self.device)
+
+
+    def stage1_config(self, **overrides) -> Stage1Config:
+        """The stage-1 schedule of notebook 04, shared with 06 so that its end-to-end runs get the
+        same encoder budget: epochs of ``epoch_size`` random triplets, early stopping on validation
+        (``patience``), at most ``epochs`` (see :meth:`Stage1Config.for_tiny`)."""
+        schedule = {"epochs": 2, "epoch_size": 64} if self.quick else {"epochs": 12, "epoch_size": 1500}
+        return Stage1Config.for_tiny(**{"seed": self.seed, **schedule, **overrides})
+
+    def combiner_config(self, **overrides) -> CombinerConfig:
+        """The Combiner schedule of notebook 05, shared with 06's variants and end-to-end runs."""
+        schedule = {"epochs": 3 if self.quick else 30}
+        return CombinerConfig.for_tiny(**{"seed": self.seed, "device": self.device, **schedule, **overrides})
 
 
 def setup_course(

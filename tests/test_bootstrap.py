@@ -62,6 +62,16 @@ def test_strata_are_averaged_like_fashioniq_categories() -> None:
     assert interval.estimate == pytest.approx(25.0) and 0.0 <= interval.low <= 25.0 <= interval.high <= 50.0
 
 
+def test_one_split_of_a_result() -> None:
+    result = PerQuery.from_splits({"dress": {"R@10": [100.0, 0.0]}, "shirt": {"R@10": [0.0, 0.0, 100.0]}})
+    dress, shirt = result.split("dress"), result.split("shirt")
+    assert dress.mean("R@10") == pytest.approx(50.0) and shirt.mean("R@10") == pytest.approx(100 / 3)
+    assert shirt.names == ("shirt",) and shirt.strata.tolist() == [0, 0, 0]
+    assert dress.difference(result.split("dress"), "R@10").estimate == 0.0
+    with pytest.raises(KeyError, match="toptee"):
+        result.split("toptee")
+
+
 def test_cirr_avg_is_derived_per_query() -> None:
     result = PerQuery.from_splits({"cirr": {"R@5": [100.0, 0.0], "Rsubset@1": [0.0, 0.0], "R@1": [0.0, 0.0]}})
     assert result.values["avg"].tolist() == [50.0, 0.0]

@@ -18,6 +18,7 @@ from cirlib.evaluation.metrics import per_aspect
 from cirlib.evaluation.protocols import (
     PROTOCOLS,
     benchmark_columns,
+    chance_levels,
     evaluate_split,
     per_query_metrics,
     similarity_chunks,
@@ -122,6 +123,16 @@ def test_cirr_protocol_hand_computed():
     # Keeping the reference in both rankings costs q1 its R@1 and its Rsubset@1 (no R@5: no avg).
     kept = evaluate_split(split, features, one_hot_gallery(10), ks=(1, 4), exclude_reference=False)
     assert kept == {"R@1": 0.0, "R@4": 50.0, "Rsubset@1": 0.0, "Rsubset@2": 50.0, "Rsubset@3": 100.0}
+
+
+def test_chance_levels_hand_computed():
+    # CIRR: 10 images, the reference removed -> 9 candidates; sets of six minus the reference -> 5
+    levels = chance_levels(cirr_split()[0])
+    assert levels["R@1"] == pytest.approx(100 / 9) and levels["R@5"] == pytest.approx(500 / 9)
+    assert levels["R@10"] == levels["R@50"] == pytest.approx(100.0)
+    assert levels["Rsubset@1"] == pytest.approx(20.0) and levels["Rsubset@3"] == pytest.approx(60.0)
+    # FashionIQ keeps the reference: 10 of 60
+    assert chance_levels(fashioniq_split()[0]) == pytest.approx({"R@10": 100 / 6, "R@50": 500 / 6})
 
 
 def test_chunked_evaluation_matches_one_shot(monkeypatch):

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cirlib.core import distributed
-from cirlib.core.training import TrainingLoop, optimizer_step, step_batches
+from cirlib.core.training import TrainingLoop, checkpoint_history, optimizer_step, step_batches
 from cirlib.methods.combiner_training import CombinerConfig, CombinerData, train_combiner
 from cirlib.methods.losses import batch_contrastive_loss
 
@@ -123,6 +123,27 @@ def test_selection_keeps_the_best_epoch_and_stops_early(tmp_path: Path) -> None:
     assert not {"modules", "optimizer", "scaler", "scheduler"} & set(finished), "only the best weights stay"
     again, model2, _ = _regression_loop(tmp_path, epochs=5, main_metric="score", patience=2)
     assert again.run(lambda e: pytest.fail("retrained")) == history and torch.equal(model2.weight, weights[2])
+
+
+def test_checkpoint_history_reads_a_finished_run(tmp_path: Path) -> None:
+    loop, _, train_epoch = _regression_loop(tmp_path, epochs=3)
+    history = loop.run(train_epoch)
+    assert checkpoint_history(tmp_path / "ckpt.pt") == history and len(history) == 3
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        checkpoint_history(tmp_path / "missing.pt")
+
+
+def test_min_delta_stops_a_creeping_curve_but_keeps_its_best_epoch(tmp_path: Path) -> None:
+    # rises of 0.05 after epoch 2 do not count as progress at min_delta 0.1; the best epoch is still
+    # the highest score, and a later real rise (epoch 6) would have reset the patience
+    scores = {1: 1.0, 2: 2.0, 3: 2.05, 4: 2.1, 5: 2.15, 6: 3.0}
+    loop, _, train_epoch = _regression_loop(tmp_path, epochs=6, main_metric="score", patience=2, min_delta=0.1)
+    history = loop.run(train_epoch, lambda: {"score": scores[loop.epoch + 1]})
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and loop.best_epoch == 4
+    plain, _, train_epoch = _regression_loop(tmp_path / "plain", epochs=6, main_metric="score", patience=2)
+    assert len(plain.run(train_epoch, lambda: {"score": scores[plain.epoch + 1]})) == 6
+    with pytest.raises(ValueError, match="min_delta"):
+        _regression_loop(tmp_path / "bad", main_metric="score", patience=2, min_delta=-1.0)
 
 
 # ------------------------------------------------------------------------- two processes (gloo)

@@ -106,6 +106,14 @@ def best_epoch(history: Sequence[Mapping[str, float]], metric: str) -> int:
     return best
 
 
+def checkpoint_history(ckpt_path: Path | str) -> list[dict]:
+    """The per-epoch history saved in a :class:`TrainingLoop` checkpoint (epochs, metrics, seconds),
+    e.g. to state what an earlier notebook's run cost without re-running it."""
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"no training checkpoint at {ckpt_path}; run the notebook that trains it first")
+    return list(torch.load(ckpt_path, map_location="cpu", weights_only=True)["history"])
+
+
 def _cpu_copy(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
     return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
 
@@ -115,7 +123,9 @@ class TrainingLoop:
     """Epochs of ``train_epoch`` + ``validate`` with one resumable checkpoint.
 
     With ``main_metric`` the loop keeps the epoch with the best validation score and stops after
-    ``patience`` epochs without improvement; without it, it keeps the last epoch's weights and runs
+    ``patience`` epochs without an improvement of more than ``min_delta`` (a validation curve that
+    still creeps up by a few hundredths per epoch has converged for practical purposes, and on a CPU
+    every further epoch costs real minutes); without it, it keeps the last epoch's weights and runs
     all ``epochs`` (or until ``time_budget_s`` of training time is spent, see :meth:`out_of_time`).
 
     After every epoch rank 0 writes one checkpoint (atomically) holding the current (and, when
@@ -135,6 +145,7 @@ class TrainingLoop:
     seed: int
     main_metric: str | None = None
     patience: int | None = None
+    min_delta: float = 0.0
     scheduler: Scheduler | None = None
     time_budget_s: float | None = None
     desc: str = "training"
@@ -148,6 +159,8 @@ class TrainingLoop:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.patience is not None and (self.patience < 1 or self.main_metric is None):
             raise ValueError(f"patience must be >= 1 and needs a main metric, got {self.patience}")
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
         self._state = distributed.broadcast(self._load() if distributed.is_main() else None)
 
     def _load(self) -> dict | None:
@@ -244,7 +257,8 @@ class TrainingLoop:
         if resume is None:
             return {
                 "fingerprint": self.fingerprint, "meta": self.meta, "epoch": 0, "history": [], "best_epoch": 0,
-                "best_score": -math.inf, "bad_epochs": 0, "finished": False, "best_modules": None,
+                "best_score": -math.inf, "plateau_score": -math.inf, "bad_epochs": 0, "finished": False,
+                "best_modules": None,
                 "train_seconds": 0.0,
             }
         for name, module in self.modules.items():
@@ -306,8 +320,12 @@ class TrainingLoop:
             state["best_epoch"] = epoch
             return
         score = metrics[self.main_metric]
+        # patience counts the epochs since the score last rose by more than min_delta
+        plateau = state.setdefault("plateau_score", state["best_score"])  # checkpoints from before min_delta
         if score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch, bad_epochs=0, best_modules=_cpu_copy(self.modules))
+            state.update(best_score=score, best_epoch=epoch, best_modules=_cpu_copy(self.modules))
+        if score > plateau + self.min_delta:
+            state.update(plateau_score=score, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
 

@@ -60,6 +60,7 @@ class PerQuery:
 
     values: Mapping[str, np.ndarray]
     strata: np.ndarray
+    names: tuple[str, ...] = ()  # the split of each stratum, when known
 
     @classmethod
     def from_splits(cls, per_split: Mapping[str, Mapping[str, Sequence[float]]]) -> PerQuery:
@@ -76,7 +77,14 @@ class PerQuery:
             if a in values and b in values:
                 values[name] = (values[a] + values[b]) / 2
         sizes = [len(next(iter(m.values()))) for m in per_split.values()]
-        return cls(values, np.repeat(np.arange(len(sizes)), sizes))
+        return cls(values, np.repeat(np.arange(len(sizes)), sizes), tuple(per_split))
+
+    def split(self, name: str) -> PerQuery:
+        """The queries of one split only (a FashionIQ category), for per-category intervals and claims."""
+        if name not in self.names:
+            raise KeyError(f"split {name!r} not among {list(self.names)}")
+        keep = self.strata == self.names.index(name)
+        return PerQuery({k: v[keep] for k, v in self.values.items()}, np.zeros(int(keep.sum()), dtype=int), (name,))
 
     def _metric(self, metric: str) -> np.ndarray:
         if metric not in self.values:

@@ -180,6 +180,29 @@ def per_query_metrics(
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
+def chance_levels(split: CIRSplit) -> dict[str, float]:
+    """What a random ranking scores on average, per recall metric of the split's protocol (percent).
+
+    A reader needs the floor to read a number: Recall@K of a random order is K over the candidates
+    (the gallery, minus the reference where the protocol removes it), and CIRR's Recall_subset@K is
+    K over the query's set members other than the reference (20 % at K = 1 for sets of six). mAP has
+    no such closed form and is left out.
+    """
+    protocol = _protocol(split, None, None)
+    gallery = set(split.gallery)
+    levels: dict[str, list[float]] = {}
+    for query in split.queries:
+        dropped = protocol.exclude_reference and query.reference in gallery
+        n = len(gallery) - dropped
+        for k in protocol.ks:
+            levels.setdefault(f"R@{k}", []).append(min(k, n) / n)
+        if protocol.subset_ks:
+            members = {g for g in query.group if g in gallery} - ({query.reference} if dropped else set())
+            for k in protocol.subset_ks:
+                levels.setdefault(f"Rsubset@{k}", []).append(min(k, len(members)) / max(len(members), 1))
+    return {name: 100.0 * sum(v) / len(v) for name, v in levels.items()}
+
+
 def _means(split: CIRSplit, per_query: Mapping[str, Tensor]) -> dict[str, float]:
     """:func:`evaluate_split`'s numbers from :func:`per_query_metrics`' values."""
     results = with_cirr_average(summarise(per_query))

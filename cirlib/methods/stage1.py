@@ -68,6 +68,7 @@ class Stage1Config:
     accumulation: int = 1  # micro-batches per step: a batch that does not fit the memory at once
     epochs: int = 150
     patience: int = 10
+    min_delta: float = 0.0  # a rise of the main metric below this does not reset ``patience``
     epoch_size: int | None = None  # triplets drawn per epoch (None: all); a CPU-budget knob
     scale: float = 100.0  # tau of Eq. (1)
     transform_kind: TransformKind = "targetpad"
@@ -140,8 +141,9 @@ def _run_fingerprint(
         for s in splits
     ]
     config_key = asdict(config)
-    if config.accumulation == 1:  # absent at its default: runs from before the option keep their checkpoints
-        del config_key["accumulation"]
+    for key, default in (("accumulation", 1), ("min_delta", 0.0)):
+        if config_key[key] == default:  # absent at its default: runs from before the option keep their checkpoints
+            del config_key[key]
     return fingerprint(
         {
             "stage": "end-to-end" if combiner is not None else "stage1",
@@ -344,6 +346,7 @@ def finetune(
         fingerprint=run_fingerprint,
         epochs=config.epochs,
         patience=config.patience,
+        min_delta=config.min_delta,
         main_metric=config.main_metric or main_metric_for(splits[0].dataset),
         seed=config.seed,
         desc=f"{stage} ({config.encoders})",
