@@ -82,7 +82,7 @@ class Course:
         """The stage-1 schedule of notebook 04, shared with 06 so that its end-to-end runs get the
         same encoder budget: epochs of ``epoch_size`` random triplets, early stopping on validation
         (``patience``), at most ``epochs`` (see :meth:`Stage1Config.for_tiny`)."""
-        schedule = {"epochs": 2, "epoch_size": 64} if self.quick else {"epochs": 12, "epoch_size": 1500}
+        schedule = {"epochs": 2, "epoch_size": 64} if self.quick else {"epoch_size": 1500}
         return Stage1Config.for_tiny(**{"seed": self.seed, **schedule, **overrides})
 
     def combiner_config(self, **overrides) -> CombinerConfig:

@@ -63,8 +63,6 @@ UNRECORDED_TABLES = {"07_concepts_and_phrases"}
 # Not compared: wall-clock times measure the machine and its load, not the code.
 UNCHECKED_COLUMNS = {"seconds"}
 UNCHECKED = 1e9
-# Notebook 07's quick run scores 6 queries per split (16.7 points each): two queries' worth.
-PERCENT_FLOOR_BY_NOTEBOOK = {"07": 35.0}
 
 
 def read_grid(path: Path) -> list[list[str]]:
@@ -130,8 +128,7 @@ def tolerances(name: str, header: list[str], spreads: list[float], grid: list[li
         return [FLOOR] * len(spreads)
     values = [abs(x) for row in grid[1:] for j, cell in enumerate(row) if header[j] not in EXACT_COLUMNS
               for x in (numbers_in(cell) or [])]
-    percent = PERCENT_FLOOR_BY_NOTEBOOK.get(name[:2], PERCENT_FLOOR)
-    floor = FRACTION_FLOOR if max(values, default=0.0) <= 1.0 else percent
+    floor = FRACTION_FLOOR if max(values, default=0.0) <= 1.0 else PERCENT_FLOOR
     return [FLOOR if h in EXACT_COLUMNS else UNCHECKED if h in UNCHECKED_COLUMNS else max(floor, SAFETY * s)
             for h, s in zip(header, spreads)]
 
