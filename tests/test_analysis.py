@@ -251,3 +251,132 @@ def test_similarity_and_gap_histograms_mark_means() -> None:
     assert f"gap {stats['combiner'].mean_gap:.3f}" in texts and f"IoU {stats['combiner'].overlap:.3f}" in texts
     assert fig.axes[0].get_xlim() == fig.axes[1].get_xlim()  # one x-range: the two panels compare by eye
     assert fig.axes[0].get_xlim()[0] <= float(stats["combiner"].bin_edges[0])
+
+
+def test_gradcam_batch_equals_one_query_at_a_time(vit) -> None:
+    pixels = torch.cat([_pixels(vit, seed) for seed in range(3)])
+    texts = ["is red", "has a star print", "is red"]
+    with torch.no_grad():
+        targets = vit.encode_image(torch.cat([_pixels(vit, seed) for seed in (5, 6, 7)]))
+    combiner = Combiner(vit.embed_dim)
+    cams = analysis.gradcam_batch(vit, combiner, pixels, texts, targets)
+    assert cams.shape == (3, vit.image_size, vit.image_size) and cams.dtype == np.float32
+    for row in range(3):
+        single = analysis.gradcam(vit, combiner, pixels[row : row + 1], texts[row], targets[row])
+        assert np.allclose(cams[row], single, atol=1e-5)
+        assert cams[row].min() == 0.0 and cams[row].max() == pytest.approx(1.0)  # each map normalised alone
+    with pytest.raises(ValueError, match="2 texts for 3 reference images"):
+        analysis.gradcam_batch(vit, combiner, pixels, texts[:2])
+    with pytest.raises(ValueError, match=r"target_features must be \[3, D\]"):
+        analysis.gradcam_batch(vit, combiner, pixels, texts, targets[:2])
+
+
+# ------------------------------------------------------------------ gap statistics against recall
+
+
+def test_spearman_rho_hand_computed_with_ties() -> None:
+    # ranks (1, 2.5, 2.5, 4) and (1, 3, 2, 4) around 2.5: sum of products 4.5, squares 4.5 and 5
+    assert analysis.spearman_rho([1, 2, 2, 3], [10, 30, 20, 40]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
+    assert analysis.spearman_rho([0.1, 0.5, 0.3], [3, 1, 2]) == pytest.approx(-1.0)  # a monotone reversal
+    assert analysis.spearman_rho(np.exp([1.0, 2.0, 3.0, 4.0]), [1, 2, 3, 4]) == pytest.approx(1.0)  # ranks only
+    assert np.isnan(analysis.spearman_rho([1, 1, 1], [1, 2, 3]))  # a constant sample has no ranking
+    with pytest.raises(ValueError, match="at least 3 pairs"):
+        analysis.spearman_rho([1, 2], [2, 1])
+    with pytest.raises(ValueError, match="paired samples, got 3 and 4"):
+        analysis.spearman_rho([1, 2, 3], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="non-finite"):
+        analysis.spearman_rho([1, 2, float("nan")], [1, 2, 3])
+
+
+def test_gap_recall_correlation_ranks_models() -> None:
+    rng = np.random.default_rng(0)
+    far = rng.normal(0.0, 0.05, 300)
+
+    def stats(target_mean: float, spread: float) -> analysis.GapStats:
+        return analysis.gap_stats(rng.normal(target_mean, spread, 300), far, n_bins=30)
+
+    gaps = {"sum": stats(0.2, 0.05), "combiner": stats(0.5, 0.05), "convex": stats(0.3, 0.05), "tiny": stats(0.05, 0.3)}
+    recall = {"sum": 30.0, "combiner": 50.0, "convex": 30.0, "tiny": 10.0}
+    corr = analysis.gap_recall_correlation(gaps, recall)
+    order = list(gaps)
+    assert corr.n == 4
+    assert corr.gap_rho == pytest.approx(analysis.spearman_rho([gaps[m].mean_gap for m in order],
+                                                               [recall[m] for m in order]))
+    # gap ranks (2, 4, 3, 1) against recall ranks (2.5, 4, 2.5, 1): about 0.95
+    assert corr.gap_rho == pytest.approx(4.5 / np.sqrt(5 * 4.5))
+    assert corr.overlap_rho == pytest.approx(analysis.spearman_rho([gaps[m].overlap for m in order],
+                                                                   [recall[m] for m in order]))
+    assert corr.overlap_rho < 0  # more overlap, less recall
+    with pytest.raises(ValueError, match=r"only gaps: \['tiny'\], only recall: \['clip'\]"):
+        analysis.gap_recall_correlation(gaps, {**{m: recall[m] for m in order[:3]}, "clip": 1.0})
+
+
+# -------------------------------------------------------------------------------- Combiner lambda
+
+
+def _hand_set_combiner(variant: str = "convex") -> Combiner:
+    """Projections = identity, gate = ReLU([[1, 1, 0, 0], [0, 0, 1, 1]] h) -> [1, -1] . + 0.1 -> sigmoid."""
+    combiner = Combiner(2, projection_dim=2, hidden_dim=2, dropout=0.5, variant=variant)
+    with torch.no_grad():
+        for projection in (combiner.image_projection[0], combiner.text_projection[0]):
+            projection.weight.copy_(torch.eye(2))
+            projection.bias.zero_()
+        combiner.gate[0].weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]))
+        combiner.gate[0].bias.zero_()
+        combiner.gate[3].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        combiner.gate[3].bias.fill_(0.1)
+    return combiner.train()  # dropout on: lambdas must be read in eval mode
+
+
+def test_combiner_lambdas_hand_computed() -> None:
+    combiner = _hand_set_combiner()
+    image = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, -3.0]])
+    # query 0: h = (0.6, 0.8, 1, 0) -> (1.4, 1.0) -> 0.4 + 0.1; query 1: h = (0, 1, 0, 0) -> (1, 0) -> 1.1
+    expected = torch.sigmoid(torch.tensor([0.5, 1.1]))
+    lambdas = analysis.combiner_lambdas(combiner, image, text, batch_size=1)
+    assert lambdas.shape == (2,) and np.allclose(lambdas, expected.numpy())
+    assert combiner.training  # its mode comes back
+    with torch.no_grad():  # the convex variant outputs the normalised convex combination with exactly this lambda
+        combined = combiner.eval()(image, text)
+    lam = torch.from_numpy(lambdas)[:, None]
+    unit = torch.nn.functional.normalize
+    assert torch.allclose(combined, unit((1 - lam) * unit(image, dim=-1) + lam * unit(text, dim=-1), dim=-1), atol=1e-6)
+
+
+def test_combiner_lambdas_need_a_learned_lambda() -> None:
+    image, text = torch.ones(3, 4), torch.ones(3, 4)
+    for variant in ("sum", "no_convex", "static_skip"):
+        with pytest.raises(ValueError, match=rf"'{variant}' Combiner variant has no learned lambda"):
+            analysis.combiner_lambdas(Combiner(4, variant=variant), image, text)
+    assert analysis.combiner_lambdas(Combiner(4, variant="combiner"), image, text).shape == (3,)
+    with pytest.raises(TypeError, match="only a Combiner has a lambda, got function"):
+        analysis.combiner_lambdas(combine_sum, image, text)
+
+
+def test_lambda_histogram_shares_the_unit_range() -> None:
+    rng = np.random.default_rng(0)
+    lambdas = {"cirr / Combiner": rng.uniform(0.4, 0.9, 200), "fashioniq / Combiner": rng.uniform(0.1, 0.3, 200)}
+    fig = plots.lambda_histogram(lambdas, bins=10)
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(panels) == 2 and all(ax.get_xlim() == (0.0, 1.0) for ax in panels)
+    assert panels[1].lines[0].get_xdata()[0] == pytest.approx(lambdas["fashioniq / Combiner"].mean())
+    assert [ax.get_title() for ax in panels] == list(lambdas)
+    assert sum(p.get_height() for p in panels[0].patches) == 200
+    with pytest.raises(ValueError, match="no lambdas"):
+        plots.lambda_histogram({})
+
+
+def test_gradcam_examples_explain_each_query_towards_its_target(vit, fixture_splits) -> None:
+    split = fixture_splits["cirr"]
+    rows = analysis.gradcam_examples(vit, combine_sum, split, n=2, seed=1)
+    assert len(rows) == 2
+    by_caption = {q.captions[0]: q for q in split.queries}
+    for shown, caption, cam in rows:
+        q = by_caption[caption]
+        pixels, expected_shown = analysis.reference_input(vit, split.image_paths[q.reference])
+        assert np.array_equal(np.asarray(shown), np.asarray(expected_shown))
+        target_pixels, _ = analysis.reference_input(vit, split.image_paths[q.target])
+        with torch.no_grad():
+            target = vit.encode_image(target_pixels)[0]
+        assert np.allclose(cam, analysis.gradcam(vit, combine_sum, pixels, caption, target), atol=1e-5)

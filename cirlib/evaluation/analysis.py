@@ -6,13 +6,17 @@
 - :func:`similarity_gap` and :func:`split_similarity_gap` (Fig. 8): how far the combined query
   features are from their targets compared with non-target gallery images; the gap of the means
   and the overlap of the two histograms track retrieval quality better than the target
-  similarity alone.
+  similarity alone; :func:`gap_recall_correlation` checks that claim across models by rank.
 - :func:`gradcam` and :func:`gradcam_examples` (Figs. 9-10): which regions of the reference image
-  make the combined query point where it points.
+  make the combined query point where it points. On the generated ``scenes`` benchmark the scene
+  graphs say which object a query edits (:func:`edited_regions`), and :func:`pointing_game`
+  scores how often the map's peak falls on it, against the image centre and chance.
+- :func:`combiner_lambdas`: the Combiner's per-query weight of the caption in its convex combination.
 - :func:`top_k_names` (Figs. 11-12): ranked gallery names for qualitative result grids.
 
 Plots live in :mod:`cirlib.viz.plots` (``similarity_histograms``, ``gap_histograms``,
-``gradcam_grid``, ``retrieval_grid``). Everything here is seeded and device-agnostic.
+``gradcam_grid``, ``retrieval_grid``, ``lambda_histogram``). Everything here is seeded and
+device-agnostic.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
@@ -32,24 +37,41 @@ from torch import Tensor, nn
 
 from cirlib.core.tensors import eval_mode
 from cirlib.data.datasets import CIRSplit, open_image, query_text
-from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, transform_for
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, pipeline_geometry, transform_for
+from cirlib.data.synth import scenes
+from cirlib.data.synth.scenes.drawing import Box, object_box
+from cirlib.data.synth.scenes.graph import edited_objects
+from cirlib.evaluation.bootstrap import Interval, PerQuery
 from cirlib.evaluation.metrics import IndexLike, index_lists, indices_of, name_index
 from cirlib.evaluation.protocols import PROTOCOLS, similarity_chunks, topk
-from cirlib.models.combiner import CombineFn, apply_combine
+from cirlib.models.combiner import CombineFn, Combiner, apply_combine
 
 if TYPE_CHECKING:
     from cirlib.models.backbone import Backbone
     from cirlib.models.features import SplitFeatures
 
 __all__ = [
+    "EditedRegion",
+    "GapRecallCorrelation",
     "GapStats",
+    "PointerScore",
+    "PointingGame",
+    "PointingMark",
+    "cam_on_image",
+    "combiner_lambdas",
+    "edited_regions",
+    "gap_recall_correlation",
     "gap_stats",
     "gradcam",
+    "gradcam_batch",
     "gradcam_examples",
     "gradcam_layer",
     "pairwise_similarities",
+    "pointing_examples",
+    "pointing_game",
     "reference_input",
     "similarity_gap",
+    "spearman_rho",
     "split_similarity_gap",
     "top_k_names",
 ]
@@ -231,10 +253,15 @@ def reference_input(
     """
     pil = image if isinstance(image, Image.Image) else open_image(image)
     pixels = transform_for(backbone, transform_kind, target_ratio)(pil).unsqueeze(0)
+    return pixels, _as_seen(backbone, pixels[0])
+
+
+def _as_seen(backbone: "Backbone", pixels: Tensor) -> Image.Image:
+    """Normalised encoder pixels ``[3, S, S]`` back to an RGB picture."""
     mean = torch.tensor(backbone.mean).view(3, 1, 1)
     std = torch.tensor(backbone.std).view(3, 1, 1)
-    rgb = (pixels[0] * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    return pixels, Image.fromarray(rgb)
+    rgb = (pixels.cpu() * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(rgb)
 
 
 def gradcam(
@@ -263,10 +290,33 @@ def gradcam(
 
     Runs in eval mode and restores every module's train/eval flag afterwards; gradients are taken
     with :func:`torch.autograd.grad` from a copy of the pixels, so no ``requires_grad`` flag is
-    changed and no parameter's ``.grad`` is touched, frozen or not.
+    changed and no parameter's ``.grad`` is touched, frozen or not. :func:`gradcam_batch` computes
+    many at once.
     """
     if reference_pixels.dim() != 4 or reference_pixels.shape[:2] != (1, 3):
         raise ValueError(f"reference_pixels must be one image [1, 3, S, S], got {tuple(reference_pixels.shape)}")
+    target = None if target_features is None else torch.as_tensor(target_features).reshape(1, -1)
+    return gradcam_batch(backbone, combine_fn, reference_pixels, [text], target)[0]
+
+
+def gradcam_batch(
+    backbone: "Backbone",
+    combine_fn: CombineFn,
+    reference_pixels: Tensor,
+    texts: Sequence[str],
+    target_features: ArrayLike | None = None,
+) -> np.ndarray:
+    """:func:`gradcam` of ``B`` queries in one pass: ``[B, S, S]``, each map normalised on its own.
+
+    ``reference_pixels [B, 3, S, S]``, ``texts`` and ``target_features [B, D]`` (None: each caption's
+    own text features) are aligned by row. In eval mode no layer mixes the rows of a batch, so
+    the sum of the per-query scores has each query's gradient on its own tokens.
+    """
+    if reference_pixels.dim() != 4 or reference_pixels.shape[1] != 3:
+        raise ValueError(f"reference_pixels must be images [B, 3, S, S], got {tuple(reference_pixels.shape)}")
+    n = reference_pixels.shape[0]
+    if len(texts) != n:
+        raise ValueError(f"{len(texts)} texts for {n} reference images")
     modules = [backbone.model] + ([combine_fn] if isinstance(combine_fn, nn.Module) else [])
     combine_param = next(combine_fn.parameters(), None) if isinstance(combine_fn, nn.Module) else None
     combine_device = combine_param.device if combine_param is not None else backbone.device
@@ -274,9 +324,11 @@ def gradcam(
     # inside an eval-mode model come back as they were.
     with eval_mode(*(m for module in modules for m in module.modules())):
         with torch.no_grad():
-            text_features = backbone.encode_text([text]).float().to(combine_device)
+            text_features = backbone.encode_text(list(texts)).float().to(combine_device)
         target = text_features if target_features is None else torch.as_tensor(target_features)
-        target = target.reshape(1, -1).float().to(combine_device)
+        if target.dim() != 2 or target.shape[0] != n:
+            raise ValueError(f"target_features must be [{n}, D] (one row per image), got {tuple(target.shape)}")
+        target = target.float().to(combine_device)
         pixels = reference_pixels.detach().to(backbone.device).float().clone().requires_grad_(True)
         with torch.enable_grad():
             pooled, tokens = backbone.encode_image_tokens(pixels)
@@ -286,12 +338,12 @@ def gradcam(
     side = round(tokens.shape[1] ** 0.5)
     if side * side != tokens.shape[1]:
         raise ValueError(f"{tokens.shape[1]} image tokens do not form a square grid")
-    weights = grads.float().mean(dim=1, keepdim=True)  # [1, 1, C]
-    cam = F.relu((weights * tokens.detach().float()).sum(-1)).reshape(1, 1, side, side)
-    cam = F.interpolate(cam, size=tuple(reference_pixels.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
-    cam = cam - cam.min()
-    peak = cam.max()
-    cam = cam / peak if peak > 0 else cam
+    weights = grads.float().mean(dim=1, keepdim=True)  # [B, 1, C]
+    cam = F.relu((weights * tokens.detach().float()).sum(-1)).reshape(n, 1, side, side)
+    cam = F.interpolate(cam, size=tuple(reference_pixels.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cam = cam / torch.where(peak > 0, peak, torch.ones_like(peak))
     return cam.cpu().numpy().astype(np.float32)
 
 
@@ -369,15 +421,323 @@ def gradcam_examples(
 ) -> list[tuple[Image.Image, str, np.ndarray]]:
     """Rows for :func:`cirlib.viz.plots.gradcam_grid`: ``n`` random queries with a target, each with the
     Grad-CAM of cos(combined query, target image features) over its reference image."""
-    candidates = [q for q in split.queries if q.target is not None]
+    candidates = [i for i, q in enumerate(split.queries) if q.target is not None]
     rng = np.random.default_rng(seed)
     picks = [candidates[i] for i in sorted(rng.choice(len(candidates), size=min(n, len(candidates)), replace=False))]
-    rows = []
-    for q in picks:
-        pixels, shown = reference_input(backbone, split.image_paths[q.reference], transform_kind)
-        target_pixels, _ = reference_input(backbone, split.image_paths[q.target], transform_kind)
-        with torch.no_grad():
-            target = backbone.encode_image(target_pixels.to(backbone.device))[0]
-        caption = query_text(q)
-        rows.append((shown, caption, gradcam(backbone, combine, pixels, caption, target)))
-    return rows
+    batch = _query_batch(backbone, split, picks, transform_kind)
+    cams = gradcam_batch(backbone, combine, batch.pixels, batch.texts, batch.targets)
+    return [(_as_seen(backbone, pixels), text, cam) for pixels, text, cam in zip(batch.pixels, batch.texts, cams)]
+
+
+@dataclass(frozen=True)
+class _QueryBatch:
+    pixels: Tensor  # [B, 3, S, S] references as the encoder sees them
+    texts: list[str]
+    targets: Tensor  # [B, D] target image features
+    sizes: list[tuple[int, int]]  # (w, h) of each stored reference image
+
+
+def _query_batch(
+    backbone: "Backbone", split: CIRSplit, indices: Sequence[int], transform_kind: TransformKind
+) -> _QueryBatch:
+    """What :func:`gradcam_batch` needs for ``split.queries[indices]``: Grad-CAM asks what in the
+    reference makes the combined query find its target, so every query needs a target."""
+    transform = transform_for(backbone, transform_kind)
+    queries = [split.queries[i] for i in indices]
+    for i, q in zip(indices, queries):
+        if q.target is None:
+            raise ValueError(f"query {i} (pairid {q.pair_id}) of {split!r} has no target to explain")
+    references = [open_image(split.image_paths[q.reference]) for q in queries]
+    targets = torch.stack([transform(open_image(split.image_paths[q.target])) for q in queries])
+    with eval_mode(backbone.model), torch.no_grad():
+        target_features = backbone.encode_image(targets).float()
+    return _QueryBatch(torch.stack([transform(im) for im in references]), [query_text(q) for q in queries],
+                       target_features, [im.size for im in references])
+
+
+# ------------------------------------------------------------------- the pointing game (scenes)
+
+
+def cam_on_image(
+    cam: ArrayLike,
+    size: tuple[int, int],
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+) -> np.ndarray:
+    """A map over the encoder input ``[S, S]`` carried back onto the stored image of ``size = (w, h)``.
+
+    Returns float32 ``[h, w]``. The encoder sees the image padded, resized and centre-cropped
+    (:func:`cirlib.data.preprocess.pipeline_geometry`); each image pixel's centre is followed through
+    those steps and the map read there (bilinearly). Padding strips hold no image pixel, so they drop
+    out; image pixels the crop cut away are NaN.
+    """
+    heat = torch.as_tensor(cam).float()
+    if heat.dim() != 2 or heat.shape[0] != heat.shape[1]:
+        raise ValueError(f"cam must be a square map [S, S], got shape {tuple(heat.shape)}")
+    s = heat.shape[0]
+    geometry = pipeline_geometry(size, transform_kind, s, target_ratio)
+    left, top, right, bottom = geometry.crop_box  # the encoder input, in padded-image pixels
+    w, h = size
+    u = (torch.arange(w, dtype=torch.float64) + 0.5 + geometry.padding[0] - left) * s / (right - left)
+    v = (torch.arange(h, dtype=torch.float64) + 0.5 + geometry.padding[1] - top) * s / (bottom - top)
+    grid = torch.stack(torch.meshgrid(2 * u / s - 1, 2 * v / s - 1, indexing="xy"), dim=-1)  # [h, w, (x, y)]
+    out = F.grid_sample(heat[None, None], grid[None].float(), mode="bilinear", padding_mode="border",
+                        align_corners=False)[0, 0]
+    seen = ((v >= 0) & (v < s))[:, None] & ((u >= 0) & (u < s))[None, :]
+    return torch.where(seen, out, torch.full_like(out, float("nan"))).numpy()
+
+
+def _peak(heat: np.ndarray) -> tuple[float, float]:
+    """``(x, y)`` of the centre of a map's highest pixel; NaN when the image part holds no positive evidence."""
+    if not np.isfinite(heat).any() or np.nanmax(heat) <= 0:
+        return float("nan"), float("nan")
+    row, col = np.unravel_index(np.nanargmax(heat), heat.shape)
+    return col + 0.5, row + 0.5
+
+
+@dataclass(frozen=True)
+class EditedRegion:
+    """Where a query's edit is in its reference image: the edited objects and their pixel boxes.
+
+    Points and boxes share image pixel coordinates: pixel ``i`` spans ``[i, i + 1)``.
+    """
+
+    size: tuple[int, int]  # (w, h) of the reference image
+    object_ids: tuple[int, ...]
+    boxes: tuple[Box, ...]
+
+    def contains(self, x: float, y: float) -> bool:
+        """Whether the point falls in one of the boxes (never for NaN)."""
+        return any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in self.boxes)
+
+    @property
+    def area_fraction(self) -> float:
+        """Share of the image the boxes cover, overlaps once: a uniformly random point's chance to hit."""
+        w, h = self.size
+        covered = np.zeros((h, w), dtype=bool)
+        for x0, y0, x1, y1 in self.boxes:
+            covered[y0:y1, x0:x1] = True
+        return float(covered.mean())
+
+
+def edited_regions(split: CIRSplit, meta: Mapping | None = None) -> dict[int, EditedRegion | None]:
+    """Query index -> where its edit is in its reference, for a CIRR split of the ``scenes`` benchmark.
+
+    The edited objects are :func:`~cirlib.data.synth.scenes.graph.edited_objects` of the query's
+    reference and target scene graphs and constraints, read from ``meta`` (default: the root's
+    ``cirlib_meta.json``) and matched to the split's queries by pairid. None marks a query whose
+    edit has nothing in the reference to point at (an added object, the background, the view).
+    """
+    if split.dataset != "cirr":
+        raise ValueError(f"edited regions need a CIRR split of the generated scenes benchmark, got {split!r}")
+    meta = scenes.load_meta(split.root) if meta is None else meta
+    if meta.get("generator") != scenes.GENERATOR:
+        raise ValueError(f"meta was written by {meta.get('generator')!r}, not {scenes.GENERATOR!r}: it holds no "
+                         "scene graphs")
+    records = {r["pairid"]: r for r in meta["queries"].get(split.split, [])}
+    attributes = meta["attributes"]
+    regions: dict[int, EditedRegion | None] = {}
+    for i, q in enumerate(split.queries):
+        record = records.get(q.pair_id)
+        if record is None or record["reference"] != q.reference:
+            raise ValueError(f"query {i} (pairid {q.pair_id}, reference {q.reference!r}) of {split!r} has no "
+                             f"record with that pairid and reference in meta['queries'][{split.split!r}]")
+        missing = [name for name in (record["reference"], record["target"]) if name not in attributes]
+        if missing:
+            raise ValueError(f"query {i} (pairid {q.pair_id}): meta['attributes'] has no scene graph of {missing}")
+        ref, tgt = attributes[record["reference"]], attributes[record["target"]]
+        objects = edited_objects(ref, tgt, record["constraints"])
+        regions[i] = EditedRegion((ref["width"], ref["height"]), tuple(o["id"] for o in objects),
+                                  tuple(object_box(ref, o) for o in objects)) if objects else None
+    return regions
+
+
+@dataclass(frozen=True)
+class PointerScore:
+    """How often one way of pointing lands on the edited objects."""
+
+    hits: int
+    n: int
+    rate: Interval  # percent, with its 95 % bootstrap interval over queries
+
+
+@dataclass(frozen=True)
+class PointingMark:
+    """What :func:`cirlib.viz.plots.gradcam_grid` draws over a heat map: the edited objects' boxes and
+    the map's peak (image pixels)."""
+
+    boxes: tuple[Box, ...]
+    peak: tuple[float, float]
+    hit: bool
+
+
+@dataclass(frozen=True)
+class PointingGame:
+    """Does the Grad-CAM peak on the reference fall on the object the query edits?
+
+    A map that follows the caption should peak on what the caption changes. ``centre`` scores a
+    pointer that ignores the query (the image centre) and ``chance`` (percent) is the mean share of
+    the image the edited objects cover, the hit rate of a uniformly random point: Grad-CAM says
+    something only where it beats both.
+    """
+
+    query_indices: tuple[int, ...]
+    peaks: np.ndarray  # [n, 2] (x, y) in image pixels; NaN where the map has no positive evidence on the image
+    hits: np.ndarray  # [n] bool
+    gradcam: PointerScore
+    centre: PointerScore
+    chance: float
+
+    def table(self) -> pd.DataFrame:
+        """One row per pointer: hits, n and the hit rate (percent) with its interval; chance last."""
+        rows = {name: {"hits": s.hits, "n": s.n, "hit rate": s.rate.estimate, "95% low": s.rate.low,
+                       "95% high": s.rate.high}
+                for name, s in (("Grad-CAM peak", self.gradcam), ("image centre", self.centre))}
+        rows["uniform random point"] = {"n": self.gradcam.n, "hit rate": self.chance}
+        return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _pointable(regions: Mapping[int, EditedRegion | None], n: int | None, seed: int) -> list[int]:
+    """Queries with an edited object in the reference: all, or ``n`` of them drawn with ``seed``."""
+    pointable = sorted(i for i, r in regions.items() if r is not None)
+    if not pointable:
+        raise ValueError("no query has an edited object in its reference: nothing to point at")
+    if n is not None and n < len(pointable):
+        pointable = sorted(np.random.default_rng(seed).choice(pointable, size=n, replace=False).tolist())
+    return pointable
+
+
+def _heat_on_references(
+    backbone: "Backbone", combine: CombineFn, split: CIRSplit, indices: Sequence[int],
+    regions: Mapping[int, EditedRegion | None], transform_kind: TransformKind,
+) -> list[np.ndarray]:
+    """Grad-CAM of each query, carried back onto its stored reference image (:func:`cam_on_image`)."""
+    batch = _query_batch(backbone, split, indices, transform_kind)
+    cams = gradcam_batch(backbone, combine, batch.pixels, batch.texts, batch.targets)
+    for i, size in zip(indices, batch.sizes):
+        if regions[i].size != size:
+            raise ValueError(f"query {i}: the scene graph of reference {split.queries[i].reference!r} is "
+                             f"{regions[i].size[0]}x{regions[i].size[1]} but its image is {size[0]}x{size[1]}")
+    return [cam_on_image(cam, size, transform_kind) for cam, size in zip(cams, batch.sizes)]
+
+
+def pointing_game(
+    backbone: "Backbone",
+    combine: CombineFn,
+    split: CIRSplit,
+    regions: Mapping[int, EditedRegion | None],
+    n: int | None = None,
+    seed: int = 0,
+    transform_kind: TransformKind = "targetpad",
+    batch_size: int = 64,
+) -> PointingGame:
+    """The pointing game of ``combine``'s Grad-CAM (as :func:`gradcam_examples`) over the queries
+    :func:`edited_regions` can point at; ``n`` draws that many of them with ``seed``.
+
+    The peak is taken over the stored image (:func:`cam_on_image`: padding is not part of it).
+    Intervals are bootstrap intervals over queries (:mod:`cirlib.evaluation.bootstrap`).
+    """
+    indices = _pointable(regions, n, seed)
+    heats = [heat for start in range(0, len(indices), batch_size)
+             for heat in _heat_on_references(backbone, combine, split, indices[start : start + batch_size], regions,
+                                             transform_kind)]
+    peaks = np.array([_peak(heat) for heat in heats], dtype=np.float64).reshape(-1, 2)
+    chosen = [regions[i] for i in indices]
+    hits = np.array([r.contains(x, y) for r, (x, y) in zip(chosen, peaks)], dtype=bool)
+    centre_hits = np.array([r.contains(r.size[0] / 2, r.size[1] / 2) for r in chosen], dtype=bool)
+
+    def score(h: np.ndarray) -> PointerScore:
+        per_query = PerQuery({"hit": 100.0 * h}, np.zeros(len(h), dtype=np.int64))
+        return PointerScore(int(h.sum()), len(h), per_query.interval("hit", seed))
+
+    chance = 100.0 * float(np.mean([r.area_fraction for r in chosen]))
+    return PointingGame(tuple(indices), peaks, hits, score(hits), score(centre_hits), chance)
+
+
+def pointing_examples(
+    backbone: "Backbone",
+    combine: CombineFn,
+    split: CIRSplit,
+    regions: Mapping[int, EditedRegion | None],
+    n: int = 4,
+    seed: int = 0,
+    transform_kind: TransformKind = "targetpad",
+) -> tuple[list[tuple[Image.Image, str, np.ndarray]], list[PointingMark]]:
+    """``(rows, marks)`` for :func:`cirlib.viz.plots.gradcam_grid`: ``n`` pointable queries (the ones
+    :func:`pointing_game` with the same ``n`` and ``seed`` scores), each stored reference with its
+    Grad-CAM carried onto it, the edited objects' boxes and the peak."""
+    indices = _pointable(regions, n, seed)
+    heats = _heat_on_references(backbone, combine, split, indices, regions, transform_kind)
+    rows, marks = [], []
+    for i, heat in zip(indices, heats):
+        q, region = split.queries[i], regions[i]
+        peak = _peak(heat)
+        rows.append((open_image(split.image_paths[q.reference]), query_text(q), heat))
+        marks.append(PointingMark(region.boxes, peak, region.contains(*peak)))
+    return rows, marks
+
+
+# ------------------------------------------------------- gaps and recall across models (Fig. 8)
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 1, tied values sharing the mean of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, group, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
+
+
+def spearman_rho(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rank correlation of two paired samples (ties get average ranks); NaN when one is constant."""
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"need paired samples, got {len(x)} and {len(y)} values")
+    if len(x) < 3:
+        raise ValueError(f"a rank correlation needs at least 3 pairs, got {len(x)}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("rank correlation of non-finite values (NaN or inf)")
+    rx, ry = _average_ranks(x) - (len(x) + 1) / 2, _average_ranks(y) - (len(y) + 1) / 2
+    denominator = np.sqrt((rx**2).sum() * (ry**2).sum())
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class GapRecallCorrelation:
+    """Spearman's rho across ``n`` models of recall with the mean gap and with the overlap.
+
+    CLIP4Cir reads better retrieval off a larger gap and a smaller overlap: ``gap_rho`` near +1 and
+    ``overlap_rho`` near -1 agree with it.
+    """
+
+    gap_rho: float
+    overlap_rho: float
+    n: int
+
+
+def gap_recall_correlation(stats: Mapping[str, GapStats], recall: Mapping[str, float]) -> GapRecallCorrelation:
+    """How well :class:`GapStats` (e.g. from :func:`split_similarity_gap`) rank models by ``recall``,
+    both keyed by model."""
+    if set(stats) != set(recall):
+        raise ValueError(f"gap statistics and recall must name the same models; only gaps: "
+                         f"{sorted(set(stats) - set(recall))}, only recall: {sorted(set(recall) - set(stats))}")
+    models = list(stats)
+    values = [recall[m] for m in models]
+    return GapRecallCorrelation(spearman_rho([stats[m].mean_gap for m in models], values),
+                                spearman_rho([stats[m].overlap for m in models], values), len(models))
+
+
+# ----------------------------------------------------------------------------- Combiner lambda
+
+
+def combiner_lambdas(combiner: Combiner, image: Tensor, text: Tensor, batch_size: int = 4096) -> np.ndarray:
+    """The Combiner's ``lambda`` per query (:meth:`Combiner.mixing_coefficient`), ``[Q]`` in ``[0, 1]``:
+    0 keeps the reference image's features, 1 the caption's, before the learned mixture is added."""
+    if not isinstance(combiner, Combiner):
+        raise TypeError(f"only a Combiner has a lambda, got {type(combiner).__name__}")
+    param = next(combiner.parameters(), None)
+    device = param.device if param is not None else image.device
+    with eval_mode(combiner):
+        lam = apply_combine(combiner.mixing_coefficient, image.to(device), text.to(device), batch_size)
+    return lam[:, 0].numpy()

@@ -131,6 +131,19 @@ class Combiner(nn.Module):
             out = out + self.mixture(hidden)
         return F.normalize(out, dim=-1)
 
+    def mixing_coefficient(self, image: Tensor, text: Tensor) -> Tensor:
+        """Branch 1's ``lambda`` per query, ``[B, 1]``: the text's weight in the convex combination.
+
+        What :meth:`forward` computes before mixing, for analyses of how much each query leans on
+        its caption; the variants without a learned convex combination have no ``lambda``.
+        """
+        if self.gate is None:
+            raise ValueError(f"the {self.variant!r} Combiner variant has no learned lambda; only "
+                             f"{[v for v, (skip, _) in _VARIANTS.items() if skip == 'learned']} have one")
+        img = F.normalize(image, dim=-1)
+        txt = F.normalize(text, dim=-1)
+        return self.gate(torch.cat((self.image_projection(img), self.text_projection(txt)), dim=-1))
+
 
 
 

@@ -15,6 +15,7 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from cirlib.core.io import atomic_path
@@ -23,7 +24,7 @@ from cirlib.data.preprocess import build_transform, visible_fraction
 from cirlib.data.stats import aspect_ratios
 
 if TYPE_CHECKING:
-    from cirlib.evaluation.analysis import GapStats
+    from cirlib.evaluation.analysis import GapStats, PointingMark
 
 GREEN = "#2ca02c"
 TARGET_VIOLET = "#8e44ad"
@@ -261,24 +262,76 @@ def gap_histograms(stats: Mapping[str, "GapStats"], ncols: int = 2, title: str =
 
 
 def gradcam_grid(
-    rows: Sequence[tuple[Image.Image, str, np.ndarray]], layer: str, alpha: float = 0.5
+    rows: Sequence[tuple[Image.Image, str, np.ndarray]],
+    layer: str,
+    alpha: float = 0.5,
+    marks: Sequence["PointingMark"] | None = None,
 ) -> matplotlib.figure.Figure:
     """CLIP4Cir Figs. 9-10: reference | caption | Grad-CAM over the reference, one query per row.
 
     Each row is ``(preprocessed reference, caption, cam)`` as from
     :func:`cirlib.evaluation.analysis.reference_input` and :func:`cirlib.evaluation.analysis.gradcam`; ``layer`` names
     where the map was read (:func:`cirlib.evaluation.analysis.gradcam_layer`) and goes into the title.
+    With ``marks`` (one per row, from :func:`cirlib.evaluation.analysis.pointing_examples`, whose rows
+    hold the stored reference and the map carried onto it) the pointing game is drawn too: the edited
+    objects' boxes and the map's peak, green on a hit and red on a miss.
     """
+    if marks is not None and len(marks) != len(rows):
+        raise ValueError(f"{len(marks)} marks for {len(rows)} rows")
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.2, 2.3 * len(rows)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1.4, 1]})
-    for row_axes, (image, caption, cam) in zip(axes, rows):
-        _image_axis(row_axes[0], image, "reference (as encoded)")
+    for i, (row_axes, (image, caption, cam)) in enumerate(zip(axes, rows)):
+        _image_axis(row_axes[0], image, "reference (as encoded)" if marks is None else "reference")
         _caption_axis(row_axes[1], caption)
         _image_axis(row_axes[2], image, "Grad-CAM")
         width, height = image.size
         row_axes[2].imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1,
                            extent=(-0.5, width - 0.5, height - 0.5, -0.5))
-    fig.suptitle(f"{layer}\n(gradients of the combined query features)", fontsize=10)
+        if marks is not None:
+            _pointing_mark(row_axes[2], marks[i])
+    title = f"{layer}\n(gradients of the combined query features)"
+    if marks is not None:
+        title += "\nboxes: edited objects; cross: peak (green = hit, red = miss)"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _pointing_mark(ax: plt.Axes, mark: "PointingMark") -> None:
+    """Boxes and peak in image pixel coordinates (pixel i spans [i, i + 1)) over an imshow axis."""
+    colour = GREEN if mark.hit else GAP_RED
+    for x0, y0, x1, y1 in mark.boxes:
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=1.5))
+    if np.isfinite(mark.peak).all():
+        ax.plot(mark.peak[0] - 0.5, mark.peak[1] - 0.5, marker="x", color=colour, markersize=9, mew=2.5)
+    ax.set_xlabel(f"Grad-CAM: {'hit' if mark.hit else 'miss'}", fontsize=8, color=colour)
+
+
+def lambda_histogram(
+    lambdas: Mapping[str, np.ndarray], bins: int = 20, ncols: int = 3, title: str = ""
+) -> matplotlib.figure.Figure:
+    """The Combiner's lambda per query (0 = reference image only, 1 = caption only), one panel per
+    benchmark / model, all on the same x-range [0, 1] and bins, mean marked, so panels compare by eye."""
+    if not lambdas:
+        raise ValueError("no lambdas to plot")
+    ncols = max(1, min(ncols, len(lambdas)))
+    nrows = -(-len(lambdas) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for ax, (label, values) in zip(axes.flat, lambdas.items()):
+        values = np.asarray(values, dtype=np.float64)
+        ax.hist(values, bins=edges, color="#4c72b0")
+        ax.axvline(values.mean(), color=GAP_RED, ls="--", lw=1.2)
+        ax.text(0.02, 0.95, f"mean {values.mean():.2f}", transform=ax.transAxes, color=GAP_RED, fontsize=8,
+                va="top")
+        ax.set_xlim(0.0, 1.0)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("λ (weight of the caption)")
+        ax.set_ylabel("queries")
+    for ax in list(axes.flat)[len(lambdas):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 

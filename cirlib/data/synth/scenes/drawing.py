@@ -67,6 +67,31 @@ class SceneRenderer:
         return Image.fromarray(np.rint(np.clip(canvas, 0, 255)).astype(np.uint8), "RGB")
 
 
+Box = tuple[int, int, int, int]
+"""``(x0, y0, x1, y1)`` in image pixels, half-open: pixel column ``i`` lies inside when ``x0 <= i < x1``."""
+
+
+def object_box(attrs: dict, obj: dict) -> Box:
+    """The square :class:`SceneRenderer` draws ``obj`` of scene graph ``attrs`` in, clipped to the image.
+
+    Analyses need to know where an object is in the stored picture (the pointing game asks whether a
+    heat map's peak falls on it). This repeats the renderer's arithmetic with its constants (cell
+    size, :data:`OBJECT_SIDE`, the close-up :data:`ZOOM`, rounding, the mirrored view's flip);
+    ``tests/test_pointing_game.py`` renders scenes to keep the two in step. The square holds the
+    object's whole layer: a shape fills most of it, an item its longer side.
+    """
+    w, h = attrs["width"], attrs["height"]
+    rows, cols = attrs["grid"]
+    zoom = ZOOM if attrs["view"]["close_up"] else 1.0
+    side = max(6, round(min(w / cols, h / rows) * OBJECT_SIDE[obj["size"]] * zoom))
+    mirrored = attrs["view"]["mirrored"]
+    x = (1.0 - obj["x"]) if mirrored else obj["x"]
+    left, top = round(x * w - side / 2), round(obj["y"] * h - side / 2)
+    if mirrored:  # drawn unmirrored at ``left``, then the whole canvas is flipped
+        left = w - left - side
+    return max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)
+
+
 
 class ImageWriter:
     """Renders in this thread and encodes/saves in a few others (Pillow and file I/O release the GIL)."""

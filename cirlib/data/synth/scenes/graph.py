@@ -204,3 +204,28 @@ def satisfies(attrs: dict, constraints: Sequence[dict]) -> bool:
             raise ValueError(f"unknown constraint op {op!r} in {c}")
     return True
 
+
+
+def edited_objects(ref: dict, tgt: dict, constraints: Sequence[dict]) -> list[dict]:
+    """The objects of the reference graph that a query edits (in the reference's order).
+
+    An object counts when its change alone -- taking the target's version, or dropping it when the
+    target has none -- makes true a constraint the reference fails: shown CIRR members also differ
+    by incidental changes no caption speaks of, and this keeps only what the caption's predicate
+    depends on. Objects are matched by id; an id whose kind *and* colour differ names two unrelated
+    objects (no edit changes both), so the reference's one counts as dropped. An added object is not
+    in the reference, so a pure addition (like a background or view change) gives no object.
+    """
+    t_objs = {o["id"]: o for o in tgt["objects"]}
+    failing = [c for c in constraints if not satisfies(ref, [c])]
+    edited = []
+    for o in ref["objects"]:
+        new = t_objs.get(o["id"])
+        if new is not None and new["kind"] != o["kind"] and new["colour"] != o["colour"]:
+            new = None
+        if new is not None and all(new[k] == o[k] for k in ("kind", "colour", "size", "cell")):
+            continue
+        objects = [new if x is o else x for x in ref["objects"] if x is not o or new is not None]
+        if any(satisfies({**ref, "objects": objects}, [c]) for c in failing):
+            edited.append(o)
+    return edited
