@@ -1,0 +1,246 @@
+"""Per-edit-type breakdowns and false negatives on hand-built scene graphs with known answers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cirlib.data.datasets import CIRSplit, Query
+from cirlib.data.synth import scenes
+from cirlib.evaluation.bootstrap import PerQuery
+from cirlib.evaluation.breakdowns import EDIT_TYPES, breakdown, false_negatives, query_edits
+
+GRID = (2, 2)
+
+
+def obj(oid: int, kind: str, colour: str, size: str = "small", cell: tuple[int, int] = (0, 0)) -> dict:
+    """An object at the centre of its cell of a 2x2 grid."""
+    return {"id": oid, "kind": kind, "colour": colour, "size": size, "cell": list(cell),
+            "x": (cell[1] + 0.5) / GRID[1], "y": (cell[0] + 0.5) / GRID[0]}
+
+
+def scene(*objects: dict, background: str = "light grey", pattern: str = "plain", close_up: bool = False) -> dict:
+    return {"split": "val", "fmnist": "test", "width": 64, "height": 64, "grid": list(GRID),
+            "background": {"colour": background, "pattern": pattern},
+            "view": {"mirrored": False, "close_up": close_up}, "objects": list(objects)}
+
+
+def has(kind: str, lo: int = 1, hi: int | None = None, **attrs: str) -> dict:
+    return {"op": "has", "kind": kind, **attrs, "min": lo} | ({"max": hi} if hi is not None else {})
+
+
+BAG = obj(0, "bag", "red", "small", (0, 0))
+STAR = obj(1, "star", "blue", "large", (1, 1))
+REFERENCE = scene(BAG, STAR)
+SHARED = [has("star", colour="blue"), {"op": "background", "colour": "light grey", "pattern": "plain"}]
+ZOOMED = [{**o, "x": 0.5 + (o["x"] - 0.5) * 1.35, "y": 0.5 + (o["y"] - 0.5) * 1.35} for o in (BAG, STAR)]
+
+# name -> (target graph, constraints, expected edit types, absolute): one case per edit type, then mixes
+CASES: dict[str, tuple[dict, list[dict], tuple[str, ...], bool]] = {
+    "recolour": (scene({**BAG, "colour": "green"}, STAR), [*SHARED, has("bag", colour="green")], ("recolour",), False),
+    "resize": (scene({**BAG, "size": "large"}, STAR), [*SHARED, has("bag", size="large")], ("resize",), False),
+    "replace": (scene({**BAG, "kind": "sneaker"}, STAR),
+                [*SHARED, has("bag", 0, 0), has("sneaker", colour="red")], ("replace",), False),
+    "move": (scene(obj(0, "bag", "red", "small", (0, 1)), STAR),
+             [*SHARED, {"op": "has", "kind": "bag", "region": "right", "min": 1}], ("move",), False),
+    "count": (scene(BAG, STAR, obj(2, "bag", "green", cell=(1, 0))), [*SHARED, has("bag", 2, 2)], ("count",), False),
+    "add": (scene(BAG, STAR, obj(2, "heart", "yellow", cell=(1, 0))), [*SHARED, has("heart", colour="yellow")],
+            ("add",), False),
+    "remove": (scene(BAG), [has("bag", colour="red"), has("star", 0, 0)], ("remove",), False),
+    "background": (scene(BAG, STAR, background="light blue"),
+                   [has("bag", colour="red"), has("star", colour="blue"), {"op": "background", "colour": "light blue"}],
+                   ("background",), False),
+    "view": (scene(*ZOOMED, close_up=True), [*SHARED, {"op": "view", "close_up": True}], ("view",), False),
+    # two edits: filed under the more local one
+    "recolour + background": (scene({**BAG, "colour": "green"}, STAR, background="light blue"),
+                              [has("star", colour="blue"), has("bag", colour="green"),
+                               {"op": "background", "colour": "light blue"}], ("recolour", "background"), False),
+    # the shown target also moved the star, which the caption does not mention
+    "recolour, star moved": (scene({**BAG, "colour": "green"}, obj(1, "star", "blue", "large", (1, 0))),
+                             [*SHARED, has("bag", colour="green")], ("recolour",), False),
+    # another bag (new id) in another colour reads as the bag recoloured, not as a count that stayed
+    "bag swapped": (scene(obj(5, "bag", "green", cell=(0, 0)), STAR), [*SHARED, has("bag", colour="green")],
+                    ("recolour",), False),
+    # an absolute caption pins down sizes, counts, background and view but no place: the star has to go
+    # (the description counts two objects), the bag grows, a heart comes; the bag's move is not asked for
+    "absolute": (scene(obj(0, "bag", "red", "large", (0, 1)), obj(2, "heart", "yellow", cell=(1, 0))),
+                 [has("bag", 1, 1, colour="red", size="large"), has("heart", 1, 1, colour="yellow", size="small"),
+                  {"op": "objects", "min": 2, "max": 2},
+                  {"op": "background", "colour": "light grey", "pattern": "plain"}, {"op": "view", "close_up": False}],
+                 ("resize", "add", "remove"), True),
+}
+
+
+def cirr_case(cases: dict[str, tuple[dict, list[dict], tuple[str, ...], bool]]) -> tuple[CIRSplit, dict]:
+    """A CIRR val split with one query per case (pairid = its position) from the shared reference, and its meta."""
+    attributes = {"ref": REFERENCE}
+    queries, records = [], []
+    for pairid, (name, (target, constraints, _, absolute)) in enumerate(cases.items()):
+        attributes[name] = target
+        queries.append(Query("ref", (name,), name, (name,), ("ref", name), pair_id=pairid))
+        records.append({"pairid": pairid, "reference": "ref", "target": name, "caption": name,
+                        "constraints": constraints, "absolute": absolute})
+    split = CIRSplit("cirr", "val", Path("/nowhere"), queries, list(attributes), {}, 0)
+    return split, {"generator": scenes.GENERATOR, "attributes": attributes, "queries": {"val": records}}
+
+
+def test_edit_types_cover_the_generator_edits() -> None:
+    assert set(EDIT_TYPES) == {*scenes.sampler.Sampler.EDIT_WEIGHTS, "count"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_edit_type_is_read_off_the_graphs(name: str) -> None:
+    split, meta = cirr_case({name: CASES[name]})
+    (edit,) = query_edits(split, meta)
+    _, _, types, absolute = CASES[name]
+    assert edit.types == types
+    assert edit.primary == types[0]
+    assert edit.absolute is absolute
+
+
+def test_edit_types_of_a_whole_split_in_query_order() -> None:
+    split, meta = cirr_case(CASES)
+    assert [e.types for e in query_edits(split, meta)] == [case[2] for case in CASES.values()]
+
+
+def test_edit_types_refuse_foreign_splits_and_records() -> None:
+    split, meta = cirr_case({"recolour": CASES["recolour"]})
+    with pytest.raises(ValueError, match="only for CIRR and CIRCO"):
+        query_edits(replace(split, dataset="fashioniq"), meta)
+    with pytest.raises(ValueError, match="not 'cirlib.data.synth.scenes'"):
+        query_edits(split, {**meta, "generator": "cirlib.data.synth.fashion"})
+    stray = replace(split, queries=[replace(split.queries[0], pair_id=7)])
+    with pytest.raises(ValueError, match=r"query 0 \(pairid 7\).*no record with that pairid"):
+        query_edits(stray, meta)
+    with pytest.raises(ValueError, match=r"query 0 \(pairid 0\).*no scene graph of \['recolour'\]"):
+        query_edits(split, {**meta, "attributes": {"ref": REFERENCE}})
+    other_target = replace(split, queries=[replace(split.queries[0], target="ref")])
+    with pytest.raises(ValueError, match=r"query 0 \(pairid 0\).*'target' is 'recolour'"):
+        query_edits(other_target, meta)
+
+
+def test_a_target_must_meet_its_own_constraints() -> None:
+    """The sanity check every analysis here rests on: the labelled target fits its caption."""
+    target, constraints, types, absolute = CASES["recolour"]
+    split, meta = cirr_case({"recolour": (target, [*constraints, has("heart")], types, absolute)})
+    with pytest.raises(ValueError, match=r"query 0 \(pairid 0\).*target 'recolour' does not meet its own"):
+        query_edits(split, meta)
+    with pytest.raises(ValueError, match="does not meet its own 'constraints'"):
+        false_negatives(split, [["recolour"]], meta)
+    split, meta = cirr_case({"recolour": (target, SHARED, types, absolute)})
+    with pytest.raises(ValueError, match=r"query 0 \(pairid 0\).*no difference .* explains its 'constraints'"):
+        query_edits(split, meta)
+
+
+# ------------------------------------------------------------------------------ breakdowns
+
+
+def test_breakdown_by_edit_type() -> None:
+    per_query = PerQuery({"R@1": np.array([100.0, 0, 100, 100, 0, 0])}, np.zeros(6, dtype=int), ("val",))
+    table = breakdown(per_query, ["view", "recolour", "recolour", "add", "add", "add"])
+    assert list(table.index) == ["recolour", "add", "view", "all"]
+    assert list(table.columns) == ["n", "R@1", "R@1 95% low", "R@1 95% high"]
+    assert table["n"].tolist() == [2, 3, 1, 6]
+    assert table["R@1"].tolist() == pytest.approx([50.0, 100 / 3, 100.0, 50.0])
+    assert (table["R@1 95% low"] <= table["R@1"]).all() and (table["R@1"] <= table["R@1 95% high"]).all()
+    assert table.loc["all", "R@1 95% low"] == pytest.approx(per_query.interval("R@1").low)
+
+
+def test_breakdown_files_a_query_under_each_of_its_types() -> None:
+    per_query = PerQuery({"R@1": np.array([100.0, 0, 0])}, np.zeros(3, dtype=int))
+    table = breakdown(per_query, [("resize", "background"), ("background",), "other"])
+    assert table["n"].to_dict() == {"resize": 1, "background": 2, "other": 1, "all": 3}
+    assert table.loc["background", "R@1"] == pytest.approx(50.0)
+
+
+def test_breakdown_by_split_is_per_category() -> None:
+    per_query = PerQuery.from_splits({"dress": {"R@10": [100.0, 0], "R@50": [100.0, 100]},
+                                      "shirt": {"R@10": [0.0, 0, 100], "R@50": [100.0, 0, 100]}})
+    table = breakdown(per_query, metrics=["R@10", "average"])
+    assert list(table.index) == ["dress", "shirt", "all"]
+    assert table.loc["shirt", "R@10"] == pytest.approx(per_query.split("shirt").mean("R@10"))
+    assert table.loc["dress", "average 95% high"] == pytest.approx(per_query.split("dress").interval("average").high)
+    assert table.loc["all", "average"] == pytest.approx(per_query.mean("average"))
+
+
+def test_breakdown_of_several_models_side_by_side() -> None:
+    strata = np.zeros(4, dtype=int)
+    models = {"Combiner": PerQuery({"R@1": np.array([100.0, 100, 0, 100])}, strata),
+              "Sum": PerQuery({"R@1": np.array([0.0, 100, 0, 0])}, strata)}
+    table = breakdown(models, ["add", "add", "view", "view"])
+    assert list(table.columns) == ["n", "Combiner R@1", "Combiner R@1 95% low", "Combiner R@1 95% high",
+                                   "Sum R@1", "Sum R@1 95% low", "Sum R@1 95% high"]
+    assert table.loc["add", ["Combiner R@1", "Sum R@1"]].tolist() == [100.0, 50.0]
+    with pytest.raises(ValueError, match="3 group labels for 4 queries"):
+        breakdown(models, ["add", "add", "view"])
+    with pytest.raises(ValueError, match="'Sum' scores other queries"):
+        breakdown({**models, "Sum": PerQuery({"R@1": np.zeros(3)}, np.zeros(3, dtype=int))}, ["a"] * 4)
+    with pytest.raises(KeyError, match="'R@5' not computed"):
+        breakdown(models, ["add"] * 4, ["R@5"])
+
+
+# --------------------------------------------------------------------------- false negatives
+
+
+def fn_case() -> tuple[CIRSplit, dict]:
+    """Three queries asking for a green bag (pairids 0, 1) or a heart (2), a gallery that partly fits them."""
+    fits = scene(obj(0, "bag", "green"), obj(1, "star", "blue", "large", (1, 1)), background="light blue")
+    split, meta = cirr_case({"green": CASES["recolour"], "heart": CASES["add"]})
+    meta["attributes"] |= {"fits": fits, "red": REFERENCE}
+    queries = [*split.queries, replace(split.queries[0], pair_id=2)]
+    meta["queries"]["val"].append({**meta["queries"]["val"][0], "pairid": 2})
+    constraint = [has("bag", colour="green")]  # the shared background left out: "fits" has another one
+    for record in meta["queries"]["val"]:
+        record["constraints"] = constraint if record["target"] == "green" else record["constraints"]
+    return replace(split, queries=queries, gallery=list(meta["attributes"])), meta
+
+
+def test_false_negatives_are_fitting_results_not_labelled() -> None:
+    split, meta = fn_case()
+    found = false_negatives(split, [["fits", "green", "red"], ["heart", "fits"], ["red", "fits", "green"]], meta)
+    assert found.found == (("fits",), (), ("fits",))
+    assert found.top1_missed.tolist() == [True, False, True]
+    assert found.top1_false_negative.tolist() == [True, False, False]
+    assert found.share_of_misses.estimate == pytest.approx(50.0)
+    assert found.r1_gain.estimate == pytest.approx(100 / 3)
+    assert found.r1_gain.low <= found.r1_gain.estimate <= found.r1_gain.high
+    assert found.examples() == ([0], [("fits", "green", "red")])
+
+
+def test_false_negatives_of_chosen_queries_without_misses() -> None:
+    split, meta = fn_case()
+    found = false_negatives(split, [["heart"]], meta, query_indices=[1])
+    assert found.query_indices == (1,)
+    assert found.share_of_misses is None
+    assert found.r1_gain.estimate == 0.0
+    assert found.examples() == ([], [])
+
+
+def test_circo_ground_truths_are_not_false_negatives() -> None:
+    """CIRCO lists every fitting image as a ground truth, so a fitting result is a hit, not a false negative."""
+    _, cirr_meta = fn_case()
+    attributes = {"10": REFERENCE, "11": CASES["recolour"][0], "12": cirr_meta["attributes"]["fits"]}
+    record = {"id": 0, "reference_img_id": 10, "target_img_id": 11, "constraints": [has("bag", colour="green")]}
+    meta = {"generator": scenes.GENERATOR, "attributes": attributes, "queries": {"val": [record]}}
+    query = Query("10", ("is green",), "11", ("11",), pair_id=0, n_ground_truths=1)
+    split = CIRSplit("circo", "val", Path("/nowhere"), [query], list(attributes), {}, 0)
+    assert false_negatives(split, [["12", "11"]], meta).found == (("12",),)
+    listed = replace(split, queries=[replace(query, ground_truths=("11", "12"), n_ground_truths=2)])
+    found = false_negatives(listed, [["12", "11"]], meta)
+    assert found.found == ((),) and found.top1_missed.tolist() == [False]
+    assert query_edits(listed, meta)[0].types == ("recolour",)
+
+
+def test_false_negatives_refuse_bad_rankings() -> None:
+    split, meta = fn_case()
+    with pytest.raises(ValueError, match="2 rankings for 3 queries"):
+        false_negatives(split, [["fits"], ["heart"]], meta)
+    with pytest.raises(ValueError, match=r"query 1 \(pairid 1\).*empty ranking"):
+        false_negatives(split, [["fits"], [], ["red"]], meta)
+    with pytest.raises(ValueError, match=r"query 2 \(pairid 2\).*no scene graph of the retrieved \['ghost'\]"):
+        false_negatives(split, [["fits"], ["heart"], ["ghost"]], meta)
+    with pytest.raises(ValueError, match="only for CIRR and CIRCO"):
+        false_negatives(replace(split, dataset="fashioniq"), [["fits"]] * 3, meta)
