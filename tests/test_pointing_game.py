@@ -184,7 +184,7 @@ def test_edited_regions_refuse_foreign_queries(cirr_val) -> None:
     wrong = {**meta, "queries": {"val": [{**r, "reference": "dev-0-0-img0" if r["reference"] != "dev-0-0-img0"
                                           else "dev-0-0-img1"} for r in meta["queries"]["val"]]}}
     q = cirr_val.queries[0]
-    with pytest.raises(ValueError, match=rf"query 0 \(pairid {q.pair_id}, reference '{q.reference}'\)"):
+    with pytest.raises(ValueError, match=rf"query 0 \(pairid {q.pair_id}\) .* reference '{q.reference}'"):
         analysis.edited_regions(cirr_val, wrong)
     with pytest.raises(ValueError, match="not 'cirlib.data.synth.scenes'"):
         analysis.edited_regions(cirr_val, {**meta, "generator": "cirlib.data.synth.fashion"})

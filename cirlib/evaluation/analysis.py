@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from cirlib.core.tensors import eval_mode
 from cirlib.data.datasets import CIRSplit, open_image, query_text
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, pipeline_geometry, transform_for
-from cirlib.data.synth import scenes
 from cirlib.data.synth.scenes.drawing import Box, object_box
 from cirlib.data.synth.scenes.graph import edited_objects
 from cirlib.evaluation.bootstrap import Interval, PerQuery
+from cirlib.evaluation.breakdowns import query_graphs
 from cirlib.evaluation.metrics import IndexLike, index_lists, indices_of, name_index
 from cirlib.evaluation.protocols import PROTOCOLS, similarity_chunks, topk
 from cirlib.models.combiner import CombineFn, Combiner, apply_combine
@@ -524,29 +524,16 @@ def edited_regions(split: CIRSplit, meta: Mapping | None = None) -> dict[int, Ed
     """Query index -> where its edit is in its reference, for a CIRR split of the ``scenes`` benchmark.
 
     The edited objects are :func:`~cirlib.data.synth.scenes.graph.edited_objects` of the query's
-    reference and target scene graphs and constraints, read from ``meta`` (default: the root's
-    ``cirlib_meta.json``) and matched to the split's queries by pairid. None marks a query whose
-    edit has nothing in the reference to point at (an added object, the background, the view).
+    reference and target scene graphs and constraints (:func:`~cirlib.evaluation.breakdowns.query_graphs`,
+    from ``meta``, default: the root's ``cirlib_meta.json``). None marks a query whose edit has nothing
+    in the reference to point at (an added object, the background, the view).
     """
     if split.dataset != "cirr":
         raise ValueError(f"edited regions need a CIRR split of the generated scenes benchmark, got {split!r}")
-    meta = scenes.load_meta(split.root) if meta is None else meta
-    if meta.get("generator") != scenes.GENERATOR:
-        raise ValueError(f"meta was written by {meta.get('generator')!r}, not {scenes.GENERATOR!r}: it holds no "
-                         "scene graphs")
-    records = {r["pairid"]: r for r in meta["queries"].get(split.split, [])}
-    attributes = meta["attributes"]
     regions: dict[int, EditedRegion | None] = {}
-    for i, q in enumerate(split.queries):
-        record = records.get(q.pair_id)
-        if record is None or record["reference"] != q.reference:
-            raise ValueError(f"query {i} (pairid {q.pair_id}, reference {q.reference!r}) of {split!r} has no "
-                             f"record with that pairid and reference in meta['queries'][{split.split!r}]")
-        missing = [name for name in (record["reference"], record["target"]) if name not in attributes]
-        if missing:
-            raise ValueError(f"query {i} (pairid {q.pair_id}): meta['attributes'] has no scene graph of {missing}")
-        ref, tgt = attributes[record["reference"]], attributes[record["target"]]
-        objects = edited_objects(ref, tgt, record["constraints"])
+    for i, graphs in enumerate(query_graphs(split, meta)):
+        ref = graphs.reference
+        objects = edited_objects(ref, graphs.target, graphs.record["constraints"])
         regions[i] = EditedRegion((ref["width"], ref["height"]), tuple(o["id"] for o in objects),
                                   tuple(object_box(ref, o) for o in objects)) if objects else None
     return regions

@@ -48,7 +48,7 @@ _RECORD_FIELDS: dict[str, tuple[str, str, str]] = {  # dataset -> (query id, ref
 
 
 @dataclass(frozen=True)
-class _Graphs:
+class QueryGraphs:
     """One query's meta record with the scene graphs of its reference and target."""
 
     record: Mapping
@@ -73,9 +73,11 @@ def _where(split: CIRSplit, i: int) -> str:
     return f"query {i} ({_RECORD_FIELDS[split.dataset][0]} {split.queries[i].pair_id}) of {split!r}"
 
 
-def _query_graphs(split: CIRSplit, meta: Mapping) -> list[_Graphs]:
-    """Each query's record and graphs from :func:`_scenes_meta`, matched by pairid / CIRCO id and checked:
-    same reference and target, and a target that meets its own constraints."""
+def query_graphs(split: CIRSplit, meta: Mapping | None = None) -> list[QueryGraphs]:
+    """Each query's metadata record and scene graphs (``meta``, default: the split root's metadata file),
+    matched by pairid / CIRCO id and checked: same reference and target, and a target that meets its own
+    constraints. Every analysis that reads the generated scene graphs starts here."""
+    meta = _scenes_meta(split, meta)
     key, ref_field, tgt_field = _RECORD_FIELDS[split.dataset]
     records = {r[key]: r for r in meta["queries"].get(split.split, [])}
     attributes = meta["attributes"]
@@ -92,7 +94,7 @@ def _query_graphs(split: CIRSplit, meta: Mapping) -> list[_Graphs]:
         missing = [name for name in (q.reference, target) if name not in attributes]
         if missing:
             raise ValueError(f"{where}: meta['attributes'] has no scene graph of {missing}")
-        graphs = _Graphs(record, attributes[q.reference], attributes[target])
+        graphs = QueryGraphs(record, attributes[q.reference], attributes[target])
         if not satisfies(graphs.target, record["constraints"]):
             raise ValueError(f"{where}: its target {target!r} does not meet its own 'constraints'; the metadata "
                              "does not describe this split")
@@ -208,7 +210,7 @@ class QueryEdit:
         return self.types[0]
 
 
-def _edit(graphs: _Graphs) -> tuple[str, ...]:
+def _edit(graphs: QueryGraphs) -> tuple[str, ...]:
     """The edit types of one query: a difference counts when, alone, it makes true a constraint the
     reference fails, or when the target would fail a constraint without it (an object an absolute caption
     leaves out must go, as the description counts the objects). Differences no constraint sees (shown
@@ -232,7 +234,7 @@ def query_edits(split: CIRSplit, meta: Mapping | None = None) -> list[QueryEdit]
     :func:`breakdown`; ``[e.types for e in ...]`` files each query under every type it asks for.
     """
     edits = []
-    for i, graphs in enumerate(_query_graphs(split, _scenes_meta(split, meta))):
+    for i, graphs in enumerate(query_graphs(split, meta)):
         types = _edit(graphs)
         if not types:
             raise ValueError(f"{_where(split, i)}: no difference between its reference and target graphs explains "
@@ -350,7 +352,7 @@ def false_negatives(
     if len(ranked) != len(indices):
         raise ValueError(f"{len(ranked)} rankings for {len(indices)} queries")
     meta = _scenes_meta(split, meta)
-    graphs, attributes = _query_graphs(split, meta), meta["attributes"]
+    graphs, attributes = query_graphs(split, meta), meta["attributes"]
     found, missed, fits = [], [], []
     for i, names in zip(indices, ranked):
         if not names:
