@@ -187,3 +187,21 @@ def test_norm_penalty_by_hand() -> None:
 
     tokens = torch.tensor([[3.0, 4.0], [1.0, -1.0], [0.0, 0.0]])
     assert norm_penalty(tokens).item() == pytest.approx((25 + 2 + 0) / 3, rel=1e-6)
+
+
+def test_reranking_loss_by_hand() -> None:
+    from cirlib.methods.losses import reranking_loss
+
+    # query 0: own target scores 2, the other 0; query 1: own target 3, the other 1
+    scores = torch.tensor([[2.0, 0.0], [1.0, 3.0]])
+    expected = (-(2 - math.log(math.exp(2) + math.exp(0))) - (3 - math.log(math.exp(1) + math.exp(3)))) / 2
+    assert reranking_loss(scores).item() == pytest.approx(expected, rel=1e-6)
+    # logits are used as they are: no cosine, so scaling a row changes the loss
+    assert reranking_loss(2 * scores).item() < reranking_loss(scores).item()
+    three = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    by_row = [-(0 - math.log(1 + math.e + math.e**2)), math.log(3), math.log(3)]
+    assert reranking_loss(three).item() == pytest.approx(sum(by_row) / 3, rel=1e-6)
+    assert reranking_loss(scores.half()).dtype == torch.float32
+    for bad in (torch.zeros(2, 3), torch.zeros(1, 1), torch.zeros(4)):
+        with pytest.raises(ValueError, match="square"):
+            reranking_loss(bad)

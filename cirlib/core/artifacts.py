@@ -102,3 +102,18 @@ def load_result(quick: bool, name: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the notebook that writes {name!r} first (quick={quick})")
     return pd.read_pickle(path)
+
+
+def reranking_dir(quick: bool, benchmark: str) -> Path:
+    """Where notebook 08 trains the candidate filter and the re-ranker on ``benchmark``."""
+    return checkpoints_dir(quick) / "reranking" / benchmark
+
+
+def filter_checkpoint(quick: bool, benchmark: str, variant: str = "filter") -> Path:
+    """A candidate filter (the first stage) of notebook 08; ``variant`` names an ablation."""
+    return reranking_dir(quick, benchmark) / f"{variant}.pt"
+
+
+def reranker_checkpoint(quick: bool, benchmark: str, variant: str = "reranker") -> Path:
+    """A dual-encoder re-ranker of notebook 08; ``variant`` names an ablation (e.g. ``"encoder-t-only"``)."""
+    return reranking_dir(quick, benchmark) / f"{variant}.pt"

@@ -163,3 +163,20 @@ def norm_penalty(tokens: Tensor) -> Tensor:
     real word embeddings, as weight decay does for OTI's tokens.
     """
     return tokens.float().pow(2).sum(dim=-1).mean()
+
+
+# Candidate re-ranking (Liu et al., TMLR 2024). Its filter's Eq. 1 is batch_contrastive_loss with
+# a learnable temperature (pass the filter's scale as ``scale``); the re-ranker scores pairs itself.
+
+
+def reranking_loss(scores: Tensor) -> Tensor:
+    """Eq. 2: ``scores[i, j]`` is the re-ranker's logit for query ``i`` with the batch's target ``j``.
+
+    Each query's own target (the diagonal) must out-score the other targets of the batch, its
+    ``B - 1`` negatives: the mean over queries of the cross-entropy of row ``i`` with class ``i``.
+    The logits are used as they are (no cosine, no temperature: the scorer MLP sets their scale)
+    and in fp32.
+    """
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1] or len(scores) < 2:
+        raise ValueError(f"Eq. 2 needs a square [B, B] score matrix with B >= 2, got {tuple(scores.shape)}")
+    return F.cross_entropy(scores.float(), torch.arange(len(scores), device=scores.device))

@@ -1,0 +1,652 @@
+"""Candidate re-ranking (Liu et al., TMLR 2024): training and inference of the filter and the re-ranker.
+
+Both stages train on the frozen image tower's cached outputs (:class:`ImageBank`: pooled features
+and patch tokens, each cached on disk), through the shared
+:class:`~cirlib.core.training.TrainingLoop` (resumable fingerprinted checkpoints, the epoch with the
+best validation score kept, early stopping), with AdamW and a cosine schedule to 0 as in §4.1.3:
+
+* :func:`train_filter` trains the :class:`~cirlib.models.multimodal.CandidateFilter` with Eq. 1
+  (:func:`~cirlib.methods.losses.batch_contrastive_loss` at the filter's learnable temperature);
+* :func:`train_reranker` trains the :class:`~cirlib.models.multimodal.DualEncoderReranker` with
+  Eq. 2 (:func:`~cirlib.methods.losses.reranking_loss`) on every query of a batch paired with every
+  target of the batch, ``z_t`` computed by the frozen filter on the fly (a filter pass costs a
+  ``2B``-th of the re-ranker's passes, so nothing is stored).
+
+At inference a :class:`FirstStage` (the filter, the Sum, a Combiner, any query features) gives each
+query its top-K candidates through :mod:`cirlib.search.index`; :func:`rerank` scores only those, and
+:func:`ranking_features` turns the result into a full ranking (the top K re-ordered, every other
+image in the first stage's order) that the official protocols of
+:mod:`cirlib.evaluation.protocols` score as they score any method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cirlib.core.device import autocast, grad_scaler, precision
+from cirlib.core.io import fingerprint, tensor_digest
+from cirlib.core.tensors import eval_mode
+from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step
+from cirlib.data.datasets import CIRSplit, Query, query_text
+from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
+from cirlib.evaluation.metrics import name_index
+from cirlib.evaluation.protocols import PROTOCOLS, evaluate_split, main_metric_for, merge_metrics
+from cirlib.methods.combiner_training import training_triplets
+from cirlib.methods.losses import batch_contrastive_loss, reranking_loss
+from cirlib.models.backbone import state_digest
+from cirlib.models.combiner import CombineFn, apply_combine
+from cirlib.models.features import image_features, patch_tokens
+from cirlib.models.multimodal import CandidateFilter, DualEncoderReranker, Encoders, Merge
+from cirlib.search.index import IndexConfig, build_index
+
+if TYPE_CHECKING:
+    from cirlib.models.backbone import Backbone
+
+PAPER_K: dict[str, int] = {"fashioniq": 100, "cirr": 50}
+"""The K the paper re-ranks (Tables 1-2: R_100 on FashionIQ, R_50 on CIRR; its ground-truth
+coverage is 97.18 % on CIRR at 50)."""
+
+
+# --------------------------------------------------------------------------------------------
+# What both stages read: the frozen image tower's outputs, per image
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageBank:
+    """Frozen image-tower outputs of a set of images: pooled ``features`` ``[N, D]`` (fp32), the
+    filter's comparison targets, and patch ``tokens`` ``[N, L, C]`` (fp16), what both stages
+    cross-attend."""
+
+    features: Tensor
+    tokens: Tensor
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2 or self.tokens.ndim != 3 or len(self.features) != len(self.tokens):
+            raise ValueError(f"need features [N, D] and tokens [N, L, C] for one N, got "
+                             f"{tuple(self.features.shape)} and {tuple(self.tokens.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @classmethod
+    def encode(
+        cls,
+        backbone: "Backbone",
+        paths: Sequence[Path],
+        transform_kind: TransformKind = "targetpad",
+        target_ratio: float = DEFAULT_TARGET_RATIO,
+        cache_dir: Path | str | None = None,
+        progress: bool = True,
+        decoded: bool = False,
+    ) -> "ImageBank":
+        """Both outputs of ``paths``, each from its on-disk cache when ``cache_dir`` holds it.
+
+        ``decoded`` reads the images through a decoded-pixel cache, as
+        :func:`~cirlib.models.features.image_features` does (training images, which stage 1 holds decoded).
+        """
+        kw = dict(transform_kind=transform_kind, target_ratio=target_ratio, cache_dir=cache_dir, progress=progress,
+                  decoded=decoded)
+        return cls(image_features(backbone, paths, **kw), patch_tokens(backbone, paths, **kw))
+
+    def __add__(self, other: "ImageBank") -> "ImageBank":
+        return ImageBank(torch.cat([self.features, other.features]), torch.cat([self.tokens, other.tokens]))
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """One evaluation split as the two stages read it.
+
+    ``images`` holds the gallery in ``split.gallery`` order (rows ``0 .. G-1``), then the references
+    that are not in the gallery; ``reference_rows[i]`` is query ``i``'s reference in it and
+    ``tokens[i]`` its caption (the deterministic :func:`~cirlib.data.datasets.query_text`), tokenised.
+    The two image sets are encoded as :func:`~cirlib.models.features.encode_split` encodes them,
+    so the gallery's features come from the cache the course's other evaluations fill.
+    """
+
+    split: CIRSplit
+    images: ImageBank
+    reference_rows: Tensor  # [Q] long
+    tokens: Tensor  # [Q, context] long
+
+    @classmethod
+    def build(
+        cls,
+        backbone: "Backbone",
+        split: CIRSplit,
+        transform_kind: TransformKind = "targetpad",
+        target_ratio: float = DEFAULT_TARGET_RATIO,
+        cache_dir: Path | str | None = None,
+        progress: bool = True,
+    ) -> "QuerySet":
+        index = name_index(split.gallery)
+        outside = sorted({q.reference for q in split.queries if q.reference not in index})
+        rows = {**index, **{name: len(index) + i for i, name in enumerate(outside)}}
+        images = ImageBank.encode(backbone, [split.image_paths[n] for n in split.gallery], transform_kind,
+                                  target_ratio, cache_dir, progress)
+        if outside:
+            images = images + ImageBank.encode(backbone, [split.image_paths[n] for n in outside], transform_kind,
+                                               target_ratio, cache_dir, progress)
+        reference_rows = torch.tensor([rows[q.reference] for q in split.queries], dtype=torch.long)
+        return cls(split, images, reference_rows, backbone.tokenize([query_text(q) for q in split.queries]))
+
+    def __len__(self) -> int:
+        return len(self.reference_rows)
+
+    @property
+    def gallery_size(self) -> int:
+        return len(self.split.gallery)
+
+    @property
+    def exclude(self) -> Tensor | None:
+        """Each query's reference as a gallery index (``-1`` when outside it) where the protocol
+        drops the reference from the ranking (CIRR), else None: the filter's top K then skip it too."""
+        if not PROTOCOLS[self.split.dataset].exclude_reference:
+            return None
+        return torch.where(self.reference_rows < self.gallery_size, self.reference_rows, -1)
+
+    def subset(self, n: int | None, seed: int = 0) -> "QuerySet":
+        """``n`` queries drawn without replacement (in their split order), for cheap validation; all if None."""
+        if n is None or n >= len(self):
+            return self
+        rows = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+        split = dataclasses.replace(self.split, queries=[self.split.queries[i] for i in rows])
+        return QuerySet(split, self.images, self.reference_rows[rows], self.tokens[rows])
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Training triplets over an :class:`ImageBank` of their distinct reference and target images.
+
+    The images are listed and read as the Combiner's training data and stage 1 list and read
+    them (each triplet's reference, then its target; decoded pixels), so their caches serve here.
+    """
+
+    images: ImageBank
+    reference_rows: Tensor  # [N] long
+    target_rows: Tensor  # [N] long
+    queries: list[Query]  # for the captions (drawn each epoch)
+    dataset: str
+
+    @classmethod
+    def build(
+        cls,
+        backbone: "Backbone",
+        splits: CIRSplit | Sequence[CIRSplit],
+        transform_kind: TransformKind = "targetpad",
+        target_ratio: float = DEFAULT_TARGET_RATIO,
+        cache_dir: Path | str | None = None,
+        progress: bool = True,
+    ) -> "TrainingData":
+        splits = [splits] if isinstance(splits, CIRSplit) else list(splits)
+        datasets = {s.dataset for s in splits}
+        if len(datasets) != 1:
+            raise ValueError(f"training splits must come from one benchmark, got {sorted(datasets)}")
+        triplets = training_triplets(splits)
+        rows: dict[Path, int] = {}
+        ref, tgt = [], []
+        for s, q in triplets:
+            ref.append(rows.setdefault(s.image_paths[q.reference], len(rows)))
+            tgt.append(rows.setdefault(s.image_paths[q.target], len(rows)))
+        images = ImageBank.encode(backbone, list(rows), transform_kind, target_ratio, cache_dir, progress,
+                                  decoded=True)
+        return cls(images, torch.tensor(ref), torch.tensor(tgt), [q for _, q in triplets], datasets.pop())
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def fingerprint(self) -> str:
+        """Keys checkpoints to the images' features, the triplets and their captions."""
+        captions = [(q.reference, q.target, list(q.captions)) for q in self.queries]
+        return fingerprint([self.dataset, tensor_digest(self.images.features, self.reference_rows, self.target_rows),
+                            fingerprint(captions)])
+
+    def captions(self, rows: Tensor, rng: np.random.Generator | None) -> list[str]:
+        """The captions of triplets ``rows``; with ``rng`` FashionIQ's augmentation (order or one caption)."""
+        return [query_text(self.queries[int(i)], rng) for i in rows]
+
+
+def query_sets(
+    backbone: "Backbone",
+    splits: Mapping[str, CIRSplit],
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+) -> dict[str, QuerySet]:
+    """:meth:`QuerySet.build` of every split (e.g. FashionIQ's three validation categories)."""
+    return {name: QuerySet.build(backbone, s, transform_kind, target_ratio, cache_dir, progress)
+            for name, s in splits.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The first stage, whatever it is, and re-ranking its top K
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FirstStage:
+    """A first stage as the re-ranker sees it: query and gallery features, ranked by cosine similarity.
+
+    Every first stage of the course fits: the candidate filter (:func:`filter_stage`), the Sum or a
+    Combiner on cached features (:func:`combine_stage`), or features from any other method (build
+    it directly). The re-ranker reads only its candidate lists; its ``z_t`` always comes from a
+    candidate filter.
+    """
+
+    query_features: Tensor  # [Q, D]
+    gallery_features: Tensor  # [G, D]
+
+    def candidates(self, k: int, exclude: Tensor | None = None, index: IndexConfig | None = None) -> Tensor:
+        """Each query's ``k`` best gallery indices ``[Q, k]``, best first, by :func:`cirlib.search.index.build_index`.
+
+        ``exclude`` (``[Q]``, ``-1`` = none, e.g. :attr:`QuerySet.exclude`) is left out of a query's
+        list, as the protocol leaves it out of the ranking.
+        """
+        g = len(self.gallery_features)
+        available = g - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
+        if not 1 <= k <= available:
+            raise ValueError(f"K={k} candidates asked for, but the gallery holds {g} images"
+                             f"{' (one of them the excluded reference)' if available < g else ''}")
+        search = build_index(self.gallery_features, index)
+        if exclude is None:
+            return search.search(self.query_features, k)[1].cpu()
+        found = search.search(self.query_features, min(k + 1, g))[1].cpu()
+        excluded = found == exclude.view(-1, 1).to(found.device)
+        keep = excluded.int().argsort(dim=1, stable=True)  # the excluded item last, the others in order
+        return found.gather(1, keep)[:, :k]
+
+    def scores(self) -> Tensor:
+        """``[Q, G]`` cosine similarities: the first stage's full ranking."""
+        return F.normalize(self.query_features.float(), dim=-1) @ F.normalize(self.gallery_features.float(), dim=-1).T
+
+
+def combine_stage(combine: CombineFn, reference: Tensor, text: Tensor, gallery: Tensor) -> FirstStage:
+    """A first stage from a combining function on cached features: ``combine_sum``, a Combiner, any callable."""
+    return FirstStage(apply_combine(combine, reference, text), gallery)
+
+
+@torch.no_grad()
+def filter_stage(filt: CandidateFilter, queries: QuerySet, batch_size: int = 256, amp: bool = True) -> FirstStage:
+    """The candidate filter as a first stage: its query embeddings against the gallery's image features."""
+    device = next(filt.parameters()).device
+    out = []
+    with eval_mode(filt), autocast(device, amp):
+        for start in range(0, len(queries), batch_size):
+            rows = slice(start, start + batch_size)
+            refs = queries.images.tokens[queries.reference_rows[rows]].to(device)
+            out.append(filt(queries.tokens[rows].to(device), refs)[0].float().cpu())
+    embeddings = torch.cat(out) if out else torch.empty(0, queries.images.features.shape[1])
+    return FirstStage(embeddings, queries.images.features[: queries.gallery_size])
+
+
+@torch.no_grad()
+def rerank(
+    reranker: DualEncoderReranker,
+    filt: CandidateFilter,
+    queries: QuerySet,
+    candidates: Tensor,
+    pair_batch_size: int = 1024,
+    amp: bool = True,
+    progress: bool = True,
+) -> Tensor:
+    """The re-ranker's scores ``[Q, K]`` of each query's candidates (gallery indices ``[Q, K]``).
+
+    Queries go in chunks of about ``pair_batch_size / K``: the filter computes their ``z_t`` once,
+    then every (query, candidate) pair of the chunk is scored in one pass.
+    """
+    n, k = candidates.shape
+    if n != len(queries):
+        raise ValueError(f"candidates has {n} rows for {len(queries)} queries")
+    if n and not (0 <= int(candidates.min()) and int(candidates.max()) < queries.gallery_size):
+        raise ValueError(f"candidate indices must lie in the gallery [0, {queries.gallery_size})")
+    device = next(reranker.parameters()).device
+    chunk = max(1, pair_batch_size // max(k, 1))
+    out = []
+    with eval_mode(reranker, filt), autocast(device, amp):
+        for start in tqdm(range(0, n, chunk), desc=f"re-ranking top {k}", leave=False, disable=not progress):
+            rows = slice(start, start + chunk)
+            tokens = queries.tokens[rows].to(device)
+            _, z_t = filt(tokens, queries.images.tokens[queries.reference_rows[rows]].to(device))
+            images = queries.images.tokens[candidates[rows].reshape(-1)].to(device)
+            scores = reranker(tokens.repeat_interleave(k, dim=0), z_t.repeat_interleave(k, dim=0), images)
+            out.append(scores.float().view(-1, k).cpu())
+    return torch.cat(out) if out else torch.empty(0, k)
+
+
+def ranking_features(first: FirstStage, candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Query and gallery features whose cosine ranking is the two-stage ranking, for the protocols.
+
+    The two-stage ranking puts each query's ``K`` candidates first, in the order of the re-ranker's
+    ``scores`` (ties in the first stage's order), then every other gallery image in the first
+    stage's order. It is returned as a ``[Q, G]`` score matrix (candidates at ``2 + K - rank``,
+    above every cosine, the rest at their cosine) with the ``[G, G]`` identity as gallery features,
+    so :func:`~cirlib.evaluation.protocols.per_query_metrics` and
+    :func:`~cirlib.evaluation.protocols.evaluate_split` (every metric of FashionIQ, CIRR and its
+    Recall_subset, with their exclusions) and :func:`~cirlib.evaluation.protocols.topk` (display
+    order, on ``query @ gallery.T``) apply unchanged. Memory is ``Q x G + G x G`` floats: fine for
+    validation galleries of thousands of images.
+    """
+    if candidates.shape != scores.shape or candidates.ndim != 2:
+        raise ValueError(f"candidates and scores must both be [Q, K], got {tuple(candidates.shape)} "
+                         f"and {tuple(scores.shape)}")
+    full = first.scores().cpu()
+    k = candidates.shape[1]
+    order = scores.float().argsort(dim=1, descending=True, stable=True)  # candidates arrive best first
+    ranked = candidates.long().cpu().gather(1, order.cpu())
+    top = (2.0 + torch.arange(k, 0, -1, dtype=full.dtype)).expand(len(ranked), k)
+    return full.scatter(1, ranked, top), torch.eye(full.shape[1])
+
+
+def two_stage_metrics(
+    queries: Mapping[str, QuerySet],
+    firsts: Mapping[str, FirstStage],
+    candidates: Mapping[str, Tensor],
+    rerank_fn: Callable[[str], Tensor] | None,
+) -> dict[str, float]:
+    """Protocol metrics of one benchmark's splits, merged as the course's validations merge them
+    (:func:`~cirlib.evaluation.protocols.merge_metrics`): the first stage alone when ``rerank_fn``
+    is None, else the ranking with each split's candidates re-ordered by ``rerank_fn(name)``."""
+    per_split = {}
+    for name, qs in queries.items():
+        first = firsts[name]
+        features = ((first.query_features, first.gallery_features) if rerank_fn is None
+                    else ranking_features(first, candidates[name], rerank_fn(name)))
+        per_split[name] = evaluate_split(qs.split, *features)
+    return merge_metrics(per_split, _one_dataset(queries))
+
+
+def _one_dataset(queries: Mapping[str, QuerySet]) -> str:
+    datasets = {qs.split.dataset for qs in queries.values()}
+    if len(datasets) != 1:
+        raise ValueError(f"validation splits must come from one benchmark, got {sorted(datasets)}")
+    return datasets.pop()
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Candidate-filter training (§3.3.1, §4.1.3). Defaults are the paper's for BLIP ViT-B on an A100:
+    AdamW at 2e-5 with weight decay 0.05, a cosine schedule to 0, batches of 512, 10 epochs.
+
+    ``layers=None`` copies every block of the text tower; ``epoch_size`` (triplets per epoch,
+    None = all) and ``patience`` are CPU-budget knobs; ``main_metric=None`` selects by the
+    benchmark's metric (:data:`~cirlib.evaluation.protocols.MAIN_METRICS`).
+    """
+
+    layers: int | None = None
+    init_temperature: float = 0.07  # Eq. 1's lambda starts at 1 / 0.07, as CLIP's and BLIP's
+    lr: float = 2e-5
+    weight_decay: float = 0.05
+    batch_size: int = 512
+    epochs: int = 10
+    patience: int | None = None
+    epoch_size: int | None = None
+    caption_augment: bool = True  # FashionIQ: random caption order or a single caption
+    main_metric: str | None = None
+    seed: int = 0
+    amp: bool = True
+    progress: bool = True
+
+    @classmethod
+    def for_tiny(cls, **overrides: Any) -> "FilterConfig":
+        """The tiny backbone on a 2-core CPU: its whole 4-block text tower, batches of 64 at a larger
+        learning rate (new cross-attention layers, minutes instead of hours), 4 epochs of 3,000
+        triplets, patience 2. A step costs about 0.5 CPU-seconds (one thread), so training and
+        validating on ``fashion`` or CIRR take about two minutes."""
+        tiny = {"lr": 1e-4, "batch_size": 64, "epochs": 4, "epoch_size": 3000, "patience": 2}
+        return cls(**{**tiny, **overrides})
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    """Re-ranker training (§3.3.2, §4.1.3). Defaults are the paper's: AdamW at 2e-5, weight decay
+    0.05, a cosine schedule to 0, batches of 16 (each query against the batch's 16 targets), 50
+    epochs (FashionIQ; CIRR 80), every block of the text tower in both encoders.
+
+    ``merge``, ``shared_feedforward`` and ``encoders`` select the architecture's ablations
+    (Tables 3-4). Validation re-ranks each query's top ``k`` filter candidates (default the
+    benchmark's :data:`PAPER_K`) of ``val_queries`` queries per split (None = all), a CPU-budget knob.
+    """
+
+    layers: int | None = None
+    merge: Merge = "half"
+    shared_feedforward: bool = True
+    encoders: Encoders = "both"
+    lr: float = 2e-5
+    weight_decay: float = 0.05
+    batch_size: int = 16
+    epochs: int = 50
+    patience: int | None = None
+    epoch_size: int | None = None
+    caption_augment: bool = True
+    main_metric: str | None = None
+    k: int | None = None
+    val_queries: int | None = None
+    pair_batch_size: int = 1024  # (query, candidate) pairs scored at once at inference
+    seed: int = 0
+    amp: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"Eq. 2 needs other targets in the batch: batch_size must be >= 2, got {self.batch_size}")
+
+    @classmethod
+    def for_tiny(cls, **overrides: Any) -> "RerankerConfig":
+        """The tiny backbone on a 2-core CPU: two blocks per encoder (one averaging, one linear
+        merge), the paper's batch of 16 (256 scored pairs a step) at a larger learning rate, 3 epochs
+        of 480 triplets, and validation on 60 queries per split at K = 50. A step costs 0.7 (``fashion``)
+        to 1.3 (CIRR's longer captions) CPU-seconds and re-ranking a query's top 50 about 0.08, so
+        training and validating take about two minutes."""
+        tiny = {"layers": 2, "lr": 1e-4, "epochs": 3, "epoch_size": 480, "patience": 2, "k": 50,
+                "val_queries": 60}
+        return cls(**{**tiny, **overrides})
+
+
+def _optimizer_and_schedule(
+    module: nn.Module, lr: float, weight_decay: float, steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.CosineAnnealingLR]:
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps), eta_min=0.0)
+
+
+def _steps_per_epoch(n: int, epoch_size: int | None, batch_size: int) -> int:
+    drawn = min(n, epoch_size or n)
+    return max(1, drawn // batch_size) if drawn >= 2 else 0
+
+
+def _val_key(val: Mapping[str, QuerySet]) -> list:
+    """What of the validation data decides the kept epoch (split identity and queries)."""
+    return [(name, qs.split.dataset, qs.split.split, str(qs.split.root), len(qs), tensor_digest(qs.tokens))
+            for name, qs in sorted(val.items())]
+
+
+def _config_key(config: FilterConfig | RerankerConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k != "progress"}
+
+
+def _epochs(
+    train: TrainingData,
+    batch_size: int,
+    epoch_size: int | None,
+    caption_augment: bool,
+    seed: int,
+    loop: TrainingLoop,
+    batch_loss: Callable[[Tensor, list[str]], Tensor],
+    modules: Sequence[nn.Module],
+    progress: bool,
+) -> Callable[[int], float]:
+    """``train_epoch`` of both stages: a reseeded draw of ``epoch_size`` triplets in batches, one step each."""
+
+    def train_epoch(epoch: int) -> float:
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        rng = np.random.default_rng(epoch_seed(seed, epoch))
+        order = torch.randperm(len(train), generator=gen)[:epoch_size]
+        for module in modules:
+            module.train()
+        losses = []
+        for batch in tqdm(list(batch_slices(order, batch_size)), desc=f"epoch {epoch}", leave=False,
+                          disable=not progress):
+            texts = train.captions(batch, rng if caption_augment else None)
+            losses.append(optimizer_step(loop.optimizer, loop.scaler, [partial(batch_loss, batch, texts)],
+                                         loop.scheduler))
+        return float(np.mean(losses))
+
+    return train_epoch
+
+
+def train_filter(
+    backbone: "Backbone",
+    train: TrainingData,
+    val: Mapping[str, QuerySet],
+    config: FilterConfig = FilterConfig(),
+    ckpt_path: Path | str | None = None,
+) -> tuple[CandidateFilter, list[dict]]:
+    """Train a candidate filter initialised from ``backbone``'s text tower; return it (best epoch) and the history.
+
+    The backbone is not modified (the filter copies its text tower; the image tower is only read
+    through ``train``'s and ``val``'s cached outputs). Each epoch is validated on ``val`` (one
+    benchmark's splits) by the protocol metrics of the filter's own ranking. Runs on the
+    backbone's device.
+    """
+    device = backbone.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        filt = CandidateFilter.from_backbone(backbone, config.layers, config.init_temperature)
+    dataset = _one_dataset(val)
+    steps = config.epochs * _steps_per_epoch(len(train), config.epoch_size, config.batch_size)
+    optimizer, scheduler = _optimizer_and_schedule(filt, config.lr, config.weight_decay, steps)
+    loop = TrainingLoop(
+        modules={"filter": filt},
+        optimizer=optimizer,
+        scaler=grad_scaler(device, config.amp),
+        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
+        fingerprint=fingerprint({
+            "stage": "candidate-filter", "config": _config_key(config), "backbone": backbone.fingerprint,
+            "data": train.fingerprint(), "val": _val_key(val), "precision": precision(device, config.amp),
+        }),
+        epochs=config.epochs,
+        seed=config.seed,
+        main_metric=config.main_metric or main_metric_for(dataset),
+        patience=config.patience,
+        scheduler=scheduler,
+        desc="candidate filter",
+        progress=config.progress,
+        meta={"hparams": filt.hparams, "config": _config_key(config)},
+    )
+
+    def batch_loss(rows: Tensor, texts: list[str]) -> Tensor:
+        tokens = backbone.tokenize(texts).to(device)
+        references = train.images.tokens[train.reference_rows[rows]].to(device)
+        targets = train.images.features[train.target_rows[rows]].to(device)
+        with autocast(device, config.amp):
+            query, _ = filt(tokens, references)
+        return batch_contrastive_loss(query, targets, filt.scale)
+
+    def validate() -> dict[str, float]:
+        firsts = {name: filter_stage(filt, qs, amp=config.amp) for name, qs in val.items()}
+        return two_stage_metrics(val, firsts, {}, None)
+
+    train_epoch = _epochs(train, config.batch_size, config.epoch_size, config.caption_augment, config.seed, loop,
+                          batch_loss, [filt], config.progress)
+    history = loop.run(train_epoch, validate)
+    filt.eval()
+    return filt, history
+
+
+def train_reranker(
+    backbone: "Backbone",
+    filt: CandidateFilter,
+    train: TrainingData,
+    val: Mapping[str, QuerySet],
+    config: RerankerConfig = RerankerConfig(),
+    ckpt_path: Path | str | None = None,
+) -> tuple[DualEncoderReranker, list[dict]]:
+    """Train a dual-encoder re-ranker on top of a trained, frozen ``filt``; return it (best epoch) and the history.
+
+    Each epoch is validated by the protocol metrics of the two-stage ranking on ``val``: the
+    filter's top ``config.k`` of ``config.val_queries`` queries per split, re-ranked. The backbone
+    and the filter are not modified.
+    """
+    device = backbone.device
+    dataset = _one_dataset(val)
+    k = config.k or PAPER_K.get(dataset, 50)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        reranker = DualEncoderReranker.from_backbone(backbone, config.layers, config.merge,
+                                                     config.shared_feedforward, config.encoders)
+    steps = config.epochs * _steps_per_epoch(len(train), config.epoch_size, config.batch_size)
+    optimizer, scheduler = _optimizer_and_schedule(reranker, config.lr, config.weight_decay, steps)
+    loop = TrainingLoop(
+        modules={"reranker": reranker},
+        optimizer=optimizer,
+        scaler=grad_scaler(device, config.amp),
+        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
+        fingerprint=fingerprint({
+            "stage": "reranker", "config": _config_key(config), "backbone": backbone.fingerprint,
+            "filter": state_digest(filt), "data": train.fingerprint(), "val": _val_key(val),
+            "precision": precision(device, config.amp),
+        }),
+        epochs=config.epochs,
+        seed=config.seed,
+        main_metric=config.main_metric or main_metric_for(dataset),
+        patience=config.patience,
+        scheduler=scheduler,
+        desc="re-ranker",
+        progress=config.progress,
+        meta={"hparams": reranker.hparams, "config": _config_key(config)},
+    )
+
+    def batch_loss(rows: Tensor, texts: list[str]) -> Tensor:
+        tokens = backbone.tokenize(texts).to(device)
+        references = train.images.tokens[train.reference_rows[rows]].to(device)
+        targets = train.images.tokens[train.target_rows[rows]].to(device)
+        with autocast(device, config.amp):
+            with torch.no_grad():
+                _, z_t = filt(tokens, references)
+            scores = reranker.pairwise(tokens, z_t, targets)
+        return reranking_loss(scores)
+
+    subsets = {name: qs.subset(config.val_queries, config.seed) for name, qs in val.items()}
+    state: dict[str, dict] = {}
+
+    def validate() -> dict[str, float]:
+        if not state:  # the filter is frozen: its candidates are computed once
+            state["firsts"] = {name: filter_stage(filt, qs, amp=config.amp) for name, qs in subsets.items()}
+            state["candidates"] = {name: state["firsts"][name].candidates(k, qs.exclude)
+                                   for name, qs in subsets.items()}
+        return two_stage_metrics(
+            subsets, state["firsts"], state["candidates"],
+            lambda name: rerank(reranker, filt, subsets[name], state["candidates"][name], config.pair_batch_size,
+                                config.amp, progress=False),
+        )
+
+    train_epoch = _epochs(train, config.batch_size, config.epoch_size, config.caption_augment, config.seed, loop,
+                          batch_loss, [reranker], config.progress)
+    history = loop.run(train_epoch, validate)
+    reranker.eval()
+    return reranker, history
+
+
+__all__ = [
+    "PAPER_K", "FilterConfig", "FirstStage", "ImageBank", "QuerySet", "RerankerConfig", "TrainingData",
+    "combine_stage", "filter_stage", "query_sets", "ranking_features", "rerank", "train_filter", "train_reranker",
+    "two_stage_metrics",
+]

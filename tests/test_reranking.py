@@ -1,0 +1,284 @@
+"""Training and inference of candidate re-ranking (cirlib.methods.reranking), on random tensors standing in
+for the frozen image tower's cached outputs of the course's tiny backbone (random weights)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cirlib.data.datasets import CIRSplit, Query, query_text
+from cirlib.evaluation.protocols import per_query_metrics
+from cirlib.methods import reranking
+from cirlib.methods.reranking import (
+    PAPER_K,
+    FilterConfig,
+    FirstStage,
+    ImageBank,
+    QuerySet,
+    RerankerConfig,
+    TrainingData,
+    combine_stage,
+    filter_stage,
+    ranking_features,
+    rerank,
+    train_filter,
+    train_reranker,
+)
+from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
+from cirlib.models.combiner import combine_sum
+from cirlib.models.features import image_features, patch_token_shape, patch_tokens
+
+COLOURS = ["red", "blue", "green", "black"]
+FAST_FILTER = FilterConfig(lr=1e-3, weight_decay=0.0, batch_size=8, epochs=2, progress=False)
+FAST_RERANKER = RerankerConfig(layers=1, lr=1e-3, weight_decay=0.0, batch_size=4, epochs=2, k=5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Backbone:
+    return load_backbone(TINY_MODEL, device="cpu")
+
+
+def _bank(tiny: Backbone, n: int, seed: int) -> ImageBank:
+    gen = torch.Generator().manual_seed(seed)
+    length, width = patch_token_shape(tiny)
+    return ImageBank(torch.randn(n, tiny.embed_dim, generator=gen),
+                     torch.randn(n, length, width, generator=gen).to(torch.float16))
+
+
+def _queries(n_queries: int, n_images: int, seed: int, dataset: str) -> list[Query]:
+    """Captions name a colour; the target is a function of reference and colour, so it can be learned."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_queries):
+        ref, colour = int(torch.randint(n_images, (1,), generator=gen)), int(torch.randint(4, (1,), generator=gen))
+        target = (ref + 1 + colour) % n_images
+        group = tuple(f"img{(ref + d) % n_images}" for d in range(6)) if dataset == "cirr" else ()
+        out.append(Query(f"img{ref}", (f"make it {COLOURS[colour]}",), f"img{target}", (f"img{target}",), group=group,
+                         category="dress" if dataset == "fashioniq" else None))
+    return out
+
+
+def _training(tiny: Backbone, n_queries: int = 24, n_images: int = 10) -> TrainingData:
+    queries = _queries(n_queries, n_images, 0, "fashioniq")
+    ref = torch.tensor([int(q.reference[3:]) for q in queries])
+    tgt = torch.tensor([int(q.target[3:]) for q in queries])
+    return TrainingData(_bank(tiny, n_images, 0), ref, tgt, queries, "fashioniq")
+
+
+def _query_set(tiny: Backbone, dataset: str = "fashioniq", n_queries: int = 12, n_images: int = 10,
+               seed: int = 1) -> QuerySet:
+    queries = _queries(n_queries, n_images, seed, dataset)
+    names = [f"img{i}" for i in range(n_images)]
+    split = CIRSplit(dataset, "val", Path("/nowhere"), queries, names, {n: Path(f"/nowhere/{n}.png") for n in names}, 0)
+    reference_rows = torch.tensor([int(q.reference[3:]) for q in queries])
+    return QuerySet(split, _bank(tiny, n_images, seed), reference_rows, tiny.tokenize([query_text(q) for q in queries]))
+
+
+def _no_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+# ------------------------------------------------------------------------- first stages and top K
+
+
+def test_candidates_are_the_first_stage_top_k_and_skip_the_excluded_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    first = FirstStage(torch.randn(5, 8, generator=gen), torch.randn(20, 8, generator=gen))
+    full = first.scores().argsort(dim=1, descending=True)
+    assert torch.equal(first.candidates(6), full[:, :6])
+    exclude = torch.tensor([full[0, 0], full[1, 3], -1, full[3, 15], full[4, 5]])
+    kept = first.candidates(6, exclude)
+    for q in range(5):
+        assert kept[q].tolist() == [g for g in full[q].tolist() if g != exclude[q]][:6]
+
+
+def test_k_larger_than_the_gallery_is_refused() -> None:
+    first = FirstStage(torch.randn(2, 4), torch.randn(7, 4))
+    assert first.candidates(7).shape == (2, 7)
+    with pytest.raises(ValueError, match="K=8 candidates asked for, but the gallery holds 7 images"):
+        first.candidates(8)
+    with pytest.raises(ValueError, match="excluded reference"):
+        first.candidates(7, torch.tensor([0, -1]))
+
+
+def test_the_sum_serves_as_a_first_stage() -> None:
+    gen = torch.Generator().manual_seed(0)
+    reference, text, gallery = (torch.randn(4, 6, generator=gen) for _ in range(3))
+    first = combine_stage(combine_sum, reference, text, gallery)
+    torch.testing.assert_close(first.query_features, combine_sum(reference, text))
+    assert first.candidates(3).shape == (4, 3)
+
+
+def test_reranking_reorders_only_the_top_k() -> None:
+    gen = torch.Generator().manual_seed(3)
+    first = FirstStage(torch.randn(6, 8, generator=gen), torch.randn(15, 8, generator=gen))
+    candidates = first.candidates(4)
+    scores = torch.randn(6, 4, generator=gen)
+    query, gallery = ranking_features(first, candidates, scores)
+    ranking = (query @ gallery.T).argsort(dim=1, descending=True)
+    filter_ranking = first.scores().argsort(dim=1, descending=True)
+    for q in range(6):
+        top = candidates[q][scores[q].argsort(descending=True)]
+        assert torch.equal(ranking[q, :4], top)
+        rest = [g for g in filter_ranking[q].tolist() if g not in set(top.tolist())]
+        assert ranking[q, 4:].tolist() == rest
+
+
+def test_ranking_features_go_through_the_official_protocols(tiny: Backbone) -> None:
+    qs = _query_set(tiny, "cirr", n_queries=8, n_images=12)
+    targets = torch.tensor([int(q.target[3:]) for q in qs.split.queries])
+    # a first stage that puts each target third (behind two other images), never the reference first
+    gallery = torch.eye(12)
+    query = torch.full((8, 12), -1.0)
+    for i, t in enumerate(targets.tolist()):
+        query[i, (t + 1) % 12], query[i, (t + 2) % 12], query[i, t] = 3.0, 2.0, 1.0
+    first = FirstStage(query, gallery)
+    candidates = first.candidates(3, qs.exclude)
+    before = per_query_metrics(qs.split, query, gallery)
+    scores = (candidates == targets.view(-1, 1)).float()  # a re-ranker that finds every target it is shown
+    after = per_query_metrics(qs.split, *ranking_features(first, candidates, scores))
+    shown = (candidates == targets.view(-1, 1)).any(dim=1)
+    assert before["R@1"].sum() == 0
+    assert torch.equal(after["R@1"], shown.float() * 100)
+    assert torch.equal(after["R@50"], before["R@50"])  # the same images, in another order
+    assert set(after) == {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
+
+
+def test_query_sets_and_training_data_read_image_files_through_the_caches(tiny: Backbone, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    names = [f"img{i}" for i in range(8)]
+    paths = {}
+    for name in names:
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(paths[name])
+    queries = [Query("img6", ("show it red",), "img1"), Query("img2", ("make it blue",), "img3"),
+               Query("img7", ("add a dog",), "img0")]
+    split = CIRSplit("cirr", "val", tmp_path, queries, names[:6], paths, 0)  # img6, img7 are outside the gallery
+    qs = QuerySet.build(tiny, split, cache_dir=tmp_path / "cache", progress=False)
+    assert len(qs.images) == 8 and qs.gallery_size == 6 and qs.tokens.shape == (3, 32)
+    assert qs.reference_rows.tolist() == [6, 2, 7] and qs.exclude.tolist() == [-1, 2, -1]
+    gallery_paths = [paths[n] for n in names[:6]]
+    assert torch.equal(qs.images.features[:6], image_features(tiny, gallery_paths, progress=False))
+    assert torch.equal(qs.images.tokens[6:], patch_tokens(tiny, [paths["img6"], paths["img7"]], progress=False))
+    assert len(list((tmp_path / "cache").glob("patch-tokens-*"))) == 2  # gallery and outside references
+    train = TrainingData.build(tiny, replace(split, split="train"), cache_dir=tmp_path / "cache", progress=False)
+    assert (train.reference_rows.tolist(), train.target_rows.tolist()) == ([0, 2, 4], [1, 3, 5])
+    # img1 again, read through the pixel cache in another batch
+    torch.testing.assert_close(train.images.tokens[1].float(), qs.images.tokens[1].float(), rtol=1e-3, atol=1e-3)
+    assert train.dataset == "cirr" and train.captions(torch.tensor([2]), None) == ["add a dog"]
+
+
+def test_a_subset_keeps_queries_and_their_inputs_together(tiny: Backbone) -> None:
+    qs = _query_set(tiny, "cirr", n_queries=12)
+    part = qs.subset(5)
+    assert len(part) == len(part.split.queries) == len(part.tokens) == 5 and part.images is qs.images
+    rows = [next(i for i, x in enumerate(qs.split.queries) if x is q) for q in part.split.queries]
+    assert rows == sorted(rows) and torch.equal(part.tokens, qs.tokens[rows])
+    assert torch.equal(part.reference_rows, qs.reference_rows[rows]) and torch.equal(part.exclude, qs.exclude[rows])
+    assert qs.subset(None) is qs and qs.subset(50) is qs
+
+
+def test_paper_k() -> None:
+    assert PAPER_K == {"fashioniq": 100, "cirr": 50}
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def test_filter_training_lowers_the_loss_and_leaves_the_backbone_alone(tiny: Backbone, tmp_path: Path) -> None:
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    filt, history = train_filter(tiny, _training(tiny), {"dress": _query_set(tiny)},
+                                 replace(FAST_FILTER, epochs=3), tmp_path / "filter.pt")
+    losses = [row["loss"] for row in history]
+    assert losses[-1] < losses[0]
+    assert {"R@10", "R@50", "average", "epoch"} <= set(history[0])
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+    assert all(p.grad is None for p in tiny.model.parameters())  # nothing reached the frozen towers
+    assert not filt.training
+    assert filt.logit_scale.item() != pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())  # learned lambda
+
+
+def test_reranker_training_lowers_the_loss(tiny: Backbone, tmp_path: Path) -> None:
+    train, val = _training(tiny), {"dress": _query_set(tiny)}
+    filt, _ = train_filter(tiny, train, val, FAST_FILTER, tmp_path / "filter.pt")
+    filter_state = {k: v.clone() for k, v in filt.state_dict().items()}
+    reranker, history = train_reranker(tiny, filt, train, val, replace(FAST_RERANKER, epochs=3),
+                                       tmp_path / "reranker.pt")
+    losses = [row["loss"] for row in history]
+    assert losses[-1] < losses[0]
+    assert {"R@10", "R@50", "average"} <= set(history[0])
+    assert all(torch.equal(filter_state[k], v) for k, v in filt.state_dict().items())
+
+
+def _interrupted(monkeypatch: pytest.MonkeyPatch, train_fn, *args):
+    """``train_fn(*args)`` killed at its second validation (after one saved epoch), then run again."""
+    real, calls = reranking.two_stage_metrics, []
+
+    def crash_at_second_validation(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(reranking, "two_stage_metrics", crash_at_second_validation)
+        train_fn(*args)
+    return train_fn(*args)
+
+
+def test_interrupted_runs_resume_to_the_same_result(tiny: Backbone, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    train, val = _training(tiny), {"dress": _query_set(tiny)}
+    filt, filter_history = train_filter(tiny, train, val, FAST_FILTER, tmp_path / "whole" / "filter.pt")
+    reranker, reranker_history = train_reranker(tiny, filt, train, val, FAST_RERANKER,
+                                                tmp_path / "whole" / "reranker.pt")
+    resumed_filter, history = _interrupted(monkeypatch, train_filter, tiny, train, val, FAST_FILTER,
+                                           tmp_path / "cut" / "filter.pt")
+    assert _no_seconds(history) == _no_seconds(filter_history) and len(history) == 2
+    for a, b in zip(resumed_filter.state_dict().values(), filt.state_dict().values()):
+        assert torch.equal(a, b)
+    resumed, history = _interrupted(monkeypatch, train_reranker, tiny, resumed_filter, train, val, FAST_RERANKER,
+                                    tmp_path / "cut" / "reranker.pt")
+    assert _no_seconds(history) == _no_seconds(reranker_history) and len(history) == 2
+    for a, b in zip(resumed.state_dict().values(), reranker.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_rerank_scores_each_query_with_its_candidates(tiny: Backbone, tmp_path: Path) -> None:
+    qs = _query_set(tiny, n_queries=5)
+    train = _training(tiny)
+    filt, _ = train_filter(tiny, train, {"dress": qs}, replace(FAST_FILTER, epochs=1), tmp_path / "f.pt")
+    reranker, _ = train_reranker(tiny, filt, train, {"dress": qs}, replace(FAST_RERANKER, epochs=1), tmp_path / "r.pt")
+    first = filter_stage(filt, qs)
+    assert first.query_features.shape == (5, tiny.embed_dim) and first.gallery_features.shape == (10, tiny.embed_dim)
+    candidates = first.candidates(4)
+    scores = rerank(reranker, filt, qs, candidates, pair_batch_size=6, progress=False)
+    assert scores.shape == (5, 4)
+    with torch.no_grad():
+        _, z_t = filt(qs.tokens[2:3], qs.images.tokens[qs.reference_rows[2:3]].float())
+        one = reranker(qs.tokens[2:3].repeat(4, 1), z_t.repeat(4, 1, 1), qs.images.tokens[candidates[2]].float())
+    torch.testing.assert_close(scores[2], one, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="gallery"):
+        rerank(reranker, filt, qs, torch.full((5, 4), 10), progress=False)
+
+
+def test_bad_training_inputs(tiny: Backbone) -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        RerankerConfig(batch_size=1)
+    with pytest.raises(ValueError, match="one N"):
+        ImageBank(torch.zeros(3, 4), torch.zeros(2, 5, 4))
+    mixed = {"dress": _query_set(tiny), "cirr": _query_set(tiny, "cirr")}
+    with pytest.raises(ValueError, match="one benchmark"):
+        train_filter(tiny, _training(tiny), mixed, FAST_FILTER)
+
+
+def test_tiny_configs() -> None:
+    tiny_filter, tiny_reranker = FilterConfig.for_tiny(), RerankerConfig.for_tiny(k=20)
+    assert tiny_filter.layers is None and tiny_filter.epoch_size is not None and tiny_filter.patience is not None
+    assert tiny_reranker.k == 20 and tiny_reranker.val_queries is not None and tiny_reranker.batch_size == 16
+    assert (RerankerConfig().batch_size, RerankerConfig().lr, FilterConfig().batch_size) == (16, 2e-5, 512)
