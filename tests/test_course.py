@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,16 @@ def test_backbones_say_which_notebook_to_run_first(course) -> None:
         course.stage1_backbone("cirr", "zero-shot")  # zero-shot is the course backbone
     with pytest.raises(FileNotFoundError, match="04_stage1"):
         course.stage1_backbone("cirr", "both")
+
+
+def test_notebooks_share_one_stage1_and_one_combiner_schedule(course) -> None:
+    """Notebook 06's end-to-end runs get notebook 04's encoder budget, and its Combiners 05's schedule,
+    because both come from the course, whatever the notebook overrides."""
+    full = replace(course, quick=False)
+    assert (course.stage1_config().epochs, course.stage1_config().epoch_size) == (2, 64)
+    assert (full.stage1_config().epoch_size, full.stage1_config().patience) == (1500, 2)
+    assert full.stage1_config(encoders="text").encoders == "text"
+    assert full.stage1_config().min_delta > 0 and full.stage1_config().epochs >= 10
+    assert course.combiner_config().epochs == 3 and full.combiner_config().epochs == 30
+    assert full.combiner_config(variant="convex").variant == "convex"
+    assert full.combiner_config().seed == course.seed
