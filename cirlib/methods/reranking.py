@@ -297,14 +297,16 @@ def rerank(
     filt: CandidateFilter,
     queries: QuerySet,
     candidates: Tensor,
-    pair_batch_size: int = 1024,
+    pair_batch_size: int = 256,
     amp: bool = True,
     progress: bool = True,
 ) -> Tensor:
     """The re-ranker's scores ``[Q, K]`` of each query's candidates (gallery indices ``[Q, K]``).
 
     Queries go in chunks of about ``pair_batch_size / K``: the filter computes their ``z_t`` once,
-    then every (query, candidate) pair of the chunk is scored in one pass.
+    then every (query, candidate) pair of the chunk is scored in one pass. On a CPU small chunks
+    are fastest (tiny backbone, K = 50, one thread: 0.064 s a query with 50 pairs a pass, 0.091 with
+    1,024); a GPU wants thousands.
     """
     n, k = candidates.shape
     if n != len(queries):
@@ -407,8 +409,9 @@ class FilterConfig:
     def for_tiny(cls, **overrides: Any) -> "FilterConfig":
         """The tiny backbone on a 2-core CPU: its whole 4-block text tower, batches of 64 at a larger
         learning rate (new cross-attention layers, minutes instead of hours), 4 epochs of 3,000
-        triplets, patience 2. A step costs about 0.5 CPU-seconds (one thread), so training and
-        validating on ``fashion`` or CIRR take about two minutes."""
+        triplets, patience 2. A step costs about 0.5 CPU-seconds (one thread); training and
+        validating took 72 (``fashion``) and 97 (CIRR) CPU-seconds, and lifted the embedded
+        FashionIQ average from the zero-shot Sum's 23.2 to 31.8 and CIRR R@1 from 9.7 to 28.8."""
         tiny = {"lr": 1e-4, "batch_size": 64, "epochs": 4, "epoch_size": 3000, "patience": 2}
         return cls(**{**tiny, **overrides})
 
@@ -421,7 +424,8 @@ class RerankerConfig:
 
     ``merge``, ``shared_feedforward`` and ``encoders`` select the architecture's ablations
     (Tables 3-4). Validation re-ranks each query's top ``k`` filter candidates (default the
-    benchmark's :data:`PAPER_K`) of ``val_queries`` queries per split (None = all), a CPU-budget knob.
+    benchmark's :data:`PAPER_K`) of ``val_queries`` queries per split (None = all), a CPU-budget
+    knob.
     """
 
     layers: int | None = None
@@ -438,7 +442,7 @@ class RerankerConfig:
     main_metric: str | None = None
     k: int | None = None
     val_queries: int | None = None
-    pair_batch_size: int = 1024  # (query, candidate) pairs scored at once at inference
+    pair_batch_size: int = 256  # (query, candidate) pairs scored at once (CPU caches favour few; raise it on a GPU)
     seed: int = 0
     amp: bool = True
     progress: bool = True
@@ -450,11 +454,15 @@ class RerankerConfig:
     @classmethod
     def for_tiny(cls, **overrides: Any) -> "RerankerConfig":
         """The tiny backbone on a 2-core CPU: two blocks per encoder (one averaging, one linear
-        merge), the paper's batch of 16 (256 scored pairs a step) at a larger learning rate, 3 epochs
-        of 480 triplets, and validation on 60 queries per split at K = 50. A step costs 0.7 (``fashion``)
-        to 1.3 (CIRR's longer captions) CPU-seconds and re-ranking a query's top 50 about 0.08, so
-        training and validating take about two minutes."""
-        tiny = {"layers": 2, "lr": 1e-4, "epochs": 3, "epoch_size": 480, "patience": 2, "k": 50,
+        merge), the paper's batch of 16 (256 scored pairs a step), 3 epochs of 480 triplets, and
+        validation on 60 queries per split at K = 50. A step costs 0.7 (``fashion``) to 1.3 (CIRR's
+        longer captions) CPU-seconds and re-ranking a query's top 50 about 0.06 to 0.16; training and
+        validating took 118 (``fashion``) and 150 (CIRR) CPU-seconds on one thread. The learning
+        rate: at 1e-4 the loss barely moved in those steps (2.09 after 3 epochs on embedded CIRR,
+        chance being ln 16 = 2.77), at 3e-4 it fell to 0.92. Even so the re-ranker stays below the
+        filter at this budget (``fashion`` R@10 10.4 against the filter's 14.3 at K = 50; CIRR R@1
+        1.7 on 60 validation queries against 28.8): the paper trains it 5 to 8 times longer."""
+        tiny = {"layers": 2, "lr": 3e-4, "epochs": 3, "epoch_size": 480, "patience": 2, "k": 50,
                 "val_queries": 60}
         return cls(**{**tiny, **overrides})
 
