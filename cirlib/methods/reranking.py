@@ -409,8 +409,8 @@ class FilterConfig:
     def for_tiny(cls, **overrides: Any) -> "FilterConfig":
         """The tiny backbone on a 2-core CPU: its whole 4-block text tower, batches of 64 at a larger
         learning rate (new cross-attention layers, minutes instead of hours), 4 epochs of 3,000
-        triplets, patience 2. A step costs about 0.5 CPU-seconds (one thread); training and
-        validating took 72 (``fashion``) and 97 (CIRR) CPU-seconds, and lifted the embedded
+        triplets, patience 2. On this project's 2-core CPU (idle) a step takes 0.22 to 0.25 s and
+        training with its validations 47 s (``fashion``) to 61 s (CIRR); it lifted the embedded
         FashionIQ average from the zero-shot Sum's 23.2 to 31.8 and CIRR R@1 from 9.7 to 28.8."""
         tiny = {"lr": 1e-4, "batch_size": 64, "epochs": 4, "epoch_size": 3000, "patience": 2}
         return cls(**{**tiny, **overrides})
@@ -455,13 +455,13 @@ class RerankerConfig:
     def for_tiny(cls, **overrides: Any) -> "RerankerConfig":
         """The tiny backbone on a 2-core CPU: two blocks per encoder (one averaging, one linear
         merge), the paper's batch of 16 (256 scored pairs a step), 3 epochs of 480 triplets, and
-        validation on 60 queries per split at K = 50. A step costs 0.7 (``fashion``) to 1.3 (CIRR's
-        longer captions) CPU-seconds and re-ranking a query's top 50 about 0.06 to 0.16; training and
-        validating took 118 (``fashion``) and 150 (CIRR) CPU-seconds on one thread. The learning
-        rate: at 1e-4 the loss barely moved in those steps (2.09 after 3 epochs on embedded CIRR,
-        chance being ln 16 = 2.77), at 3e-4 it fell to 0.92. Even so the re-ranker stays below the
-        filter at this budget (``fashion`` R@10 10.4 against the filter's 14.3 at K = 50; CIRR R@1
-        1.7 on 60 validation queries against 28.8): the paper trains it 5 to 8 times longer."""
+        validation on 60 queries per split at K = 50. On this project's 2-core CPU (idle) a step
+        takes 0.44 s (``fashion``) to 0.70 s (CIRR's longer captions), re-ranking a query's top 50
+        about 0.04 to 0.06 s, and training with its validations 63 s to 85 s. The learning rate: at
+        1e-4 the loss barely moved in those steps (2.09 after 3 epochs on embedded CIRR, chance
+        being ln 16 = 2.77), at 3e-4 it fell to 0.92. Even so the re-ranker stays below the filter
+        at this budget (at K = 50, ``fashion`` R@10 10.4 against the filter's 14.3, CIRR R@1 5.7
+        against 28.8): the paper trains it 5 to 8 times longer than the filter."""
         tiny = {"layers": 2, "lr": 3e-4, "epochs": 3, "epoch_size": 480, "patience": 2, "k": 50,
                 "val_queries": 60}
         return cls(**{**tiny, **overrides})
