@@ -272,3 +272,5 @@ def test_patch_tokens_are_cached_and_follow_the_image_tower(tiny: Backbone, tmp_
 def test_patch_tokens_of_a_resnet_tower_are_refused(micro_resnet: Backbone, tmp_path: Path) -> None:
     with pytest.raises(NotImplementedError, match="test-multimodal-RN has a ModifiedResNet"):
         patch_tokens(micro_resnet, _write_images(tmp_path, 1), progress=False)
+    with pytest.raises(NotImplementedError, match="test-multimodal-RN has a ModifiedResNet"):
+        CandidateFilter.from_backbone(micro_resnet)

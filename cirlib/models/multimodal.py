@@ -33,6 +33,8 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
+from cirlib.models.features import patch_token_shape
+
 if TYPE_CHECKING:
     from cirlib.models.backbone import Backbone
 
@@ -95,11 +97,6 @@ def text_tower(backbone: "Backbone") -> TextTower:
                                   f"this one has {', '.join(problems)}")
     return TextTower(text.token_embedding, text.positional_embedding, blocks, text.ln_final,
                      getattr(text, "text_projection", None), pool_type, eos_id)
-
-
-def image_token_width(backbone: "Backbone") -> int:
-    """Width of the image tower's tokens (what :func:`cirlib.models.features.patch_tokens` returns)."""
-    return int(backbone.model.visual.transformer.width)
 
 
 def causal_mask(length: int) -> Tensor:
@@ -234,7 +231,7 @@ class CandidateFilter(nn.Module):
     def from_backbone(cls, backbone: "Backbone", layers: int | None = None,
                       init_temperature: float = 0.07) -> "CandidateFilter":
         """A filter initialised from ``backbone``'s text tower (the first ``layers`` blocks; all by default)."""
-        return cls(text_tower(backbone), image_token_width(backbone), layers, init_temperature).to(backbone.device)
+        return cls(text_tower(backbone), patch_token_shape(backbone)[1], layers, init_temperature).to(backbone.device)
 
     @property
     def width(self) -> int:
@@ -333,7 +330,7 @@ class DualEncoderReranker(nn.Module):
     def from_backbone(cls, backbone: "Backbone", layers: int | None = None, merge: Merge = "half",
                       shared_feedforward: bool = True, encoders: Encoders = "both") -> "DualEncoderReranker":
         """A re-ranker initialised from ``backbone``'s text tower (both streams copy the same blocks)."""
-        return cls(text_tower(backbone), image_token_width(backbone), layers, merge, shared_feedforward,
+        return cls(text_tower(backbone), patch_token_shape(backbone)[1], layers, merge, shared_feedforward,
                    encoders).to(backbone.device)
 
     @property
@@ -371,4 +368,4 @@ class DualEncoderReranker(nn.Module):
 
 
 __all__ = ["CandidateFilter", "CrossAttention", "DualEncoderReranker", "DualLayer", "Encoders", "FeedForward",
-           "Merge", "SelfAttention", "TextTower", "causal_mask", "image_token_width", "text_tower"]
+           "Merge", "SelfAttention", "TextTower", "causal_mask", "text_tower"]
