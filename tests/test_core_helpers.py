@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from cirlib.core import device, io, paths
+from cirlib.core.cache import read_keyed_tensor
 
 
 def test_project_root_from_env_and_from_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,3 +204,15 @@ def test_tensor_digest_keys_values_and_shape() -> None:
     assert io.tensor_digest(x) != io.tensor_digest(x.view(2, 3))  # same bytes, another shape
     assert io.tensor_digest(x) != io.tensor_digest(x + 1e-3)
     assert io.tensor_digest(x, x) != io.tensor_digest(x)
+
+
+def test_read_keyed_tensor_checks_key_shape_and_dtype(tmp_path: Path) -> None:
+    file = tmp_path / "t.safetensors"
+    save_file({"tokens": torch.ones(3, 4)}, str(file), metadata={"key": "k1"})
+    assert read_keyed_tensor(file, "k1", "tokens", (3, None), torch.float32).shape == (3, 4)
+    for key, shape, dtype, message in (("k2", (3, None), torch.float32, "key does not match"),
+                                       ("k1", (2, None), torch.float32, r"expected \(2, '\*'\)"),
+                                       ("k1", (3, 4, 1), torch.float32, "holds"),
+                                       ("k1", (3, 4), torch.float16, "float16")):
+        with pytest.raises(ValueError, match=message):
+            read_keyed_tensor(file, key, "tokens", shape, dtype)

@@ -21,9 +21,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cirlib.core.io import atomic_path, fingerprint
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE_VERSION = 2  # 2: files keyed by content digest instead of mtime
 """Version of every on-disk cache entry. Bump it when decoding or extraction changes what a given
@@ -119,3 +122,25 @@ def cache_entry(
 
 
 __all__ = ["CACHE_VERSION", "CacheEntry", "cache_entry", "cache_key", "content_digest", "file_list"]
+
+
+def read_keyed_tensor(
+    file: Path, key: str, name: str, shape: Sequence[int | None], dtype: torch.dtype
+) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors cache file written under ``key`` (its metadata), checked
+    against ``shape`` (``None``: any size along that axis) and ``dtype``.
+
+    A mismatch raises ``ValueError``, which :meth:`CacheEntry.load` reports and answers by
+    recomputing: a file from other inputs or a half-written one is never used.
+    """
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            raise ValueError("its key does not match its inputs")
+        tensor = f.get_tensor(name)
+    fits = tensor.ndim == len(shape) and all(s is None or s == n for s, n in zip(shape, tensor.shape))
+    if not fits or tensor.dtype != dtype:
+        wanted = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"holds {tuple(tensor.shape)} {tensor.dtype}, expected {wanted} {dtype}")
+    return tensor

@@ -34,11 +34,10 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from cirlib.core.cache import cache_entry
+from cirlib.core.cache import cache_entry, read_keyed_tensor
 from cirlib.core.device import precision
 from cirlib.core.io import tensor_digest
 from cirlib.data.concepts import assign_concepts
@@ -175,16 +174,6 @@ def image_concepts_of(
     return assign_concepts(backbone, features, vocabulary, min(k, len(vocabulary))).names
 
 
-def _read_tokens(file: Path, key: str, n: int) -> Tensor:
-    with safe_open(file, framework="pt") as f:
-        if (f.metadata() or {}).get("key") != key:
-            raise ValueError("its key does not match its inputs")
-        tokens = f.get_tensor("tokens")
-    if tokens.ndim != 2 or tokens.shape[0] != n or tokens.dtype != torch.float32:
-        raise ValueError(f"holds {tuple(tokens.shape)} {tokens.dtype}, expected {n} float32 rows")
-    return tokens
-
-
 def oti_tokens(
     backbone: Backbone,
     features: Tensor,
@@ -208,7 +197,8 @@ def oti_tokens(
                   "phrases": None if phrases is None else {c: list(p) for c, p in phrases.items()},
                   "precision": precision(backbone.device, config.amp)}
         entry = cache_entry(cache_dir, "OTI token", "oti-tokens", ".safetensors", inputs, [])
-        cached = entry.load(lambda file: _read_tokens(file, entry.key, len(features)))
+        cached = entry.load(
+            lambda file: read_keyed_tensor(file, entry.key, "tokens", (len(features), None), torch.float32))
         if cached is not None:
             return cached
     tokens = oti(backbone, features, concepts, phrases, config).tokens

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlib.core.cache import cache_entry, cache_key
+from cirlib.core.cache import cache_entry, cache_key, read_keyed_tensor
 from cirlib.core.device import autocast, precision
 from cirlib.core.tensors import eval_mode
 from cirlib.data.datasets import CIRSplit, ImageLoadError, open_image, query_text
@@ -141,16 +140,6 @@ def image_cache_key(
     return cache_key(_image_cache_inputs(backbone, transform_kind, target_ratio, amp), paths)
 
 
-def _read_features(file: Path, key: str, n: int) -> torch.Tensor:
-    with safe_open(file, framework="pt") as f:
-        if (f.metadata() or {}).get("key") != key:
-            raise ValueError("its key does not match its inputs")
-        feats = f.get_tensor("features")
-    if feats.shape[0] != n or feats.dtype != torch.float32:
-        raise ValueError(f"holds {tuple(feats.shape)} {feats.dtype}, expected {n} float32 rows")
-    return feats
-
-
 def image_features(
     backbone: "Backbone",
     paths: Sequence[Path | str],
@@ -183,7 +172,8 @@ def image_features(
     if cache_dir is not None:
         inputs = _image_cache_inputs(backbone, transform_kind, target_ratio, amp)
         entry = cache_entry(cache_dir, "feature", "images", ".safetensors", inputs, paths)
-        cached = entry.load(lambda file: _read_features(file, entry.key, len(paths)))
+        cached = entry.load(
+            lambda file: read_keyed_tensor(file, entry.key, "features", (len(paths), None), torch.float32))
         if cached is not None:
             return cached
     if not paths:
@@ -377,16 +367,6 @@ def encode_patch_tokens(backbone: "Backbone", pixels: torch.Tensor) -> torch.Ten
     return torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
 
 
-def _read_tokens(file: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    with safe_open(file, framework="pt") as f:
-        if (f.metadata() or {}).get("key") != key:
-            raise ValueError("its key does not match its inputs")
-        tokens = f.get_tensor("tokens")
-    if tuple(tokens.shape) != shape or tokens.dtype != PATCH_TOKEN_DTYPE:
-        raise ValueError(f"holds {tuple(tokens.shape)} {tokens.dtype}, expected {shape} {PATCH_TOKEN_DTYPE}")
-    return tokens
-
-
 def patch_tokens(
     backbone: "Backbone",
     paths: Sequence[Path | str],
@@ -412,7 +392,8 @@ def patch_tokens(
         inputs = {**_image_cache_inputs(backbone, transform_kind, target_ratio, amp),
                   "output": "patch_tokens", "dtype": str(PATCH_TOKEN_DTYPE)}
         entry = cache_entry(cache_dir, "patch-token", "patch-tokens", ".safetensors", inputs, paths)
-        cached = entry.load(lambda file: _read_tokens(file, entry.key, (len(paths), *shape)))
+        cached = entry.load(
+            lambda file: read_keyed_tensor(file, entry.key, "tokens", (len(paths), *shape), PATCH_TOKEN_DTYPE))
         if cached is not None:
             return cached
     if not paths:
