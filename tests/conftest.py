@@ -44,6 +44,23 @@ _SESSION_START = time.time()
 NOTEBOOK_RESULTS = "test_notebook_results.py"
 
 
+@pytest.fixture(scope="module")
+def vit():
+    """A random-init tiny ViT CLIP (the course's architecture), shared by a test module."""
+    from cirlib.models.backbone import load_backbone
+
+    return load_backbone(pretrained=None)
+
+
+@pytest.fixture
+def close_figures():
+    """Close every matplotlib figure a plotting test opened."""
+    import matplotlib.pyplot as plt
+
+    yield
+    plt.close("all")
+
+
 @pytest.fixture(scope="session")
 def session_start() -> float:
     """When this pytest run started: the notebook result tests only read tables written after it."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import matplotlib.pyplot as plt
 import numpy as np
 import open_clip
 import pytest
@@ -17,18 +16,9 @@ from cirlib.models.backbone import load_backbone
 from cirlib.models.combiner import Combiner, combine_sum
 from cirlib.viz import plots
 
+pytestmark = pytest.mark.usefixtures("close_figures")
+
 TINY_RN = "cirlib-test-tiny-RN"
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return load_backbone(pretrained=None)
 
 
 @pytest.fixture(scope="module")

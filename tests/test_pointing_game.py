@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -21,21 +20,10 @@ from cirlib.data.synth.scenes.drawing import OBJECT_SIDE, object_box
 from cirlib.data.synth.scenes.graph import edited_objects
 from cirlib.data.synth.scenes.sampler import Edit, apply_edit
 from cirlib.evaluation import analysis
-from cirlib.models.backbone import load_backbone
 from cirlib.models.combiner import combine_sum
 from cirlib.viz import plots
 
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return load_backbone(pretrained=None)
-
+pytestmark = pytest.mark.usefixtures("close_figures")
 
 @pytest.fixture(scope="module")
 def cirr_val(tmp_path_factory: pytest.TempPathFactory) -> datasets.CIRSplit:
