@@ -15,6 +15,7 @@ from cirlib.core import artifacts, paths
 from cirlib.data import benchmarks
 from cirlib.data.datasets import CIRSplit
 from cirlib.methods.combiner_training import CombinerConfig
+from cirlib.methods.reranking import FilterConfig, RerankerConfig
 from cirlib.methods.stage1 import Stage1Config
 from cirlib.models.backbone import TINY_MODEL, Backbone
 
@@ -77,7 +78,6 @@ class Course:
             return self.backbone()
         return artifacts.stage1_backbone(self.quick, benchmark, encoders, self.backbone_name, self.device)
 
-
     def stage1_config(self, **overrides) -> Stage1Config:
         """The stage-1 schedule of notebook 04, shared with 06 so that its end-to-end runs get the
         same encoder budget: epochs of ``epoch_size`` random triplets, early stopping on validation
@@ -89,6 +89,18 @@ class Course:
         """The Combiner schedule of notebook 05, shared with 06's variants and end-to-end runs."""
         schedule = {"epochs": 3 if self.quick else 30}
         return CombinerConfig.for_tiny(**{"seed": self.seed, "device": self.device, **schedule, **overrides})
+
+    def filter_config(self, **overrides) -> FilterConfig:
+        """The candidate filter's schedule in notebook 08 (see :meth:`FilterConfig.for_tiny`); quick:
+        two short epochs on the quick training sets (a few hundred triplets)."""
+        schedule = {"epochs": 2, "batch_size": 16, "epoch_size": None} if self.quick else {}
+        return FilterConfig.for_tiny(**{"seed": self.seed, "progress": False, **schedule, **overrides})
+
+    def reranker_config(self, **overrides) -> RerankerConfig:
+        """The re-ranker's schedule in notebook 08 (see :meth:`RerankerConfig.for_tiny`); quick: one
+        epoch of 64 triplets in batches of 8, validated on 20 queries per split at K = 20."""
+        schedule = {"epochs": 1, "batch_size": 8, "epoch_size": 64, "val_queries": 20, "k": 20} if self.quick else {}
+        return RerankerConfig.for_tiny(**{"seed": self.seed, "progress": False, **schedule, **overrides})
 
 
 def setup_course(

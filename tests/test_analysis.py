@@ -217,6 +217,10 @@ def test_retrieval_grid_frames_exactly_the_ground_truths(fixture_splits) -> None
     assert short.axes[2].spines["top"].get_linewidth() == 4 and not short.axes[3].axison
     with pytest.raises(ValueError, match="rankings"):
         plots.retrieval_grid(split, [0, 1], ranked[:1])
+    labelled = plots.retrieval_grid(split, [0, 0], ranked, k=4, row_labels=["F", "R50"])
+    assert [labelled.axes[r * cols].get_xlabel() for r in range(2)] == ["F", "R50"]
+    with pytest.raises(ValueError, match="row labels"):
+        plots.retrieval_grid(split, [0, 0], ranked, row_labels=["F"])
 
 
 # ------------------------------------------------------------------------------ distribution plots

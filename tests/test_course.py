@@ -60,3 +60,15 @@ def test_notebooks_share_one_stage1_and_one_combiner_schedule(course) -> None:
     assert course.combiner_config().epochs == 3 and full.combiner_config().epochs == 30
     assert full.combiner_config(variant="convex").variant == "convex"
     assert full.combiner_config().seed == course.seed
+
+
+def test_reranking_schedules_are_the_tiny_ones_and_quick_is_smaller(course) -> None:
+    from cirlib.methods.reranking import FilterConfig, RerankerConfig
+
+    full = replace(course, quick=False)
+    assert full.filter_config() == FilterConfig.for_tiny(seed=course.seed, progress=False)
+    assert full.reranker_config() == RerankerConfig.for_tiny(seed=course.seed, progress=False)
+    assert course.filter_config().epochs < full.filter_config().epochs
+    quick = course.reranker_config()
+    assert quick.epochs * quick.epoch_size < full.reranker_config().epochs * full.reranker_config().epoch_size
+    assert quick.k == 20 and course.reranker_config(merge="linear").merge == "linear"

@@ -86,3 +86,15 @@ def test_isearle_aspects_are_table_v_b32():
     for method in t.columns:
         hardest = set(t[method].nsmallest(3).index)
         assert "viewpoint" in hardest and "direct_addressing" in set(t[method].nlargest(2).index)
+
+
+def test_reranking_tables_are_the_papers_and_keep_its_orderings():
+    main = P.reranking_results()
+    assert main.loc["filter", "fashioniq R@10"] == 46.15 and main.loc["re-ranked", "cirr R@1"] == 50.55  # Tables 1-2
+    assert (main.loc["re-ranked"] >= main.loc["filter"]).all()  # R@50 equal on CIRR (top-50 re-ranked)
+    ablations = P.reranking_ablations()
+    assert (ablations.loc["full"] > ablations.drop(index="full")).all().all()  # Table 3: every ablation loses
+    assert P.reranking_k("fashioniq").loc[100, "R@50"] == 73.13 and P.reranking_k("cirr").loc[0, "R@1"] == 46.83
+    positions = P.reranking_positions()
+    assert (positions["difference"] > 0).all() and positions.loc["cirr", "initial"] == 5.32
+    assert "TMLR" in P.RERANKING_SOURCE

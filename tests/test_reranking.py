@@ -149,6 +149,61 @@ def test_ranking_features_go_through_the_official_protocols(tiny: Backbone) -> N
     assert set(after) == {"R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3"}
 
 
+def test_two_stage_per_query_means_are_the_two_stage_metrics(tiny: Backbone) -> None:
+    qs = {"dress": _query_set(tiny, n_queries=9, seed=1), "shirt": _query_set(tiny, n_queries=7, seed=2)}
+    gen = torch.Generator().manual_seed(0)
+    firsts = {n: FirstStage(torch.randn(len(q), 6, generator=gen), torch.randn(10, 6, generator=gen))
+              for n, q in qs.items()}
+    candidates = {n: f.candidates(4) for n, f in firsts.items()}
+    scores = {n: torch.randn(len(q), 4, generator=gen) for n, q in qs.items()}
+    for given in (None, scores):
+        pq = reranking.two_stage_per_query(qs, firsts, candidates, given)
+        means = reranking.two_stage_metrics(qs, firsts, candidates, None if given is None else scores.__getitem__)
+        assert pq.names == ("dress", "shirt") and len(pq.strata) == 16
+        for metric in ("R@10", "R@50"):
+            assert pq.mean(metric) == pytest.approx(means[metric])
+
+
+def test_target_positions_coverage_and_rank_changes(tiny: Backbone) -> None:
+    qs = _query_set(tiny, n_queries=4, n_images=10)
+    targets = [int(q.target[3:]) for q in qs.split.queries]
+    others = [[g for g in range(10) if g != t] for t in targets]
+    # the target 3rd, 1st, absent, 4th among 4 candidates
+    candidates = torch.tensor([others[0][:2] + [targets[0]] + others[0][2:3], [targets[1]] + others[1][:3],
+                               others[2][:4], others[3][:3] + [targets[3]]])
+    before = reranking.target_positions(qs, candidates)
+    assert before.tolist() == [3, 1, 0, 4]
+    scores = torch.tensor([[0.0, 0.0, 5.0, 1.0], [0.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    after = reranking.target_positions(qs, candidates, scores)
+    assert after.tolist() == [1, 4, 0, 4]  # ties keep the first stage's order
+    assert reranking.coverage(before, [1, 2, 3, 4]) == {1: 25.0, 2: 25.0, 3: 50.0, 4: 75.0}
+    moves = reranking.rank_changes(before, after)
+    assert moves["queries"] == 3
+    assert moves["initial"] == pytest.approx(8 / 3) and moves["re-ranked"] == pytest.approx(3.0)
+    assert moves["difference"] == pytest.approx(-1 / 3) and moves["decrease %"] == pytest.approx(-12.5)
+    with pytest.raises(ValueError, match="only re-orders"):
+        reranking.rank_changes(before, torch.tensor([1, 1, 2, 4]))
+    gains = reranking.gains_by_initial_rank(before, after, [1, 2, 4, 5])
+    assert gains["queries"].tolist() == [1, 1, 1]
+    assert gains["mean gain"].tolist() == [-3.0, 2.0, 0.0]
+    assert gains["forward %"].tolist() == [0.0, 100.0, 0.0] and gains["back %"].tolist() == [100.0, 0.0, 0.0]
+    assert list(gains.index) == ["1", "2-3", "4"]
+    names = reranking.ranked_names(qs, candidates, scores, k=2)
+    assert names[0] == [f"img{targets[0]}", f"img{others[0][2]}"] and names[1][0] == f"img{others[1][2]}"
+    assert reranking.ranked_names(qs, candidates, k=1)[1] == [f"img{targets[1]}"]
+
+
+def test_inference_times_cover_each_k(tiny: Backbone, tmp_path: Path) -> None:
+    qs = _query_set(tiny, n_queries=4)
+    train = _training(tiny)
+    filt, _ = train_filter(tiny, train, {"dress": qs}, replace(FAST_FILTER, epochs=1), tmp_path / "f.pt")
+    reranker, _ = train_reranker(tiny, filt, train, {"dress": qs}, replace(FAST_RERANKER, epochs=1), tmp_path / "r.pt")
+    times = reranking.inference_times(reranker, filt, qs, [2, 4])
+    assert list(times.index) == [2, 4] and (times > 0).all().all()
+    ratio = times["re-rank s/query"] / times["filter s/query"]
+    assert times["re-rank / filter"].tolist() == pytest.approx(ratio.tolist())
+
+
 def test_query_sets_and_training_data_read_image_files_through_the_caches(tiny: Backbone, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     names = [f"img{i}" for i in range(8)]

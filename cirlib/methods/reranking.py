@@ -22,6 +22,7 @@ image in the first stage's order) that the official protocols of
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,8 +42,9 @@ from cirlib.core.tensors import eval_mode
 from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step
 from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
+from cirlib.evaluation.bootstrap import PerQuery
 from cirlib.evaluation.metrics import name_index
-from cirlib.evaluation.protocols import PROTOCOLS, evaluate_split, main_metric_for, merge_metrics
+from cirlib.evaluation.protocols import PROTOCOLS, evaluate_split, main_metric_for, merge_metrics, per_query_metrics
 from cirlib.methods.combiner_training import training_triplets
 from cirlib.methods.losses import batch_contrastive_loss, reranking_loss
 from cirlib.models.backbone import state_digest
@@ -369,6 +372,127 @@ def two_stage_metrics(
     return merge_metrics(per_split, _one_dataset(queries))
 
 
+def two_stage_per_query(
+    queries: Mapping[str, QuerySet],
+    firsts: Mapping[str, FirstStage],
+    candidates: Mapping[str, Tensor] | None = None,
+    scores: Mapping[str, Tensor] | None = None,
+) -> PerQuery:
+    """The per-query values behind :func:`two_stage_metrics` (first stage alone when ``scores`` is
+    None, else each split's ``candidates`` re-ordered by its re-ranker ``scores``), for bootstrap
+    intervals and paired comparisons."""
+    _one_dataset(queries)
+    per_split = {}
+    for name, qs in queries.items():
+        first = firsts[name]
+        features = ((first.query_features, first.gallery_features) if scores is None or candidates is None
+                    else ranking_features(first, candidates[name], scores[name]))
+        per_split[name] = {k: v.numpy() for k, v in per_query_metrics(qs.split, *features).items()}
+    return PerQuery.from_splits(per_split)
+
+
+# --------------------------------------------------------------------------------------------
+# What re-ranking changes (Table 7, Figs. 4-8)
+# --------------------------------------------------------------------------------------------
+
+
+def target_positions(queries: QuerySet, candidates: Tensor, scores: Tensor | None = None) -> Tensor:
+    """``[Q]`` 1-based position of each query's target in its candidate list, re-ordered by ``scores``
+    when given (ties keep the first stage's order); 0 where the target is not among the candidates.
+
+    The position in the first stage's top K is the target's rank in the full ranking (the list is
+    that ranking's head), so one call gives the ground-truth coverage at every K' <= K (Fig. 6)."""
+    if scores is not None:
+        if scores.shape != candidates.shape:
+            raise ValueError(f"scores {tuple(scores.shape)} and candidates {tuple(candidates.shape)} differ")
+        order = scores.float().argsort(dim=1, descending=True, stable=True)
+        candidates = candidates.long().gather(1, order.to(candidates.device))
+    index = name_index(queries.split.gallery)
+    targets = torch.tensor([index.get(q.target, -1) for q in queries.split.queries], dtype=torch.long)
+    hit = candidates.long().cpu() == targets.view(-1, 1)
+    return torch.where(hit.any(dim=1), hit.int().argmax(dim=1) + 1, 0)
+
+
+def coverage(positions: Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Ground-truth coverage (Fig. 6): the percentage of queries whose target is in the top ``k``,
+    from the first stage's :func:`target_positions` (exact for ``k`` up to that list's length)."""
+    return {int(k): 100.0 * float(((positions > 0) & (positions <= k)).float().mean()) for k in ks}
+
+
+def rank_changes(before: Tensor, after: Tensor) -> dict[str, float]:
+    """Table 7 for one split: mean target position among the queries whose target the first stage
+    put in the candidates (positions > 0), before and after re-ranking, the difference (positive =
+    brought forward) and the percentage decrease."""
+    if before.shape != after.shape:
+        raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} differ")
+    if bool(((before > 0) != (after > 0)).any()):
+        raise ValueError("re-ranking only re-orders the candidates: a target found before must be found after")
+    found = before > 0
+    if not bool(found.any()):
+        nan = float("nan")
+        return {"queries": 0, "initial": nan, "re-ranked": nan, "difference": nan, "decrease %": nan}
+    initial, reranked = float(before[found].float().mean()), float(after[found].float().mean())
+    return {"queries": int(found.sum()), "initial": initial, "re-ranked": reranked,
+            "difference": initial - reranked, "decrease %": 100.0 * (initial - reranked) / initial}
+
+
+def gains_by_initial_rank(before: Tensor, after: Tensor, edges: Sequence[int]) -> pd.DataFrame:
+    """Fig. 8: the mean forward move of the target (initial minus re-ranked position) by bucket of
+    its initial position; ``edges`` ``[1, 2, 6, 11, ...]`` make buckets ``[1, 2)``, ``[2, 6)`` ...
+    Also the share of the bucket's queries moved forward and moved back."""
+    rows = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (before >= lo) & (before < hi)
+        n = int(inside.sum())
+        moved = (before[inside] - after[inside]).float()
+        label = f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}"
+        rows[label] = {"queries": n, "mean gain": float(moved.mean()) if n else float("nan"),
+                       "forward %": 100.0 * float((moved > 0).float().mean()) if n else float("nan"),
+                       "back %": 100.0 * float((moved < 0).float().mean()) if n else float("nan")}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("initial position")
+
+
+def ranked_names(queries: QuerySet, candidates: Tensor, scores: Tensor | None = None, k: int = 6) -> list[list[str]]:
+    """Each query's top ``k`` gallery names, in the first stage's order or re-ordered by ``scores``
+    (rows F and R of Figs. 4-5)."""
+    if scores is not None:
+        candidates = candidates.long().gather(1, scores.float().argsort(dim=1, descending=True, stable=True))
+    gallery = queries.split.gallery
+    return [[gallery[int(i)] for i in row[:k]] for row in candidates]
+
+
+def inference_times(
+    reranker: DualEncoderReranker,
+    filt: CandidateFilter,
+    queries: QuerySet,
+    ks: Sequence[int],
+    pair_batch_size: int = 256,
+    amp: bool = True,
+) -> pd.DataFrame:
+    """Fig. 7 and §4.4: wall-clock seconds per query of the filter (query embeddings and the top-K
+    search) and of re-ranking the top K, for each ``k`` in ``ks``, and their ratio.
+
+    Measures what a user waits for on this machine; the numbers move with its load, so nothing
+    downstream should compare them exactly.
+    """
+    n = len(queries)
+    if n == 0:
+        raise ValueError("no queries to time")
+    start = time.perf_counter()
+    first = filter_stage(filt, queries, amp=amp)
+    first.candidates(max(ks), queries.exclude)
+    filter_s = (time.perf_counter() - start) / n
+    rows = {}
+    for k in ks:
+        candidates = first.candidates(k, queries.exclude)
+        start = time.perf_counter()
+        rerank(reranker, filt, queries, candidates, pair_batch_size, amp, progress=False)
+        rerank_s = (time.perf_counter() - start) / n
+        rows[int(k)] = {"filter s/query": filter_s, "re-rank s/query": rerank_s,
+                        "re-rank / filter": rerank_s / filter_s}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("K")
+
+
 def _one_dataset(queries: Mapping[str, QuerySet]) -> str:
     datasets = {qs.split.dataset for qs in queries.values()}
     if len(datasets) != 1:
@@ -655,6 +779,7 @@ def train_reranker(
 
 __all__ = [
     "PAPER_K", "FilterConfig", "FirstStage", "ImageBank", "QuerySet", "RerankerConfig", "TrainingData",
-    "combine_stage", "filter_stage", "query_sets", "ranking_features", "rerank", "train_filter", "train_reranker",
-    "two_stage_metrics",
+    "combine_stage", "coverage", "filter_stage", "gains_by_initial_rank", "inference_times", "query_sets",
+    "rank_changes", "ranked_names", "ranking_features", "rerank", "target_positions", "train_filter",
+    "train_reranker", "two_stage_metrics", "two_stage_per_query",
 ]

@@ -342,21 +342,26 @@ def retrieval_grid(
     ranked_names: Sequence[Sequence[str]],
     k: int = 5,
     title: str | None = None,
+    row_labels: Sequence[str] | None = None,
 ) -> matplotlib.figure.Figure:
     """CLIP4Cir Figs. 11-12: reference | caption | top-``k`` results, ground truths framed green.
 
     ``ranked_names[i]`` ranks the gallery for query ``query_indices[i]`` (e.g. from
     :func:`cirlib.evaluation.analysis.top_k_names`). A result is a ground truth if it is in the query's
-    ``ground_truths`` (CIRCO: every annotated target) or is its ``target``.
+    ``ground_truths`` (CIRCO: every annotated target) or is its ``target``. ``row_labels`` name each
+    row under its reference (e.g. ``"F"`` and ``"R"`` for one query ranked before and after re-ranking).
     """
+    if row_labels is not None and len(row_labels) != len(query_indices):
+        raise ValueError(f"{len(row_labels)} row labels for {len(query_indices)} rows")
     if len(ranked_names) != len(query_indices):
         raise ValueError(f"{len(ranked_names)} rankings for {len(query_indices)} queries")
     fig, axes = plt.subplots(len(query_indices), k + 2, figsize=(1.7 * (k + 2) + 0.8, 2.0 * len(query_indices)),
                              squeeze=False, gridspec_kw={"width_ratios": [1, 1.5] + [1] * k})
-    for row_axes, qi, names in zip(axes, query_indices, ranked_names):
+    labels = row_labels if row_labels is not None else ["reference"] * len(query_indices)
+    for row_axes, qi, names, label in zip(axes, query_indices, ranked_names, labels):
         q = split.queries[qi]
         truths = set(q.ground_truths) | ({q.target} if q.target is not None else set())
-        _show(row_axes[0], split.image_paths[q.reference], "reference")
+        _show(row_axes[0], split.image_paths[q.reference], label)
         _caption_axis(row_axes[1], query_text(q), width=22)
         for rank, ax in enumerate(row_axes[2:], 1):
             if rank > len(names):
