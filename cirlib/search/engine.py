@@ -56,9 +56,6 @@ if TYPE_CHECKING:
     from cirlib.course import Course
     from cirlib.models.backbone import Backbone
 
-ReferenceLike = int | str | os.PathLike | Image.Image
-"""A reference image: a gallery index, an image file, or a decoded image (an upload)."""
-
 METHODS: dict[str, str] = {
     "zero-shot-sum": "Zero-shot Sum (pretrained CLIP, image + text)",
     "finetuned-sum": "Fine-tuned Sum (stage 1, both encoders)",
@@ -100,6 +97,10 @@ class Reference:
     def open(self) -> Image.Image:
         """The image itself, for display."""
         return self.image if self.image is not None else open_image(self.path)
+
+
+ReferenceLike = int | str | os.PathLike | Image.Image | Reference
+"""A reference image: a gallery index, an image file, a decoded image (an upload), or one already resolved."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,9 @@ class Retriever:
 
     # ------------------------------------------------------------------------ references
     def reference(self, reference: ReferenceLike) -> Reference:
-        """Resolve a gallery index, a file or a decoded image; a file of the gallery becomes its index."""
+        """Resolve a gallery index or image name, a file or a decoded image; a gallery file becomes its index."""
+        if isinstance(reference, Reference):
+            return reference
         if isinstance(reference, bool) or not isinstance(reference, int | str | os.PathLike | Image.Image):
             raise TypeError(f"a reference is a gallery index, an image path or a PIL image, "
                             f"not {type(reference).__name__}")
@@ -285,7 +288,9 @@ class Retriever:
             return Reference(self.gallery_names[reference], path=self.gallery_paths[reference], index=reference)
         if isinstance(reference, Image.Image):
             return Reference("uploaded image", image=reference.convert("RGB"))
-        path = Path(reference)
+        if isinstance(reference, str) and reference in self._index:  # a gallery image's name
+            return self.reference(self._index[reference])
+        path = self.split.image_paths.get(reference, Path(reference)) if isinstance(reference, str) else Path(reference)
         index = self._path_index.get(path.resolve()) if path.exists() else None
         if index is not None:
             return self.reference(index)
@@ -335,23 +340,27 @@ class Retriever:
         shown); by default the benchmark's protocol decides whether the reference itself may come
         back (CIRR's leaves it out, FashionIQ's and CIRCO's keep it).
         """
+        return self.ranking(reference, caption, exclude).hits(k)
+
+    def ranking(self, reference: ReferenceLike, caption: str, exclude: Collection[int] | None = None) -> "Ranking":
+        """The whole gallery ranked for one query (:meth:`search` is its top ``k``)."""
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError("the caption is empty: type what should change (e.g. 'is red and has stripes')")
         ref = self.reference(reference)
-        query = Query(reference=ref.name, captions=(caption.strip(),))
         feats, tokens = self._encode([ref])
         rows = torch.tensor([-1 if ref.index is None else ref.index])
-        batch = _Batch([query], feats, rows, tokens)
+        batch = _Batch([Query(reference=ref.name, captions=(caption.strip(),))], feats, rows, tokens)
         if exclude is None:
             exclude = [ref.index] if ref.index is not None and self._drops_reference else []
-        return self._hits(batch, k, [list(exclude)])[0]
+        order, shown = self.scorer.scores(self, batch)
+        return Ranking(self, order[0], shown[0], tuple(int(i) for i in exclude))
 
     @property
     def _drops_reference(self) -> bool:
         return PROTOCOLS[self.split.dataset].exclude_reference
 
-    def _hits(self, batch: _Batch, k: int, exclude: Sequence[Sequence[int]]) -> list[list[Hit]]:
-        order, shown = self.scorer.scores(self, batch)
+    def _hits(self, order: Tensor, shown: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> list[list[Hit]]:
+        """Top ``k`` per row of ``order`` (:func:`topk`), excluded indices left out."""
         width = max((len(e) for e in exclude), default=0)
         excluded = torch.tensor([[*e, *[-1] * (width - len(e))] for e in exclude], dtype=torch.long) if width else None
         best, idx = topk(order, k, excluded)
@@ -387,7 +396,7 @@ class Retriever:
     def search_queries(self, indices: Sequence[int], k: int = 10) -> list[list[Hit]]:
         """:meth:`search_query` of several queries at once."""
         batch = self._query_batch(indices)
-        return self._hits(batch, k, self._protocol_exclude(batch))
+        return self._hits(*self.scorer.scores(self, batch), k, self._protocol_exclude(batch))
 
     def target_ranks(self, indices: Sequence[int] | None = None) -> Tensor:
         """1-based rank of each query's target under the protocol (``0`` where it cannot be ranked:
@@ -399,6 +408,25 @@ class Retriever:
         order, _ = self.scorer.scores(self, batch)
         ranks = rank_of(order, targets, exclude) + 1
         return torch.where((targets >= 0) & (ranks <= len(self.gallery_names)), ranks, 0)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One query's ranking of the whole gallery: its top ``k`` and the rank of any image."""
+
+    retriever: Retriever
+    order: Tensor  # [G] what ranks
+    shown: Tensor  # [G] the scores a user sees
+    exclude: tuple[int, ...] = ()
+
+    def hits(self, k: int = 10) -> list[Hit]:
+        """The ``k`` best gallery images, best first, the excluded ones left out."""
+        return self.retriever._hits(self.order[None], self.shown[None], k, [self.exclude])[0]
+
+    def rank(self, index: int) -> int:
+        """1-based rank of gallery image ``index`` (``0`` if excluded), ties counted pessimistically."""
+        exclude = torch.tensor([list(self.exclude) or [-1]])
+        return int(rank_of(self.order[None], torch.tensor([index]), exclude)[0]) + 1 if index not in self.exclude else 0
 
 
 # --------------------------------------------------------------------------------------------
