@@ -1,7 +1,6 @@
 """Test-server submission files on the hand-written CIRR and CIRCO test fixtures.
 
-Rankings are hand-made score matrices (gallery features = identity, so a query's features are its
-scores), so every expected file below is computed by hand from the scores.
+Rankings are hand-made score matrices, so every expected file below is computed by hand from them.
 """
 
 from __future__ import annotations
@@ -63,10 +62,6 @@ def small_sets(cirr_test: datasets.CIRSplit) -> datasets.CIRSplit:
     return dataclasses.replace(cirr_test, queries=queries)
 
 
-def identity(n: int) -> torch.Tensor:
-    return torch.eye(n)
-
-
 def test_fixture_layout(cirr_test, circo_test):
     assert cirr_test.gallery == [A, B, C, D, E, F]
     assert [q.pair_id for q in cirr_test.queries] == [900, 901]
@@ -75,14 +70,14 @@ def test_fixture_layout(cirr_test, circo_test):
 
 
 def test_cirr_recall_file_by_hand(cirr_test):
-    got = cirr_recall_submission(cirr_test, CIRR_SCORES, identity(6))
+    got = cirr_recall_submission(cirr_test, CIRR_SCORES)
     assert got == {"version": "rc2", "metric": "recall", "900": [E, C, D, F, B], "901": [D, A, C, F, E]}
     assert list(got) == ["version", "metric", "900", "901"]  # the official files' order
     validate_cirr(got, cirr_test)
 
 
 def test_cirr_subset_file_holds_set_members_only(small_sets):
-    got = cirr_subset_submission(small_sets, CIRR_SCORES, identity(6))
+    got = cirr_subset_submission(small_sets, CIRR_SCORES)
     # 900: members C, D, F (A is the reference) by score 0.5, 0.3, 0.2; 901: D, E (B is the reference).
     assert got == {"version": "rc2", "metric": "recall_subset", "900": [C, D, F], "901": [D, E]}
     validate_cirr(got, small_sets)
@@ -92,22 +87,22 @@ def test_subset_is_the_full_ranking_filtered_to_members(small_sets):
     gen = torch.Generator().manual_seed(0)
     queries, gallery = torch.randn(2, 8, generator=gen), torch.randn(6, 8, generator=gen)
     gallery[5] = gallery[2]  # C and F tie for every query: both orders must break the tie alike
-    full = cirr_recall_submission(small_sets, queries, gallery)
-    subset = cirr_subset_submission(small_sets, queries, gallery)
+    scores = queries @ gallery.T
+    full, subset = cirr_recall_submission(small_sets, scores), cirr_subset_submission(small_sets, scores)
     for q in small_sets.queries:
         key = str(q.pair_id)
         assert subset[key] == [n for n in full[key] if n in q.group][:3]
 
 
 def test_circo_file_by_hand(circo_test):
-    got = circo_submission(circo_test, CIRCO_SCORES, identity(7))
+    got = circo_submission(circo_test, CIRCO_SCORES)
     assert got == {"0": [103, 107, 106, 105, 104, 102, 101], "1": [101, 102, 103, 104, 105, 106, 107]}
     validate_circo(got, circo_test)
 
 
 def test_write_submissions_files_are_exact_and_valid(tmp_path, cirr_test, circo_test):
-    cirr_paths = write_submissions(True, "Combiner (both)", cirr_test, CIRR_SCORES, identity(6), tmp_path)
-    circo_paths = write_submissions(True, "Combiner (both)", circo_test, CIRCO_SCORES, identity(7), tmp_path)
+    cirr_paths = write_submissions(True, "Combiner (both)", cirr_test, CIRR_SCORES, tmp_path)
+    circo_paths = write_submissions(True, "Combiner (both)", circo_test, CIRCO_SCORES, tmp_path)
     assert cirr_paths == [tmp_path / "cirr" / "combiner-both.recall.json",
                           tmp_path / "cirr" / "combiner-both.recall_subset.json"]
     assert circo_paths == [tmp_path / "circo" / "combiner-both.json"]
@@ -127,9 +122,9 @@ def test_write_submissions_files_are_exact_and_valid(tmp_path, cirr_test, circo_
 
 def test_write_submissions_refuses_fashioniq_and_nameless_methods(tmp_path, cirr_test, fixture_splits):
     with pytest.raises(ValueError, match="fashioniq has no test server"):
-        write_submissions(True, "sum", fixture_splits["fashioniq/dress"], torch.ones(1, 2), torch.ones(1, 2), tmp_path)
+        write_submissions(True, "sum", fixture_splits["fashioniq/dress"], torch.ones(1, 2), tmp_path)
     with pytest.raises(ValueError, match="no letters or digits"):
-        write_submissions(True, " / ", cirr_test, CIRR_SCORES, identity(6), tmp_path)
+        write_submissions(True, " / ", cirr_test, CIRR_SCORES, tmp_path)
 
 
 def test_lists_are_50_long_on_large_galleries(cirr_test):
@@ -137,10 +132,10 @@ def test_lists_are_50_long_on_large_galleries(cirr_test):
     names = [f"test1-{i}-0-img0" for i in range(60)]
     big = dataclasses.replace(cirr_test, gallery=names, queries=[
         dataclasses.replace(q, reference=names[0], group=tuple(names[:6])) for q in cirr_test.queries])
-    scores = torch.arange(60, dtype=torch.float).expand(2, 60).contiguous()
-    recall = cirr_recall_submission(big, scores, identity(60))
+    scores = torch.arange(60, dtype=torch.float).expand(2, 60)
+    recall = cirr_recall_submission(big, scores)
     assert recall["900"] == names[59:9:-1] and len(recall["900"]) == 50
-    subset = cirr_subset_submission(big, scores, identity(60))
+    subset = cirr_subset_submission(big, scores)
     assert subset["901"] == [names[5], names[4], names[3]]
     validate_cirr(recall, big)
     short = dict(recall, **{"900": recall["900"][:49]})
@@ -160,14 +155,14 @@ def test_lists_are_50_long_on_large_galleries(cirr_test):
     (lambda s: s.update({"900": "test1-8-0-img0"}), "field '900': must be a list of image names"),
 ])
 def test_validate_cirr_rejects_malformed_recall_files(cirr_test, change, message):
-    bad = cirr_recall_submission(cirr_test, CIRR_SCORES, identity(6))
+    bad = cirr_recall_submission(cirr_test, CIRR_SCORES)
     change(bad)
     with pytest.raises(SubmissionError, match=message):
         validate_cirr(bad, cirr_test)
 
 
 def test_validate_cirr_subset_rejects_non_members(small_sets):
-    bad = cirr_subset_submission(small_sets, CIRR_SCORES, identity(6))
+    bad = cirr_subset_submission(small_sets, CIRR_SCORES)
     bad["901"] = [D, A]  # A is in the gallery but not in 901's set
     with pytest.raises(SubmissionError, match=r"field '901': 'test1-5-0-img0' is not in the query's image set"):
         validate_cirr(bad, small_sets)
@@ -186,7 +181,7 @@ def test_validate_cirr_subset_rejects_non_members(small_sets):
     (lambda s: s.update({"1": [101]}), "field '1': holds 1 integer image ids, expected exactly 7"),
 ])
 def test_validate_circo_rejects_malformed_files(circo_test, change, message):
-    bad = circo_submission(circo_test, CIRCO_SCORES, identity(7))
+    bad = circo_submission(circo_test, CIRCO_SCORES)
     change(bad)
     with pytest.raises(SubmissionError, match=message):
         validate_circo(bad, circo_test)
@@ -200,9 +195,16 @@ def test_validate_files_name_the_file(tmp_path, cirr_test, circo_test, monkeypat
     path.write_text("[]")
     with pytest.raises(SubmissionError, match=f"{path}: must be a JSON object keyed by query id"):
         validate_circo(path, circo_test)
-    (path,) = write_submissions(True, "sum", circo_test, CIRCO_SCORES, identity(7), tmp_path)
+    (path,) = write_submissions(True, "sum", circo_test, CIRCO_SCORES, tmp_path)
     with pytest.raises(ValueError, match="expected a cirr split, got circo/test"):
         validate_cirr(path, circo_test)
     monkeypatch.setattr(sub, "CIRR_MAX_BYTES", 100)
     with pytest.raises(SubmissionError, match="over the CIRR server's limit of 100"):
-        write_submissions(True, "sum", cirr_test, CIRR_SCORES, identity(6), tmp_path)
+        write_submissions(True, "sum", cirr_test, CIRR_SCORES, tmp_path)
+
+
+def test_scores_must_match_the_split(cirr_test):
+    with pytest.raises(ValueError, match=r"= \[2, 6\] for cirr/test1, got \[2, 5\]"):
+        cirr_recall_submission(cirr_test, CIRR_SCORES[:, :5])
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        cirr_subset_submission(cirr_test, CIRR_SCORES.clone().fill_(float("nan")))

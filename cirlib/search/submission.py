@@ -15,17 +15,19 @@ CIRCO
     ``{"<query id>": [top-50 image ids as integers], ...}`` for every test query (the server
     asserts the ids are exactly ``0 .. N-1``); the whole index set is ranked, reference kept.
 
-A ranking is given as in :func:`~cirlib.evaluation.protocols.per_query_metrics`: query and gallery
-features whose cosine similarities rank the split's gallery (a method that yields a ``[Q, G]``
-score matrix passes it with ``torch.eye(G)`` as gallery features, as
-:func:`cirlib.methods.reranking.ranking_features` does). The top-k lists come from
-:func:`~cirlib.evaluation.analysis.top_k_names`, the course's one display/candidate order (ties in
-gallery order). Where a gallery holds fewer than 50 candidates (the quick benchmarks) a list holds
-them all: ``min(50, candidates)`` is the rule the validators apply, 50 on the real datasets.
+A ranking is a ``[Q, G]`` score matrix over the split's gallery, higher is better: cosine
+similarities of query and gallery features (``F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T``),
+or any method's order, such as re-ranking's (:func:`cirlib.methods.reranking.ranking_features`).
+The lists come from :func:`~cirlib.evaluation.protocols.topk`, the course's one ranking order
+(ties in gallery order), with the protocol's reference exclusion. Where a gallery holds fewer than
+50 candidates (the quick benchmarks) a list holds them all: ``min(50, candidates)`` is the rule
+the validators apply, 50 on the real datasets.
 
-:func:`write_submissions` is what a notebook calls for a method it trained; the ``validate_*``
-functions check any file (or dict) against the rules above and raise :class:`SubmissionError`
-naming the offending field.
+:func:`submit_method` is what a notebook calls for a method it trained: it ranks the test split
+with the method's :class:`~cirlib.search.engine.Retriever`, the ranking every interactive tool
+shows, and writes the files through :func:`write_submissions`. The ``validate_*`` functions check
+any file (or dict) against the rules above and raise :class:`SubmissionError` naming the
+offending field.
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from cirlib.core import artifacts
 from cirlib.core.io import write_text
 from cirlib.data.datasets import CIRSplit
-from cirlib.evaluation.analysis import top_k_names
+from cirlib.evaluation.metrics import index_lists, indices_of, name_index
+from cirlib.evaluation.protocols import topk
+
+if TYPE_CHECKING:
+    from cirlib.course import Course
 
 CIRR_VERSION = "rc2"
 RECALL_K = 50  # list length of CIRR's recall file and of CIRCO's file
@@ -62,56 +68,47 @@ class SubmissionError(ValueError):
 # ------------------------------------------------------------------------------------ building
 
 
-def cirr_recall_submission(split: CIRSplit, query_features: Tensor, gallery_features: Tensor) -> Submission:
+def cirr_recall_submission(split: CIRSplit, scores: Tensor) -> Submission:
     """CIRR's ``recall`` file: each pairid's top 50 of the whole gallery, reference left out."""
-    _check_split(split, "cirr")
-    names = top_k_names(split, query_features, gallery_features, RECALL_K)
-    return _cirr_file("recall", split, names)
+    _check_scores(split, "cirr", scores)
+    index = name_index(split.gallery)
+    references = indices_of([query.reference for query in split.queries], index)
+    return _cirr_file("recall", split, _ranked(split.gallery, scores, RECALL_K, references))
 
 
-def cirr_subset_submission(split: CIRSplit, query_features: Tensor, gallery_features: Tensor) -> Submission:
+def cirr_subset_submission(split: CIRSplit, scores: Tensor) -> Submission:
     """CIRR's ``recall_subset`` file: each pairid's top 3 among its image-set members, reference left out.
 
-    Recall_subset is recall on a gallery of the set's members, so each set is ranked as a gallery of
-    its own (members in gallery order, so ties fall as in the full ranking): the lists are the full
-    ranking filtered to the members.
+    The members are ranked in gallery order of their columns, so ties fall as in the full ranking:
+    each list is the ``recall`` ranking filtered to the query's members.
     """
-    _check_split(split, "cirr")
-    position = {name: i for i, name in enumerate(split.gallery)}
-    by_set: dict[tuple[int, ...], list[int]] = {}
-    for i, query in enumerate(split.queries):
-        members = tuple(sorted({position[m] for m in query.group if m in position}))
-        by_set.setdefault(members, []).append(i)
-    names: list[list[str]] = [[] for _ in split.queries]
-    for members, rows in by_set.items():
-        if not members:
-            continue
-        gallery = replace(split, gallery=[split.gallery[m] for m in members])
-        ranked = top_k_names(gallery, query_features[rows], gallery_features[list(members)], SUBSET_K, rows)
-        for row, ranking in zip(rows, ranked):
-            names[row] = ranking
+    _check_scores(split, "cirr", scores)
+    index = name_index(split.gallery)
+    members = index_lists([query.group for query in split.queries], index).sort(dim=1).values  # -1 padding first
+    references = indices_of([query.reference for query in split.queries], index)
+    member_scores = scores.gather(1, members.clamp(min=0).to(scores.device))
+    dropped = (members < 0) | (members == references[:, None])
+    values, columns = topk(member_scores.masked_fill(dropped.to(scores.device), float("-inf")), SUBSET_K)
+    names = [[split.gallery[row_members[c]] for c, ok in zip(cols, oks) if ok]
+             for row_members, cols, oks in zip(members.tolist(), columns.tolist(), torch.isfinite(values).tolist())]
     return _cirr_file("recall_subset", split, names)
 
 
-def circo_submission(split: CIRSplit, query_features: Tensor, gallery_features: Tensor) -> Submission:
-    """CIRCO's file: each query id's top 50 image ids (integers) of the whole index set."""
-    _check_split(split, "circo")
-    names = top_k_names(split, query_features, gallery_features, RECALL_K)
-    return {str(query.pair_id): [int(name) for name in ranking] for query, ranking in zip(split.queries, names)}
+def circo_submission(split: CIRSplit, scores: Tensor) -> Submission:
+    """CIRCO's file: each query id's top 50 image ids (integers) of the whole index set, reference kept."""
+    _check_scores(split, "circo", scores)
+    ranked = _ranked(split.gallery, scores, RECALL_K, None)
+    return {str(query.pair_id): [int(name) for name in names] for query, names in zip(split.queries, ranked)}
 
 
 def write_submissions(
-    quick: bool,
-    method: str,
-    split: CIRSplit,
-    query_features: Tensor,
-    gallery_features: Tensor,
-    out_dir: str | os.PathLike | None = None,
+    quick: bool, method: str, split: CIRSplit, scores: Tensor, out_dir: str | os.PathLike | None = None
 ) -> list[Path]:
     """Build, validate and atomically write ``method``'s submission files for a CIRR or CIRCO test split.
 
-    Files go to ``<out_dir or results_dir(quick)/submissions>/<benchmark>/<method slug>.<metric>.json``
-    (CIRR: ``.recall`` and ``.recall_subset``; CIRCO: ``.json`` alone), ready to upload to
+    ``scores`` ``[Q, G]`` rank ``split``'s gallery for each of its queries. Files go to
+    ``<out_dir or results_dir(quick)/submissions>/<benchmark>/<method slug>.<metric>.json`` (CIRR:
+    ``.recall`` and ``.recall_subset``; CIRCO: ``.json`` alone), ready to upload to
     :data:`SERVERS`. Returns their paths.
     """
     if split.dataset not in SERVERS:
@@ -122,18 +119,35 @@ def write_submissions(
     if not slug:
         raise ValueError(f"method name {method!r} has no letters or digits to name its files by")
     if split.dataset == "cirr":
-        files = {
-            folder / f"{slug}.recall.json": cirr_recall_submission(split, query_features, gallery_features),
-            folder / f"{slug}.recall_subset.json": cirr_subset_submission(split, query_features, gallery_features),
-        }
+        files = {folder / f"{slug}.recall.json": cirr_recall_submission(split, scores),
+                 folder / f"{slug}.recall_subset.json": cirr_subset_submission(split, scores)}
     else:
-        files = {folder / f"{slug}.json": circo_submission(split, query_features, gallery_features)}
+        files = {folder / f"{slug}.json": circo_submission(split, scores)}
     validate = validate_cirr if split.dataset == "cirr" else validate_circo
     for path, submission in files.items():
         validate(submission, split)
         write_text(path, _dumps(submission))
         validate(path, split)  # the file as the server will read it (size included)
     return list(files)
+
+
+def submit_method(
+    course: "Course", method: str, benchmark: str, out_dir: str | os.PathLike | None = None
+) -> list[Path]:
+    """Write the test-server files of a trained method (a key of
+    :func:`~cirlib.search.engine.available_methods`) on ``benchmark``'s test split ("cirr" or "circo").
+
+    The split is ranked by the method's :class:`~cirlib.search.engine.Retriever`, so the files hold
+    the ranking the protocols score on validation and the widgets show; see :func:`write_submissions`.
+    """
+    from cirlib.search.engine import Retriever
+
+    if benchmark not in SERVERS:
+        raise ValueError(f"{benchmark!r} has no test server to submit to; submissions exist for {sorted(SERVERS)}")
+    retriever = Retriever.for_method(course, benchmark, benchmark, method, kind="test")
+    queries = range(len(retriever.split.queries))
+    order, _ = retriever.scorer.scores(retriever, retriever._query_batch(queries))  # the protocol's order
+    return write_submissions(course.quick, method, retriever.split, order, out_dir)
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -204,6 +218,23 @@ def _check_split(split: CIRSplit, dataset: str) -> None:
         raise ValueError(f"expected a {dataset} split, got {split.dataset}/{split.split}")
     if any(query.pair_id is None for query in split.queries):
         raise ValueError(f"{split.dataset}/{split.split} has queries without an id to key a submission by")
+
+
+def _check_scores(split: CIRSplit, dataset: str, scores: Tensor) -> None:
+    _check_split(split, dataset)
+    shape = (len(split.queries), len(split.gallery))
+    if scores.dim() != 2 or tuple(scores.shape) != shape:
+        raise ValueError(f"scores must be [queries, gallery] = {list(shape)} for {split.dataset}/{split.split}, "
+                         f"got {list(scores.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; check the features that produced them")
+
+
+def _ranked(gallery: list[str], scores: Tensor, k: int, exclude: Tensor | None) -> list[list[str]]:
+    """The ``k`` best gallery names per row, best first; excluded items only fill rows of tiny galleries."""
+    values, best = topk(scores, k, exclude)
+    return [[gallery[j] for j, ok in zip(row, oks) if ok] for row, oks in zip(best.tolist(),
+                                                                             torch.isfinite(values).tolist())]
 
 
 def _cirr_file(metric: str, split: CIRSplit, names: list[list[str]]) -> Submission:
