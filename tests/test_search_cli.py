@@ -1,8 +1,8 @@
 """The command line search and the Retriever-based submission files, on the real-format fixtures.
 
-A course is set up on copies of tests/fixtures (FashionIQ's dress files standing in for the other
-two categories, which the fixture lacks) with a random-init tiny CLIP saved where notebook 02 saves
-its own, under a temporary project root: nothing is written to data/.
+A course is set up on the fixtures in their real layouts (tests/real_layout.py) with a random-init
+tiny CLIP saved where notebook 02 saves its own, under a temporary project root: nothing is written
+to data/.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from real_layout import real_layout_roots
 
 from cirlib.core import paths
 from cirlib.core.artifacts import pretrained_checkpoint
@@ -23,20 +24,12 @@ from cirlib.search.__main__ import main
 from cirlib.search.engine import Retriever
 from cirlib.search.submission import submit_method, validate_circo, validate_cirr
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CIRR_REFERENCE = "dev-10-0-img0"  # an image of the CIRR fixture's val gallery
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("roots")
-    shutil.copytree(FIXTURES, root, dirs_exist_ok=True)
-    fiq = root / "fashioniq"
-    for pattern in ("captions/cap.{}.{}.json", "image_splits/split.{}.{}.json"):
-        for split in ("val", "test"):
-            for category in ("shirt", "toptee"):
-                shutil.copy(fiq / pattern.format("dress", split), fiq / pattern.format(category, split))
-    return root
+def roots(tmp_path_factory) -> dict[str, Path]:
+    return real_layout_roots(tmp_path_factory.mktemp("roots"))
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +41,9 @@ def course(roots, vit, tmp_path_factory) -> Course:
         save_backbone(vit, pretrained_checkpoint(True), {"test": "random init"})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fixtures' dead links and blank captions
-            course = setup_course(quick=True, fashioniq_root=roots / "fashioniq", cirr_root=roots / "cirr",
-                                  circo_root=roots / "circo")
-            course.splits("val"), course.splits("test")
+            course = setup_course(quick=True, **roots)
+            for kind in ("val", "test"):
+                course.splits(kind)  # loaded (and cached) here, where their warnings are silenced
         yield course
 
 
@@ -61,8 +54,7 @@ def cli(course, roots, capsys):
     def run(*argv: str) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            main([*argv, "--quick", "--fashioniq-root", str(roots / "fashioniq"), "--cirr-root", str(roots / "cirr"),
-                  "--circo-root", str(roots / "circo")])
+            main([*argv, "--quick", *(f"--{key.replace('_', '-')}={path}" for key, path in roots.items())])
         return capsys.readouterr().out
 
     return run
@@ -87,7 +79,7 @@ def test_cli_prints_the_engines_results(cli, course):
 
 def test_cli_contact_sheet_from_an_outside_image(cli, course, roots, tmp_path):
     reference = tmp_path / "my photo.jpg"
-    shutil.copy(roots / "circo" / "COCO2017_unlabeled" / "unlabeled2017" / "000000000101.jpg", reference)
+    shutil.copy(roots["circo_root"] / "COCO2017_unlabeled" / "unlabeled2017" / "000000000101.jpg", reference)
     sheet = tmp_path / "sheets" / "out.png"
     out = cli("--reference", str(reference), "--caption", "has a cat", "--benchmark", "circo", "--k", "7",
               "--contact-sheet", str(sheet))
@@ -101,8 +93,7 @@ def test_cli_contact_sheet_from_an_outside_image(cli, course, roots, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--reference", "nope.png", "--caption", "add a dog"], "--reference nope.png: no such image file, nor an image "
-                                                             "of the cirr/val gallery"),
+    (["--reference", "nope.png", "--caption", "add a dog"], "nope.png: image file does not exist"),
     (["--reference", CIRR_REFERENCE, "--caption", "  "], "--caption is empty"),
     (["--reference", CIRR_REFERENCE, "--caption", "add a dog", "--method", "combiner"],
      r"method 'combiner' is not available for cirr \(its trained artifacts are not on disk\); "

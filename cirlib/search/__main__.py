@@ -19,6 +19,7 @@ import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import matplotlib.figure
 import matplotlib.pyplot as plt
@@ -70,20 +71,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(f"--contact-sheet {args.contact_sheet}: contact sheets are PNG files; give a name ending in .png")
     try:
         retriever = _retriever(args)
-        reference = _resolve_reference(retriever, args.reference)
+        reference = retriever.reference(args.reference)  # a file, or the name of a gallery image
         hits = retriever.search(reference, caption, args.k)
-        resolved = retriever.reference(reference)
     except (ValueError, OSError) as err:  # the library's messages name the file, field or option at fault
         _fail(str(err))
-    print(format_results(retriever, resolved, caption, hits))
+    print(format_results(retriever, reference, caption, hits))
     if args.contact_sheet is not None:
-        fig = contact_sheet(resolved, caption, hits, title=_title(retriever))
+        fig = contact_sheet(reference, caption, hits, title=_title(retriever))
         path = save_figure(fig, args.contact_sheet.stem, args.contact_sheet.parent)
         plt.close(fig)
         print(f"\ncontact sheet: {path}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise SystemExit(f"{PROG}: error: {message}")
 
 
@@ -95,16 +95,6 @@ def _retriever(args: argparse.Namespace) -> Retriever:
                           fashioniq_root=args.fashioniq_root, cirr_root=args.cirr_root, circo_root=args.circo_root)
     split = f"fashioniq/{args.category}" if args.benchmark == "fashioniq" else args.benchmark
     return Retriever.for_method(course, args.benchmark, split, args.method, kind=args.split)
-
-
-def _resolve_reference(retriever: Retriever, reference: str) -> str | int:
-    """A file path as given, else the gallery index of an image of that name."""
-    if Path(reference).exists():
-        return reference
-    if reference in retriever.gallery_names:
-        return retriever.gallery_names.index(reference)
-    raise ValueError(f"--reference {reference}: no such image file, nor an image of the "
-                     f"{retriever.split.dataset}/{retriever.split.split} gallery")
 
 
 def _title(retriever: Retriever) -> str:
