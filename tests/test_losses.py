@@ -205,3 +205,10 @@ def test_reranking_loss_by_hand() -> None:
     for bad in (torch.zeros(2, 3), torch.zeros(1, 1), torch.zeros(4)):
         with pytest.raises(ValueError, match="square"):
             reranking_loss(bad)
+    # extra negatives join each query's row: query 0 also against logit 1, query 1 against 4 and 0
+    extra = torch.tensor([[1.0, -math.inf], [4.0, 0.0]])
+    row0, row1 = 2 - math.log(math.exp(2) + 1 + math.e), 3 - math.log(math.e + math.exp(3) + math.exp(4) + 1)
+    with_extra = -(row0 + row1) / 2
+    assert reranking_loss(scores, extra).item() == pytest.approx(with_extra, rel=1e-6)
+    with pytest.raises(ValueError, match="extra negatives"):
+        reranking_loss(scores, torch.zeros(3, 2))

@@ -270,6 +270,33 @@ def test_reranker_training_lowers_the_loss(tiny: Backbone, tmp_path: Path) -> No
     assert all(torch.equal(filter_state[k], v) for k, v in filt.state_dict().items())
 
 
+def test_filter_negatives_are_the_filters_top_ranked_other_images(tiny: Backbone, tmp_path: Path) -> None:
+    train, val = _training(tiny), {"dress": _query_set(tiny)}
+    filt, _ = train_filter(tiny, train, val, replace(FAST_FILTER, epochs=1), tmp_path / "filter.pt")
+    hard = reranking.filter_negatives(filt, tiny, train, 3, batch_size=5)
+    assert hard.shape == (len(train), 3)
+    with torch.no_grad():
+        tokens = tiny.tokenize(train.captions(torch.arange(len(train)), None))
+        query, _ = filt(tokens, train.images.tokens[train.reference_rows].float())
+    ranking = FirstStage(query, train.images.features).scores().argsort(dim=1, descending=True)
+    for i in range(len(train)):
+        pair = {int(train.reference_rows[i]), int(train.target_rows[i])}
+        assert hard[i].tolist() == [g for g in ranking[i].tolist() if g not in pair][:3]
+    with pytest.raises(ValueError, match="n must be"):
+        reranking.filter_negatives(filt, tiny, train, len(train.images) - 1)
+
+
+def test_reranker_training_with_filter_negatives_lowers_the_loss(tiny: Backbone, tmp_path: Path) -> None:
+    train, val = _training(tiny), {"dress": _query_set(tiny)}
+    filt, _ = train_filter(tiny, train, val, FAST_FILTER, tmp_path / "filter.pt")
+    _, history = train_reranker(tiny, filt, train, val, replace(FAST_RERANKER, epochs=3, hard_negatives=2),
+                                tmp_path / "reranker.pt")
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[0]["loss"] > 1.0  # six candidates per row (4 in-batch + 2 hard): ln 6 = 1.79 at chance
+    with pytest.raises(ValueError, match="hard_negatives"):
+        RerankerConfig(hard_negatives=-1)
+
+
 def _interrupted(monkeypatch: pytest.MonkeyPatch, train_fn, *args):
     """``train_fn(*args)`` killed at its second validation (after one saved epoch), then run again."""
     real, calls = reranking.two_stage_metrics, []

@@ -169,14 +169,19 @@ def norm_penalty(tokens: Tensor) -> Tensor:
 # a learnable temperature (pass the filter's scale as ``scale``); the re-ranker scores pairs itself.
 
 
-def reranking_loss(scores: Tensor) -> Tensor:
+def reranking_loss(scores: Tensor, extra: Tensor | None = None) -> Tensor:
     """Eq. 2: ``scores[i, j]`` is the re-ranker's logit for query ``i`` with the batch's target ``j``.
 
     Each query's own target (the diagonal) must out-score the other targets of the batch, its
     ``B - 1`` negatives: the mean over queries of the cross-entropy of row ``i`` with class ``i``.
-    The logits are used as they are (no cosine, no temperature: the scorer MLP sets their scale)
-    and in fp32.
+    ``extra`` ``[B, H]`` adds each query's own further negatives (e.g. images a first stage ranks
+    high for it) to its row. The logits are used as they are (no cosine, no temperature: the scorer
+    MLP sets their scale) and in fp32.
     """
     if scores.ndim != 2 or scores.shape[0] != scores.shape[1] or len(scores) < 2:
         raise ValueError(f"Eq. 2 needs a square [B, B] score matrix with B >= 2, got {tuple(scores.shape)}")
+    if extra is not None:
+        if extra.ndim != 2 or len(extra) != len(scores):
+            raise ValueError(f"extra negatives must be [B, H] for B = {len(scores)}, got {tuple(extra.shape)}")
+        scores = torch.cat([scores, extra.to(scores.dtype)], dim=1)
     return F.cross_entropy(scores.float(), torch.arange(len(scores), device=scores.device))
