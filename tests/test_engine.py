@@ -152,7 +152,6 @@ def test_bad_input_is_refused_clearly(fixture_splits, vit, tmp_path) -> None:
 
 
 @pytest.fixture
-@pytest.mark.filterwarnings("ignore::cirlib.data.datasets.MissingImagesWarning")
 def course(tmp_path, monkeypatch):
     """A quick-mode course on real-layout fixture roots with its own project root (empty data/)."""
     from real_layout import real_layout_roots
