@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
@@ -202,6 +203,23 @@ class RerankScorer(Scorer):
 # --------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    """One CPU thread for one query's scoring: its operations are far too small to split, and
+    on a busy CPU extra threads only wait for each other (measured on this project's 2-core CPU
+    under load: a Combiner turn took a median 585 ms on two threads, 7 ms on one;
+    ``tests/perf/perf_explore.py``)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Retriever:
     """Search one split's gallery with one method; benchmark queries rank as their protocol ranks them.
 
@@ -352,7 +370,8 @@ class Retriever:
         batch = _Batch([Query(reference=ref.name, captions=(caption.strip(),))], feats, rows, tokens)
         if exclude is None:
             exclude = [ref.index] if ref.index is not None and self._drops_reference else []
-        order, shown = self.scorer.scores(self, batch)
+        with _single_thread(self.backbone.device):
+            order, shown = self.scorer.scores(self, batch)
         return Ranking(self, order[0], shown[0], tuple(int(i) for i in exclude))
 
     @property

