@@ -270,6 +270,15 @@ def test_reranker_training_lowers_the_loss(tiny: Backbone, tmp_path: Path) -> No
     assert all(torch.equal(filter_state[k], v) for k, v in filt.state_dict().items())
 
 
+def test_validation_k_is_capped_by_the_smallest_gallery(tiny: Backbone, tmp_path: Path) -> None:
+    cirr = _query_set(tiny, "cirr", n_queries=6, n_images=10)
+    assert cirr.max_candidates == 9 and _query_set(tiny).max_candidates == 10  # CIRR leaves the reference out
+    train, val = _training(tiny), {"cirr": cirr}
+    filt, _ = train_filter(tiny, train, val, replace(FAST_FILTER, epochs=1), tmp_path / "filter.pt")
+    with pytest.warns(UserWarning, match="re-ranks the top 9, not 50"):
+        train_reranker(tiny, filt, train, val, replace(FAST_RERANKER, epochs=1, k=50), tmp_path / "reranker.pt")
+
+
 def test_filter_negatives_are_the_filters_top_ranked_other_images(tiny: Backbone, tmp_path: Path) -> None:
     train, val = _training(tiny), {"dress": _query_set(tiny)}
     filt, _ = train_filter(tiny, train, val, replace(FAST_FILTER, epochs=1), tmp_path / "filter.pt")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -158,6 +159,12 @@ class QuerySet:
         if not PROTOCOLS[self.split.dataset].exclude_reference:
             return None
         return torch.where(self.reference_rows < self.gallery_size, self.reference_rows, -1)
+
+    @property
+    def max_candidates(self) -> int:
+        """The largest K a first stage can hand over: the gallery, less the reference where excluded."""
+        exclude = self.exclude
+        return self.gallery_size - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
 
     def subset(self, n: int | None, seed: int = 0) -> "QuerySet":
         """``n`` queries drawn without replacement (in their split order), for cheap validation; all if None."""
@@ -751,6 +758,11 @@ def train_reranker(
     device = backbone.device
     dataset = _one_dataset(val)
     k = config.k or PAPER_K.get(dataset, 50)
+    smallest = min(qs.max_candidates for qs in val.values())
+    if k > smallest:
+        warnings.warn(f"validation re-ranks the top {smallest}, not {k}: a validation gallery holds only "
+                      f"{smallest} candidates", stacklevel=2)
+        k = smallest
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         reranker = DualEncoderReranker.from_backbone(backbone, config.layers, config.merge,
