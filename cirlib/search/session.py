@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from cirlib.data.datasets import Query, query_text
 from cirlib.data.synth import fashion
+from cirlib.evaluation.bootstrap import Interval, PerQuery
 from cirlib.search.engine import Hit, Ranking, Reference, ReferenceLike, Retriever
 
 
@@ -231,16 +232,31 @@ def scripted_sessions(
     return pd.DataFrame(rows).set_index("query"), sessions
 
 
+def _found(frame: pd.DataFrame, k: int, turns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, 100 if the target was shown: within ``turns`` turns / in the one-shot top ``k * turns``."""
+    multi = (frame["found at turn"] >= 1) & (frame["found at turn"] <= turns)
+    ranks = frame["one-shot rank"]
+    one_shot = (ranks >= 1) & (ranks <= k * turns)
+    return 100.0 * multi.to_numpy(dtype=float), 100.0 * one_shot.to_numpy(dtype=float)
+
+
+def success_difference(frame: pd.DataFrame, k: int, turns: int, seed: int = 0) -> Interval:
+    """Multi-turn success within ``turns`` minus one-shot recall at as many images, with its paired
+    95 % bootstrap interval over the queries (:meth:`cirlib.evaluation.bootstrap.PerQuery.difference`)."""
+    multi, one_shot = _found(frame, k, turns)
+    strata = np.zeros(len(frame), dtype=int)
+    return PerQuery({"found": multi}, strata).difference(PerQuery({"found": one_shot}, strata), "found", seed)
+
+
 def success_by_turn(frame: pd.DataFrame, k: int, turns: int) -> pd.DataFrame:
     """Percent of scripted sessions whose target was shown within 1..``turns`` turns, beside the
     one-shot protocol recall of the queries' own captions at the same number of images looked at
     (``k`` per turn): is a conversation better than a longer result list?"""
-    shown = frame["one-shot rank"].where(frame["one-shot rank"] > 0, np.inf)
+    found = [_found(frame, k, t) for t in range(1, turns + 1)]
     table = pd.DataFrame({
         "turn": range(1, turns + 1),
         "images shown": [k * t for t in range(1, turns + 1)],
-        "multi-turn found %": [100.0 * ((frame["found at turn"] >= 1) & (frame["found at turn"] <= t)).mean()
-                               for t in range(1, turns + 1)],
-        "one-shot R@images %": [100.0 * (shown <= k * t).mean() for t in range(1, turns + 1)],
+        "multi-turn found %": [multi.mean() for multi, _ in found],
+        "one-shot R@images %": [one_shot.mean() for _, one_shot in found],
     })
     return table.set_index("turn")
