@@ -87,3 +87,15 @@ def test_visible_area_table_from_geometry() -> None:
 
 def test_importing_tables_stops_pandas_from_wrapping() -> None:
     assert pd.get_option("display.width") == 100_000
+
+
+def test_bars_by_group_keeps_the_order_of_each_group() -> None:
+    frame = pd.DataFrame({"gain": [1.0, -2.0, 3.0, float("nan"), 5.0]},
+                         index=pd.MultiIndex.from_tuples([("a", "1"), ("a", "2-5"), ("a", "6-10"), ("b", "1"),
+                                                          ("b", "11-20")], names=["benchmark", "initial position"]))
+    fig = plots.bars_by_group(frame, "gain", ylabel="positions")
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "2-5", "6-10"]
+    assert [p.get_height() for p in fig.axes[0].patches] == [1.0, -2.0, 3.0]
+    assert fig.axes[0].get_ylabel() == "positions" and fig.axes[1].get_xlabel() == "initial position"
+    plt.close(fig)

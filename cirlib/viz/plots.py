@@ -105,6 +105,24 @@ def curves(history: pd.DataFrame, x: str, ys: Sequence[str], title: str = "") ->
     return fig
 
 
+def bars_by_group(frame: pd.DataFrame, column: str, title: str = "", ylabel: str = "") -> matplotlib.figure.Figure:
+    """One bar panel per first-level index key of ``frame`` (e.g. a benchmark), the bars of
+    ``column`` in the order of the second level (e.g. buckets of initial rank), a line at zero."""
+    groups = list(dict.fromkeys(frame.index.get_level_values(0)))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 3.2), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        part = frame.loc[group, column]
+        ax.bar([str(i) for i in part.index], part.to_numpy(dtype=float), color="tab:blue")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(str(group), fontsize=9)
+        ax.set_xlabel(str(frame.index.names[1] or ""))
+        ax.tick_params(axis="x", labelrotation=45)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def histogram(
     values: np.ndarray, xlabel: str, bins: int | Sequence[float] = 20, title: str = ""
 ) -> matplotlib.figure.Figure:
