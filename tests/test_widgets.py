@@ -64,7 +64,7 @@ def test_multiturn_widget_turns(retriever, tmp_path, close_figures) -> None:
     assert 2 not in [h.index for h in turn.hits]  # the reference itself is not offered back
 
     before = search.reference_label.value
-    _button(search, 1, "cirlib-choose").click()  # "change this one": the next turn's reference
+    _button(search, 1, "cirlib-choose").click()  # "change this": the next turn's reference
     assert search.session.reference.index == turn.hits[1].index
     assert search.reference_label.value != before and turn.hits[1].name in search.reference_label.value
     assert _shown(search) == 0 and search.caption.value == "" and len(search.history.children) == 1

@@ -99,9 +99,10 @@ class RetrievalExplorer:
         self.method = w.Dropdown(description="method", layout=w.Layout(width="420px"))
         self.query = w.Dropdown(description="query", layout=w.Layout(width="520px"))
         self.k = w.IntSlider(value=k, min=1, max=50, description="top k", continuous_update=False)
-        self.failures_only = w.Checkbox(value=False, description="failures only (target not in the top k)")
-        self.random_button = w.Button(description="random query", icon="random")
-        self.failure_button = w.Button(description="random failure", icon="times")
+        self.failures_only = w.Checkbox(value=False, description="failures only (target not in the top k)",
+                                        indent=False)
+        self.random_button = w.Button(description="random query", icon="random", layout=w.Layout(width="auto"))
+        self.failure_button = w.Button(description="random failure", icon="times", layout=w.Layout(width="auto"))
         self.status = w.HTML()
         self.view = w.HTML()
         self.widget = w.VBox([
@@ -262,7 +263,8 @@ class MultiTurnSearch:
                                             layout=w.Layout(width="180px"))
         self.start_button = w.Button(description="start from it", icon="play")
         self.random_start = w.Button(description="random image", icon="random")
-        self.upload = w.FileUpload(accept="image/*", multiple=False, description="upload an image")
+        self.upload = w.FileUpload(accept="image/*", multiple=False, description="upload",
+                                   layout=w.Layout(width="auto"))
         self.reference_image = w.Image(format="png", layout=w.Layout(height=f"{THUMB_HEIGHT + 40}px"))
         self.reference_label = w.HTML()
         self.reference_label.add_class("cirlib-reference-name")
@@ -277,7 +279,7 @@ class MultiTurnSearch:
         self.cards = [self._card(i) for i in range(k)]
         self.results = w.HBox([c for c, _, _ in self.cards], layout=w.Layout(flex_flow="row wrap"))
         self.history = w.HBox(layout=w.Layout(flex_flow="row wrap"))
-        self.save_button = w.Button(description="save history figure", icon="save")
+        self.save_button = w.Button(description="save history figure", icon="save", layout=w.Layout(width="210px"))
         self.widget = w.VBox([
             w.HBox([self.start_index, self.start_button, self.random_start, self.upload]),
             w.HBox([w.VBox([w.HTML("<b>Reference</b>"), self.reference_image, self.reference_label]),
@@ -302,10 +304,10 @@ class MultiTurnSearch:
     def _card(self, position: int) -> tuple[w.VBox, w.Image, w.HTML]:
         image = w.Image(format="png", layout=w.Layout(height=f"{THUMB_HEIGHT}px"))
         label = w.HTML()
-        change = w.Button(description="change this one", tooltip="make it the next reference",
-                          layout=w.Layout(width="150px"))
-        accept = w.Button(description="yes, this one", icon="check", button_style="success",
-                          layout=w.Layout(width="150px"))
+        change = w.Button(description="change this", tooltip="make it the next reference and say what to change",
+                          layout=w.Layout(width="126px"))
+        accept = w.Button(description="this one", icon="check", button_style="success",
+                          tooltip="yes, this is what I was looking for", layout=w.Layout(width="126px"))
         change.add_class("cirlib-choose")
         accept.add_class("cirlib-accept")
         change.on_click(lambda _b: self.choose(position))
@@ -423,8 +425,10 @@ class MultiTurnSearch:
     def _history_card(number: int, turn) -> w.HTML:
         outcome = ("accepted " if turn.accepted else "→ ") + html.escape(turn.chosen.name) if turn.chosen else "…"
         tag = _img_tag(_reference_image(turn.reference), f"turn {number + 1}", height=56)
-        return w.HTML(f'<div style="display:inline-block;margin:4px;max-width:180px;font-size:11px">{tag}<br>'
+        card = w.HTML(f'<div style="display:inline-block;margin:4px;max-width:180px;font-size:11px">{tag}<br>'
                       f'“{html.escape(turn.caption)}”<br>{outcome}</div>')
+        card.add_class("cirlib-history-turn")
+        return card
 
 
 # --------------------------------------------------------------------------------------------
