@@ -183,18 +183,20 @@ def test_multiturn_widget_in_jupyterlab(jupyter_lab, browser) -> None:
     assert start, "the multi-turn widget shows no reference"
 
     caption = widget.find_element(By.CSS_SELECTOR, ".cirlib-caption input")
-    caption.send_keys("is red and has stripes", Keys.ENTER)
+    caption.send_keys("is navy blue and has stripes", Keys.ENTER)
 
-    def shown_results(_driver):
+    def label(card) -> list[str]:  # "#rank · score", then the image's name
+        return card.find_element(By.CSS_SELECTOR, ".cirlib-result-label").text.splitlines()
+
+    def shown_results(_driver):  # the six result cards of the notebook's widget (k = 6), each drawn
         cards = [c for c in widget.find_elements(By.CSS_SELECTOR, ".cirlib-result") if c.is_displayed()]
-        return cards if cards and all(c.text.strip() for c in cards) else False
+        return cards if len(cards) == 6 and all(len(label(c)) == 2 for c in cards) else False
 
     cards = WebDriverWait(browser, 60).until(shown_results)
-    assert len(cards) == 6, f"{len(cards)} results shown"
     assert "Is this what you were looking for?" in widget.text
     widget.screenshot(str(shots / "09_browser_results.png"))
 
-    chosen = cards[1].text.splitlines()[1].strip()  # "#2 · score" then the image's name
+    chosen = label(cards[1])[1].strip()
     cards[1].find_element(By.CSS_SELECTOR, ".cirlib-choose").click()
     WebDriverWait(browser, 60).until(lambda _d: reference.text != start)
     assert reference.text == chosen, (start, reference.text, chosen)  # the clicked result is the next reference

@@ -75,6 +75,7 @@ def test_benchmark_queries_rank_as_the_protocol(name, method, fixture_splits, vi
     expected = top_k_names(split, queries, feats.gallery, k=4)
     assert [_names(h) for h in retriever.search_queries(every, k=4)] == expected
     assert _names(retriever.search_query(1, k=4)) == expected[1]
+    assert top_k_names(split, retriever.query_scores(), torch.eye(len(split.gallery)), k=4) == expected
     ranks = retriever.target_ranks()
     metrics = per_query_metrics(split, queries, feats.gallery)
     k = 5 if name == "circo" else 10

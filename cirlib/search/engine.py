@@ -272,11 +272,12 @@ class Retriever:
             missing = "unknown method" if method not in METHODS else "its trained artifacts are not on disk"
             raise ValueError(f"method {method!r} is not available for {benchmark} ({missing}); "
                              f"available: {sorted(offered)}")
-        quick, device = course.quick, course.backbone().device
+        quick = course.quick
         if method in ("finetuned-sum", "combiner"):
             backbone = course.stage1_backbone(benchmark, FINETUNED)
         else:
             backbone = course.backbone()
+        device = backbone.device
         if method == "combiner":
             scorer: Scorer = CombineScorer(load_combiner(artifacts.combiner_checkpoint(quick, benchmark, FINETUNED),
                                                          device))
@@ -416,6 +417,12 @@ class Retriever:
         """:meth:`search_query` of several queries at once."""
         batch = self._query_batch(indices)
         return self._hits(*self.scorer.scores(self, batch), k, self._protocol_exclude(batch))
+
+    def query_scores(self, indices: Sequence[int] | None = None) -> Tensor:
+        """``[N, G]`` scores whose order is the protocol's ranking of the split's queries ``indices``
+        (all by default), e.g. for test-server submissions; the reference is not masked here."""
+        indices = list(range(len(self.split.queries))) if indices is None else list(indices)
+        return self.scorer.scores(self, self._query_batch(indices))[0]
 
     def target_ranks(self, indices: Sequence[int] | None = None) -> Tensor:
         """1-based rank of each query's target under the protocol (``0`` where it cannot be ranked:

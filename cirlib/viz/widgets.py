@@ -304,6 +304,7 @@ class MultiTurnSearch:
     def _card(self, position: int) -> tuple[w.VBox, w.Image, w.HTML]:
         image = w.Image(format="png", layout=w.Layout(height=f"{THUMB_HEIGHT}px"))
         label = w.HTML()
+        label.add_class("cirlib-result-label")
         change = w.Button(description="change this", tooltip="make it the next reference and say what to change",
                           layout=w.Layout(width="126px"))
         accept = w.Button(description="this one", icon="check", button_style="success",
@@ -407,10 +408,10 @@ class MultiTurnSearch:
         pending = turn is not None and turn.chosen is None
         for position, (card, image, label) in enumerate(self.cards):
             hit = turn.hits[position] if pending and position < len(turn.hits) else None
-            card.layout.display = "flex" if hit is not None else "none"
-            if hit is not None:
+            if hit is not None:  # contents first, so a browser never shows a card with the last turn's
                 image.value = thumbnail_png(hit.path)
                 label.value = f"<small>#{position + 1} · {hit.score:.3f}<br>{html.escape(hit.name)}</small>"
+            card.layout.display = "flex" if hit is not None else "none"
         if session.done:
             self.prompt.value = (f"<b style='color:{GREEN}'>Found: {html.escape(session.accepted.name)}</b> after "
                                  f"{len(session.turns)} turn(s). Start again from any image.")
