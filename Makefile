@@ -80,9 +80,10 @@ test-arithmetic: fashion-mnist
 	  $(MAKE) clean-quick test
 	PYTEST_ADDOPTS="-m 'not real_layout'" ATEN_CPU_CAPABILITY=default $(MAKE) clean-quick test
 
-# Library tests only: no notebook execution (nbval, real-layout run, result tables of a quick run).
+# Library tests only: no notebook execution (nbval, real-layout run, result tables of a quick run, browser).
 unit: env
-	$(PY) -m pytest tests --ignore=tests/notebooks --ignore=tests/test_notebook_results.py -m "not real_layout"
+	$(PY) -m pytest tests --ignore=tests/notebooks --ignore=tests/test_notebook_results.py --ignore=tests/test_browser.py \
+	  -m "not real_layout"
 
 nbtest: fashion-mnist
 	$(PY) -m pytest tests/notebooks $(PYTEST_NB)
@@ -93,6 +94,7 @@ perf: data
 	$(PY) tests/perf/perf_oti.py
 	$(PY) tests/perf/perf_gpt_phrases.py
 	$(PY) tests/perf/perf_index.py
+	$(PY) tests/perf/perf_explore.py
 
 clean-quick:
 	rm -rf data/quick

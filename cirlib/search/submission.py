@@ -145,9 +145,7 @@ def submit_method(
     if benchmark not in SERVERS:
         raise ValueError(f"{benchmark!r} has no test server to submit to; submissions exist for {sorted(SERVERS)}")
     retriever = Retriever.for_method(course, benchmark, benchmark, method, kind="test")
-    queries = range(len(retriever.split.queries))
-    order, _ = retriever.scorer.scores(retriever, retriever._query_batch(queries))  # the protocol's order
-    return write_submissions(course.quick, method, retriever.split, order, out_dir)
+    return write_submissions(course.quick, method, retriever.split, retriever.query_scores(), out_dir)
 
 
 # ---------------------------------------------------------------------------------- validation
