@@ -117,3 +117,13 @@ def test_cirr_never_retrieves_the_reference(request: pytest.FixtureRequest, sess
     assert image["cirr R@1"] + image["cirr Rsubset@1"] > 0, (
         "02_backbone: image-only CIRR R@1 and Rsubset@1 are both 0: is the reference still in the ranking?")
 
+
+
+def test_reranking_only_reorders_the_top_k(request: pytest.FixtureRequest, session_start: float) -> None:
+    """Quick runs re-rank the filter's top 20 of galleries of 120: whether a target is in the top 50
+    cannot change, so re-ranked R@50 must equal the filter's, and the filter's coverage can only rise with K."""
+    results = _table("08_results", request, session_start)
+    for column in ("fashioniq R@50", "cirr R@50"):
+        assert results.loc["re-ranked", column] == pytest.approx(results.loc["filter", column]), column
+    coverage = pd.read_csv(_fresh_table("08_coverage", request, session_start), header=[0, 1], index_col=0).dropna()
+    assert len(coverage) >= 3 and (coverage.diff().dropna() >= 0).all().all(), "08_reranking: coverage fell as K grew"
