@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cirlib.evaluation.bootstrap import Claim, Interval, PerQuery, check_asserted, claims_table, interval_table
+from cirlib.evaluation.bootstrap import (
+    Claim,
+    Interval,
+    PerQuery,
+    check_asserted,
+    claims_table,
+    interval_table,
+    mean_over_seeds,
+    seed_claims_table,
+    seed_table,
+)
 
 
 def _single(values) -> PerQuery:
@@ -104,3 +114,68 @@ def test_claims_and_interval_tables() -> None:
     table = interval_table(results, {"cirr": ["R@1"], "fashioniq": ["R@10"]})
     assert list(table.columns) == ["cirr R@1"] and table.loc["b", "cirr R@1"] == "0.0 [0.0, 0.0]"
     assert Interval(1.0, -1.0, 2.0).verdict() == "within noise"
+
+
+def test_mean_over_seeds_averages_each_query() -> None:
+    """Three seeds' hits on four queries; the averaged query 0 is hit by two of three: 66.7."""
+    runs = {s: PerQuery.from_splits({"dress": {"R@10": v[:2], "R@50": [100.0, 100.0]},
+                                     "shirt": {"R@10": v[2:], "R@50": [0.0, 100.0]}})
+            for s, v in {0: [100.0, 0.0, 0.0, 100.0], 1: [100.0, 0.0, 0.0, 0.0], 2: [0.0, 0.0, 0.0, 0.0]}.items()}
+    mean = mean_over_seeds(runs)
+    assert mean.values["R@10"].tolist() == pytest.approx([200 / 3, 0.0, 0.0, 100 / 3])
+    assert mean.strata.tolist() == [0, 0, 1, 1] and mean.names == ("dress", "shirt")
+    # the benchmark number of the averaged model is the mean of the seeds' numbers: (50, 25, 0) -> 25
+    assert [runs[s].mean("R@10") for s in range(3)] == pytest.approx([50.0, 25.0, 0.0])
+    assert mean.mean("R@10") == pytest.approx(25.0)
+    assert mean.mean("average") == pytest.approx((25.0 + 75.0) / 2)
+    with pytest.raises(ValueError, match="no seeds"):
+        mean_over_seeds({})
+    with pytest.raises(ValueError, match="different queries"):
+        mean_over_seeds({0: _single([1.0, 0.0]), 1: _single([1.0])})
+
+
+def test_seed_table_mean_and_sample_std() -> None:
+    """R@1 of 30, 40, 50 over three seeds: mean 40, sample std 10; one seed: std 0."""
+    seeds = {s: _single([100.0] * k + [0.0] * (100 - k)) for s, k in {0: 30, 1: 40, 2: 50}.items()}
+    results = {("cirr", "combiner"): seeds, ("cirr", "sum"): {0: _single([100.0] * 20 + [0.0] * 80)}}
+    table = seed_table(results, {"cirr": ["R@1"], "fashioniq": ["R@10"]}, label_names=["variant"])
+    assert table.index.names == ["benchmark", "metric", "variant"]
+    row = table.loc[("cirr", "R@1", "combiner")]
+    assert [row["seed 0"], row["seed 1"], row["seed 2"]] == pytest.approx([30.0, 40.0, 50.0])
+    assert row["mean"] == pytest.approx(40.0) and row["std"] == pytest.approx(10.0)
+    one = table.loc[("cirr", "R@1", "sum")]
+    assert one["seed 0"] == pytest.approx(20.0) and one["std"] == 0.0 and np.isnan(one["seed 1"])
+    with pytest.raises(ValueError, match="level names"):
+        seed_table(results, {"cirr": ["R@1"]}, label_names=["a", "b"])
+    with pytest.raises(ValueError, match="no results"):
+        seed_table(results, {"circo": ["mAP@10"]})
+
+
+def test_seed_claims_need_the_bootstrap_and_every_seed() -> None:
+    """``a`` beats ``b`` by 30 points in every seed: holds. ``c`` beats ``b`` by 30 points on average but
+    only ties it in one seed: the seed-averaged interval alone would say holds; the seeds say noise."""
+    zero = _single([0.0] * 100)
+    hits = {k: _single([100.0] * k + [0.0] * (100 - k)) for k in (0, 25, 30, 35, 45)}
+    results = {
+        ("cirr", "a"): {0: hits[25], 1: hits[30], 2: hits[35]},
+        ("cirr", "b"): {0: zero, 1: zero, 2: zero},
+        ("cirr", "c"): {0: hits[45], 1: hits[45], 2: zero},
+        ("cirr", "d"): {0: zero, 1: zero},
+    }
+    claims = seed_claims_table([Claim("cirr", ("a",), ("b",), "R@1", asserted=True),
+                                Claim("cirr", ("c",), ("b",), "R@1", asserted=True),
+                                Claim("cirr", ("b",), ("a",), "R@1")], results)
+    a = claims.loc[("cirr", "a > b")]
+    assert a["verdict"] == "holds" and a["ahead"] == "3 of 3"
+    assert a["difference"] == pytest.approx(30.0) and a["seed std"] == pytest.approx(5.0)
+    assert a["per seed"] == "+25.00, +30.00, +35.00" and a["per-seed verdicts"] == "holds, holds, holds"
+    assert a["better"] == "30.0 ± 5.0" and a["worse"] == "0.0 ± 0.0"
+    assert a["95% low"] > 0
+    c = claims.loc[("cirr", "c > b")]
+    assert c["difference"] == pytest.approx(30.0) and c["95% low"] > 0  # the bootstrap alone: holds
+    assert c["ahead"] == "2 of 3" and c["verdict"] == "within noise"
+    assert claims.loc[("cirr", "b > a"), "verdict"] == "reversed"
+    with pytest.raises(AssertionError, match=r"cirr: c > b on R@1: difference 30.00 .*\(within noise\)"):
+        check_asserted(claims)
+    with pytest.raises(ValueError, match="pair the same seeds"):
+        seed_claims_table([Claim("cirr", ("a",), ("d",), "R@1")], results)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from cirlib.data.preprocess import (
     KINDS,
+    aspect_summary,
     build_transform,
     pad_amounts,
     pipeline_geometry,
@@ -197,3 +198,21 @@ def test_transforms_pickle_for_dataloader_workers():
     transform = build_transform("targetpad", S, MEAN, STD)
     image = _noise(60, 150)
     assert torch.equal(pickle.loads(pickle.dumps(transform))(image), transform(image))
+
+
+def test_aspect_summary_by_hand():
+    """w/h 0.5, 1.0, 2.0 at target 1.25: targetpad pads the two skewed images (2 of 3), keeps 80 % of each
+    (1000 / 1.25 = 800 of the long side) and all of the square one; centre crop keeps half of each skewed one."""
+    summary = aspect_summary([0.5, 1.0, 2.0], target_ratio=1.25, image_size=224)
+    assert summary["images"] == 3 and summary["median w/h"] == pytest.approx(1.0)
+    assert summary["targetpad pads %"] == pytest.approx(200 / 3)
+    assert summary["clip keeps %"] == pytest.approx(100 * (0.5 + 1.0 + 0.5) / 3)
+    assert summary["squarepad keeps %"] == pytest.approx(100.0)
+    assert summary["targetpad keeps %"] == pytest.approx(100 * (0.8 + 1.0 + 0.8) / 3)
+    near_square = aspect_summary([0.85, 1.1], kinds=("clip", "targetpad"))  # below 1.25: no padding
+    assert near_square["targetpad pads %"] == 0.0 and near_square["targetpad keeps %"] == near_square["clip keeps %"]
+    assert set(near_square) == {"images", "median w/h", "targetpad pads %", "clip keeps %", "targetpad keeps %"}
+    with pytest.raises(ValueError, match="aspect ratios"):
+        aspect_summary([])
+    with pytest.raises(ValueError, match="unknown transform kind"):
+        aspect_summary([1.0], kinds=("crop",))

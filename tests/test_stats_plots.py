@@ -99,3 +99,18 @@ def test_bars_by_group_keeps_the_order_of_each_group() -> None:
     assert [p.get_height() for p in fig.axes[0].patches] == [1.0, -2.0, 3.0]
     assert fig.axes[0].get_ylabel() == "positions" and fig.axes[1].get_xlabel() == "initial position"
     plt.close(fig)
+
+
+def test_missing_values_shown_as_a_mark(tmp_path: Path) -> None:
+    """A metric one benchmark lacks is blank in the CSV and "—" in the markdown and the display copy;
+    by default markdown keeps printing "nan", as every saved table did before."""
+    df = pd.DataFrame({"R@10": [0.55, 0.4], "R@1": [np.nan, 0.04]}, index=pd.Index(["fashioniq/dress", "cirr"]))
+    assert tables.to_markdown(df).splitlines()[2] == "| fashioniq/dress | 0.55 | nan |"
+    assert tables.to_markdown(df, na_rep="—").splitlines()[2:] == ["| fashioniq/dress | 0.55 | — |",
+                                                                   "| cirr | 0.40 | 0.04 |"]
+    tables.save_table(df, "chance", tmp_path, na_rep="—")
+    assert (tmp_path / "chance.csv").read_text().splitlines()[1] == "fashioniq/dress,0.5500,"
+    assert "| — |" in (tmp_path / "chance.md").read_text(encoding="utf-8")
+    shown = tables.blank_missing(df)
+    assert shown.loc["fashioniq/dress", "R@1"] == "—" and shown.loc["cirr", "R@1"] == 0.04
+    assert df["R@1"].isna().sum() == 1  # the original is untouched

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
@@ -218,3 +219,31 @@ def visible_fraction(
 ) -> float:
     """Fraction of an image's area that survives into the encoder input (1.0 = nothing cropped)."""
     return pipeline_geometry(size, kind, image_size, target_ratio).visible_fraction
+
+
+def aspect_summary(
+    aspect_ratios_wh: Sequence[float],
+    kinds: Sequence[TransformKind] = KINDS,
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    image_size: int = 224,
+) -> dict[str, float]:
+    """How a set of images, given by their aspect ratios (w/h), fares under each pipeline.
+
+    Returns the number of images, their median w/h, the percentage that targetpad pads (long side /
+    short side at least ``target_ratio``; the others it only crops, exactly like ``clip``) and, per kind,
+    the mean percentage of an image's area that reaches the encoder (``"<kind> keeps %"``). Each ratio
+    stands for an image whose long side is 1,000 pixels, as in :func:`cirlib.data.stats.visible_area_table`.
+    """
+    ratios = np.asarray(aspect_ratios_wh, dtype=np.float64)
+    if ratios.ndim != 1 or len(ratios) == 0 or not (ratios > 0).all():
+        raise ValueError(f"expected a non-empty list of positive aspect ratios, got {aspect_ratios_wh!r}")
+    base = 1000
+    sizes = [(base, round(base / r)) if r >= 1 else (round(base * r), base) for r in ratios]
+    distinct = sorted(set(sizes))  # geometry once per distinct size
+    padded = {s: any(pad_amounts(s, target_ratio)) for s in distinct}
+    out = {"images": float(len(ratios)), "median w/h": float(np.median(ratios)),
+           "targetpad pads %": 100.0 * float(np.mean([padded[s] for s in sizes]))}
+    for kind in kinds:
+        kept = {s: visible_fraction(s, kind, target_ratio, image_size) for s in distinct}
+        out[f"{kind} keeps %"] = 100.0 * float(np.mean([kept[s] for s in sizes]))
+    return out

@@ -194,3 +194,97 @@ def interval_table(
         for metric in metrics.get(benchmark, ()):
             columns.setdefault(f"{benchmark} {metric}", {})[row] = str(result.interval(metric, seed))
     return pd.DataFrame(columns)
+
+
+# ----------------------------------------------------------------------------- training seeds
+
+SeedResults = Mapping[int, PerQuery]
+"""One method's per-query values for each training seed (seed -> result), all on the same queries."""
+
+
+def mean_over_seeds(results: SeedResults) -> PerQuery:
+    """Per-query values averaged over the training seeds: a query hit by two of three seeds' models scores
+    2/3 of a hit. Its stratified mean is the mean over seeds of the benchmark numbers, and its bootstrap
+    interval resamples queries for the seed-averaged model."""
+    runs = list(results.values())
+    if not runs:
+        raise ValueError("no seeds to average")
+    first = runs[0]
+    for run in runs[1:]:
+        if not np.array_equal(run.strata, first.strata) or set(run.values) != set(first.values):
+            raise ValueError("the seeds' results score different queries or metrics; they cannot be averaged")
+    values = {k: np.mean([run.values[k] for run in runs], axis=0) for k in first.values}
+    return PerQuery(values, first.strata, first.names)
+
+
+def seed_table(
+    results: Mapping[Label, SeedResults], metrics: Mapping[str, Sequence[str]], label_names: Sequence[str] = ("label",)
+) -> pd.DataFrame:
+    """Each result's benchmark number for every training seed, with their mean and sample standard deviation.
+
+    Rows ``(benchmark, metric, *label)`` for the ``metrics`` of each benchmark, the label's levels named
+    ``label_names``; columns ``seed <s>`` in seed order, ``mean`` and ``std`` (ddof = 1: the spread one
+    more seed would show; 0 for a single seed).
+    """
+    rows = {}
+    bad = [key for key in results if len(key) != 1 + len(label_names)]
+    if bad:
+        raise ValueError(f"labels {bad[:3]} do not match the level names {tuple(label_names)}")
+    benchmarks = dict.fromkeys(key[0] for key in results)  # in order of appearance
+    for benchmark, metric in ((b, m) for b in benchmarks for m in metrics.get(b, ())):
+        for (_, *label), by_seed in ((k, v) for k, v in results.items() if k[0] == benchmark):
+            values = {f"seed {s}": run.mean(metric) for s, run in sorted(by_seed.items())}
+            spread = np.asarray(list(values.values()))
+            rows[(benchmark, metric, *label)] = {**values, "mean": float(spread.mean()),
+                                                 "std": float(spread.std(ddof=1)) if len(spread) > 1 else 0.0}
+    if not rows:
+        raise ValueError("no results for the metrics asked")
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "metric", *label_names])
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    arr = np.asarray(values, dtype=np.float64)
+    return f"{arr.mean():.1f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.1f}"
+
+
+def seed_claims_table(claims: Sequence[Claim], results: Mapping[Label, SeedResults], seed: int = 0) -> pd.DataFrame:
+    """:func:`claims_table` for methods trained with several seeds: judged by the seed spread *and* the bootstrap.
+
+    For each claim, ``better`` and ``worse`` must have been run with the same seeds (a method without
+    training simply repeats its one result). Columns: both sides as ``mean ± std`` over seeds; the paired
+    difference of each seed (``better`` seed *s* minus ``worse`` seed *s*) with that seed's own bootstrap
+    verdict; ``difference``, the mean of those (= the difference of the seed-averaged models), its seed
+    standard deviation, and the 95 % paired bootstrap interval of the seed-averaged models' difference
+    (:func:`mean_over_seeds`); ``ahead``, in how many seeds ``better`` scored higher. The ``verdict`` is
+    *holds* only when both say so: the interval lies above zero **and** ``better`` is ahead in every
+    seed; *reversed* when the interval lies below zero and ``better`` is behind in every seed; *within
+    noise* otherwise. :func:`check_asserted` reads it like any claims table.
+    """
+    rows = {}
+    for claim in claims:
+        better, worse = results[(claim.benchmark, *claim.better)], results[(claim.benchmark, *claim.worse)]
+        if sorted(better) != sorted(worse):
+            raise ValueError(f"{claim.name}: seeds {sorted(better)} against {sorted(worse)}; pair the same seeds")
+        seeds = sorted(better)
+        per_seed = [better[s].mean(claim.metric) - worse[s].mean(claim.metric) for s in seeds]
+        verdicts = [better[s].difference(worse[s], claim.metric, seed).verdict() for s in seeds]
+        diff = mean_over_seeds(better).difference(mean_over_seeds(worse), claim.metric, seed)
+        ahead = sum(d > 0 for d in per_seed)
+        behind = sum(d < 0 for d in per_seed)
+        verdict = (VERDICTS[0] if diff.low > 0 and ahead == len(seeds) else
+                   VERDICTS[2] if diff.high < 0 and behind == len(seeds) else VERDICTS[1])
+        rows[claim.benchmark, claim.name] = {
+            "metric": claim.metric,
+            "better": _mean_std([better[s].mean(claim.metric) for s in seeds]),
+            "worse": _mean_std([worse[s].mean(claim.metric) for s in seeds]),
+            "per seed": ", ".join(f"{d:+.2f}" for d in per_seed),
+            "per-seed verdicts": ", ".join(verdicts),
+            "difference": float(np.mean(per_seed)),
+            "seed std": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else 0.0,
+            "95% low": diff.low,
+            "95% high": diff.high,
+            "ahead": f"{ahead} of {len(seeds)}",
+            "verdict": verdict,
+            "asserted": claim.asserted,
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "claim"])
