@@ -199,6 +199,11 @@ def test_evaluate_isearle_tables_through_the_protocols(tiny, fixture_splits, fea
     # precomputed query features enter the same path: the text features give the text-only row
     text_row = I.evaluate_queries(fixture_splits, features, {n: f.text for n, f in features.items()})
     assert text_row == pytest.approx(table.loc["text"].to_dict())
+    # the splits scored are those given, even where more splits' features are at hand (a subset of benchmarks)
+    cirr = {n: s for n, s in fixture_splits.items() if s.dataset == "cirr"}
+    cirr_row = I.evaluate_queries(cirr, features, {n: features[n].text for n in cirr})
+    assert set(cirr_row) == {c for c in text_row if c.startswith("cirr ")}
+    assert cirr_row == pytest.approx({c: v for c, v in text_row.items() if c.startswith("cirr ")})
     with pytest.raises(ValueError, match="unknown method"):
         I.evaluate_isearle(tiny, fixture_splits, methods=("oracle",))
     with pytest.raises(ValueError, match="needs a trained phi"):

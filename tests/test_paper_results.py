@@ -88,6 +88,16 @@ def test_isearle_aspects_are_table_v_b32():
         assert "viewpoint" in hardest and "direct_addressing" in set(t[method].nlargest(2).index)
 
 
+def test_isearle_supervised_is_table_xi_and_keeps_its_reading():
+    t = P.isearle_supervised()
+    assert list(t.index) == ["Combiner-FIQ", "Combiner-CIRR", "iSEARLE-OTI", "iSEARLE"]
+    assert t.loc["Combiner-FIQ", "fashioniq R@10"] == 32.96 and t.loc["iSEARLE", "cirr R@10"] == 70.32
+    # each Combiner is best on its own dataset and below iSEARLE on the other one
+    assert t["fashioniq R@10"].idxmax() == "Combiner-FIQ" and t["cirr R@1"].idxmax() == "Combiner-CIRR"
+    assert t.loc["iSEARLE", "fashioniq R@10"] > t.loc["Combiner-CIRR", "fashioniq R@10"]
+    assert t.loc["iSEARLE", "cirr R@1"] > t.loc["Combiner-FIQ", "cirr R@1"]
+
+
 def test_reranking_tables_are_the_papers_and_keep_its_orderings():
     main = P.reranking_results()
     assert main.loc["filter", "fashioniq R@10"] == 46.15 and main.loc["re-ranked", "cirr R@1"] == 50.55  # Tables 1-2

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cirlib.methods.phi_training import PhiConfig, cluster_images, hard_negative_batches, train_phi
+from cirlib.methods.phi_training import PhiConfig, cluster_images, cycle_loss, hard_negative_batches, train_phi
 from cirlib.models.backbone import TINY_MODEL, load_backbone
 from cirlib.models.phi import Phi
+from cirlib.models.pseudo_word import encode_with_pseudo_words
 
 
 def test_phi_shapes_and_widths() -> None:
@@ -83,3 +84,37 @@ def test_phi_learns_to_predict_oti_tokens(tmp_path) -> None:
     assert history_again == history
     for a, b in zip(phi.parameters(), again.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_cycle_loss_is_clip_loss_of_the_prompt_at_the_backbone_temperature() -> None:
+    backbone = load_backbone(TINY_MODEL, None, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    images, tokens = torch.randn(4, 128, generator=gen), torch.randn(4, 128, generator=gen) * 0.02
+    text = F.normalize(encode_with_pseudo_words(backbone, "a photo of $", tokens), dim=-1)
+    logits = backbone.model.logit_scale.exp() * F.normalize(images, dim=-1) @ text.T
+    labels = torch.arange(4)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(cycle_loss(backbone, images, tokens), expected)
+    # a token that changes the prompt's text feature changes the loss; gradients reach the tokens only
+    tokens.requires_grad_(True)
+    cycle_loss(backbone, images, tokens).backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.model.parameters())
+
+
+def test_phi_without_distillation_learns_from_images_and_needs_the_backbone(tmp_path) -> None:
+    backbone = load_backbone(TINY_MODEL, None, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(32, 128, generator=gen)
+    unused = torch.zeros(32, 128)  # the cycle ablation reads no OTI token, only their width
+    config = PhiConfig.quick(amp=False, progress=False, batch_size=16, epochs=12, distillation="cycle", alpha=0.0)
+    phi, history = train_phi(feats, unused, backbone, config=config, ckpt_path=tmp_path / "cycle.pt")
+    assert history[-1]["distil"] < history[0]["distil"]
+    with torch.no_grad():
+        text = F.normalize(encode_with_pseudo_words(backbone, "a photo of $", phi(feats)), dim=-1)
+    hits = (text @ F.normalize(feats, dim=-1).T).argmax(dim=1) == torch.arange(32)
+    assert hits.float().mean() > 4 / 32  # chance: 1/32
+    with pytest.raises(ValueError, match="pass the backbone"):
+        train_phi(feats, unused, None, config=config)
+    with pytest.raises(ValueError, match="'cycle'"):
+        PhiConfig(distillation="l1")

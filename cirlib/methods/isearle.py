@@ -334,7 +334,7 @@ def captioning_query_features(
 def _with_queries(features: Mapping[str, SplitFeatures], queries: Mapping[str, Tensor]) -> dict[str, SplitFeatures]:
     """The splits' features with the method's query features in the text slot (scored by the
     text-only combining function, the seam through which a method enters the evaluation path)."""
-    return {name: dataclasses.replace(f, text=queries[name]) for name, f in features.items()}
+    return {name: dataclasses.replace(features[name], text=q) for name, q in queries.items()}
 
 
 def evaluate_queries(

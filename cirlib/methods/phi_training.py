@@ -28,7 +28,7 @@ from torch import Tensor
 from cirlib.core.device import autocast, get_device, grad_scaler, precision
 from cirlib.core.io import fingerprint, tensor_digest
 from cirlib.core.training import TrainingLoop, epoch_seed, optimizer_step
-from cirlib.methods.losses import cosine_loss, distillation_loss, norm_penalty
+from cirlib.methods.losses import clip_loss, cosine_loss, distillation_loss, norm_penalty
 from cirlib.methods.oti import ConceptSpec, PhraseSampler, Regularisation
 from cirlib.models.phi import Phi
 from cirlib.models.pseudo_word import encode_with_pseudo_words
@@ -42,6 +42,8 @@ class PhiConfig:
     """phi training hyper-parameters; defaults are the method's for CLIP ViT-B/32.
 
     ``distillation="cosine"`` is the ablation with ``1 - cos`` instead of the contrastive loss;
+    ``distillation="cycle"`` the one without distillation: no OTI tokens, phi's prompt "a photo of
+    $" is contrasted with the image features directly (:func:`cycle_loss`, needs the backbone);
     ``lambda_gpt=0`` (or no concepts) the one without L_gpt, ``lambda_pen=0`` the one without the
     penalty, ``alpha=0`` the one with random batches. ``clusters`` is k-means' K (at most half
     the images, so that clusters hold several images each).
@@ -56,7 +58,7 @@ class PhiConfig:
     lambda_distil: float = 1.0
     lambda_gpt: float = 0.75
     lambda_pen: float = 3e-3
-    distillation: Literal["contrastive", "cosine"] = "contrastive"
+    distillation: Literal["contrastive", "cosine", "cycle"] = "contrastive"
     regularisation: Regularisation = "gpt"
     alpha: float = 0.5  # share of each batch drawn from one k-means cluster
     clusters: int = 64
@@ -68,8 +70,8 @@ class PhiConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1) (some rows of each batch stay random), got {self.alpha}")
-        if self.distillation not in ("contrastive", "cosine"):
-            raise ValueError(f"distillation must be 'contrastive' or 'cosine', got {self.distillation!r}")
+        if self.distillation not in ("contrastive", "cosine", "cycle"):
+            raise ValueError(f"distillation must be 'contrastive', 'cosine' or 'cycle', got {self.distillation!r}")
 
     @classmethod
     def quick(cls, **overrides) -> "PhiConfig":
@@ -162,6 +164,20 @@ def hard_negative_batches(labels: Tensor, batch_size: int, alpha: float, generat
     return batches
 
 
+CYCLE_PROMPT = "a photo of $"
+"""The prompt through which the ``cycle`` ablation reads phi's token against its image."""
+
+
+def cycle_loss(backbone: "Backbone", image_features: Tensor, tokens: Tensor) -> Tensor:
+    """The ablation without distillation: CLIP's symmetric InfoNCE between the image features and
+    the text features of :data:`CYCLE_PROMPT` holding each image's predicted token, at the
+    backbone's own learned temperature. phi then learns from images and the frozen text tower
+    alone, as textual inversion did before OTI tokens were pre-computed."""
+    text = encode_with_pseudo_words(backbone, CYCLE_PROMPT, tokens)
+    scale = backbone.model.logit_scale.detach().float().exp()
+    return clip_loss(F.normalize(image_features.float(), dim=-1), F.normalize(text.float(), dim=-1), scale)
+
+
 def train_phi(
     image_features: Tensor,
     oti_tokens: Tensor,
@@ -184,6 +200,8 @@ def train_phi(
             f"need image features [N, D] and OTI tokens [N, W] for the same N, got "
             f"{tuple(image_features.shape)} and {tuple(oti_tokens.shape)}"
         )
+    if config.distillation == "cycle" and backbone is None:
+        raise ValueError("distillation='cycle' reads phi's tokens through the text tower: pass the backbone")
     device = backbone.device if backbone is not None else get_device(config.device)
     use_gpt = backbone is not None and concepts is not None and config.lambda_gpt > 0
     sampler = PhraseSampler(backbone, concepts, phrases, n, config.regularisation) if use_gpt else None
@@ -216,8 +234,13 @@ def train_phi(
         x, target = x_all[rows.to(device)], t_all[rows.to(device)]
         with autocast(device, config.amp):
             predicted = phi(x).float()
-        distil = (distillation_loss(predicted, target, config.temperature) if config.distillation == "contrastive"
-                  else cosine_loss(predicted, target))
+        if config.distillation == "contrastive":
+            distil = distillation_loss(predicted, target, config.temperature)
+        elif config.distillation == "cosine":
+            distil = cosine_loss(predicted, target)
+        else:
+            with autocast(device, config.amp):
+                distil = cycle_loss(backbone, x, predicted)
         terms = {"distil": distil, "pen": norm_penalty(predicted)}
         total = config.lambda_distil * distil + config.lambda_pen * terms["pen"]
         if sampler is not None:
