@@ -166,14 +166,14 @@ def test_seed_claims_need_the_bootstrap_and_every_seed() -> None:
                                 Claim("cirr", ("c",), ("b",), "R@1", asserted=True),
                                 Claim("cirr", ("b",), ("a",), "R@1")], results)
     a = claims.loc[("cirr", "a > b")]
-    assert a["verdict"] == "holds" and a["ahead"] == "3 of 3"
+    assert a["verdict"] == "holds" and a["seeds ahead"] == 3 and a["seeds holding"] == 3
     assert a["difference"] == pytest.approx(30.0) and a["seed std"] == pytest.approx(5.0)
-    assert a["per seed"] == "+25.00, +30.00, +35.00" and a["per-seed verdicts"] == "holds, holds, holds"
-    assert a["better"] == "30.0 ± 5.0" and a["worse"] == "0.0 ± 0.0"
+    assert a["per seed"] == "+25.00, +30.00, +35.00"
+    assert (a["better mean"], a["better std"], a["worse mean"], a["worse std"]) == pytest.approx((30.0, 5.0, 0.0, 0.0))
     assert a["95% low"] > 0
     c = claims.loc[("cirr", "c > b")]
     assert c["difference"] == pytest.approx(30.0) and c["95% low"] > 0  # the bootstrap alone: holds
-    assert c["ahead"] == "2 of 3" and c["verdict"] == "within noise"
+    assert c["seeds ahead"] == 2 and c["seeds holding"] == 2 and c["verdict"] == "within noise"
     assert claims.loc[("cirr", "b > a"), "verdict"] == "reversed"
     with pytest.raises(AssertionError, match=r"cirr: c > b on R@1: difference 30.00 .*\(within noise\)"):
         check_asserted(claims)

@@ -236,29 +236,31 @@ def seed_table(
             values = {f"seed {s}": run.mean(metric) for s, run in sorted(by_seed.items())}
             spread = np.asarray(list(values.values()))
             rows[(benchmark, metric, *label)] = {**values, "mean": float(spread.mean()),
-                                                 "std": float(spread.std(ddof=1)) if len(spread) > 1 else 0.0}
+                                                 "std": _std(spread)}
     if not rows:
         raise ValueError("no results for the metrics asked")
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "metric", *label_names])
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    arr = np.asarray(values, dtype=np.float64)
-    return f"{arr.mean():.1f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.1f}"
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof = 1), 0 for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def seed_claims_table(claims: Sequence[Claim], results: Mapping[Label, SeedResults], seed: int = 0) -> pd.DataFrame:
     """:func:`claims_table` for methods trained with several seeds: judged by the seed spread *and* the bootstrap.
 
     For each claim, ``better`` and ``worse`` must have been run with the same seeds (a method without
-    training simply repeats its one result). Columns: both sides as ``mean ± std`` over seeds; the paired
-    difference of each seed (``better`` seed *s* minus ``worse`` seed *s*) with that seed's own bootstrap
-    verdict; ``difference``, the mean of those (= the difference of the seed-averaged models), its seed
-    standard deviation, and the 95 % paired bootstrap interval of the seed-averaged models' difference
-    (:func:`mean_over_seeds`); ``ahead``, in how many seeds ``better`` scored higher. The ``verdict`` is
-    *holds* only when both say so: the interval lies above zero **and** ``better`` is ahead in every
-    seed; *reversed* when the interval lies below zero and ``better`` is behind in every seed; *within
-    noise* otherwise. :func:`check_asserted` reads it like any claims table.
+    training simply repeats its one result). Columns, all numbers so that tables compare within tolerances:
+    each side's mean and standard deviation over seeds; ``per seed``, the paired difference of each seed
+    (``better`` seed *s* minus ``worse`` seed *s*); ``seeds ahead``, in how many seeds ``better`` scored
+    higher, and ``seeds holding``, in how many that seed's own paired bootstrap interval lies above zero;
+    ``difference``, the mean of the per-seed differences (= the difference of the seed-averaged models),
+    its ``seed std``, and the 95 % paired bootstrap interval of the seed-averaged models' difference
+    (:func:`mean_over_seeds`). The ``verdict`` is *holds* only when both say so: the interval lies above
+    zero **and** ``better`` is ahead in every seed; *reversed* when the interval lies below zero and
+    ``better`` is behind in every seed; *within noise* otherwise. :func:`check_asserted` reads it like any
+    claims table.
     """
     rows = {}
     for claim in claims:
@@ -273,17 +275,21 @@ def seed_claims_table(claims: Sequence[Claim], results: Mapping[Label, SeedResul
         behind = sum(d < 0 for d in per_seed)
         verdict = (VERDICTS[0] if diff.low > 0 and ahead == len(seeds) else
                    VERDICTS[2] if diff.high < 0 and behind == len(seeds) else VERDICTS[1])
+        better_values = [better[s].mean(claim.metric) for s in seeds]
+        worse_values = [worse[s].mean(claim.metric) for s in seeds]
         rows[claim.benchmark, claim.name] = {
             "metric": claim.metric,
-            "better": _mean_std([better[s].mean(claim.metric) for s in seeds]),
-            "worse": _mean_std([worse[s].mean(claim.metric) for s in seeds]),
+            "better mean": float(np.mean(better_values)),
+            "better std": _std(better_values),
+            "worse mean": float(np.mean(worse_values)),
+            "worse std": _std(worse_values),
             "per seed": ", ".join(f"{d:+.2f}" for d in per_seed),
-            "per-seed verdicts": ", ".join(verdicts),
+            "seeds ahead": ahead,
+            "seeds holding": sum(v == VERDICTS[0] for v in verdicts),
             "difference": float(np.mean(per_seed)),
-            "seed std": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else 0.0,
+            "seed std": _std(per_seed),
             "95% low": diff.low,
             "95% high": diff.high,
-            "ahead": f"{ahead} of {len(seeds)}",
             "verdict": verdict,
             "asserted": claim.asserted,
         }
