@@ -374,3 +374,28 @@ def test_gradcam_examples_explain_each_query_towards_its_target(vit, fixture_spl
         with torch.no_grad():
             target = vit.encode_image(target_pixels)[0]
         assert np.allclose(cam, analysis.gradcam(vit, combine_sum, pixels, caption, target), atol=1e-5)
+
+
+def test_subset_term_spread_hand_computed() -> None:
+    from pathlib import Path
+
+    from cirlib.data.datasets import CIRSplit, Query
+    from cirlib.models.features import SplitFeatures
+
+    # gallery: the reference R and three look-alikes a, b, c on the unit circle (2-d features)
+    angles = {"R": 0.0, "a": 0.0, "b": np.pi / 2, "c": np.pi}
+    names = list(angles)
+    gallery = torch.tensor([[np.cos(t), np.sin(t)] for t in angles.values()], dtype=torch.float32)
+    queries = [Query("R", ("x",), "a", ("a",), group=("R", "a", "b", "c")),
+               Query("R", ("y",), "b", ("b",), group=("R", "a"))]  # one member besides R: left out
+    split = CIRSplit("cirr", "val", Path("."), queries, names, {}, 0)
+    reference = gallery[[0, 0]] * 3.0  # unnormalised on purpose: the terms are cosines
+    text = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+    out = analysis.subset_term_spread(split, SplitFeatures(gallery, reference, text))
+    # query 0, members a, b, c: image term cos = (1, 0, -1), text term cos = (0, 1, 0); sample std
+    assert out["queries"] == 1
+    assert out["image"] == pytest.approx(1.0)
+    assert out["text"] == pytest.approx(float(np.std([0.0, 1.0, 0.0], ddof=1)))
+    with pytest.raises(ValueError, match="no query has two or more"):
+        analysis.subset_term_spread(CIRSplit("cirr", "val", Path("."), queries[1:], names, {}, 0),
+                                    SplitFeatures(gallery, reference[1:], text[1:]))

@@ -106,3 +106,21 @@ def test_counterfactuals_change_exactly_one_thing():
     assert counterfactual(scene, "background", rng)["background"]["colour"] != "lavender"
     with pytest.raises(ValueError, match="unknown attribute"):
         counterfactual(scene, "texture", rng)
+
+
+def test_accuracy_by_pipeline_groups_and_matches_the_plain_accuracy(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    items = load_attributed_images([fashion_root], "val")
+    table = Z.accuracy_by_pipeline(bb, items, ["colour"], ["squarepad", "clip"])
+    categories = sorted({it.attributes["category"] for it in items})
+    assert list(table.index) == [(c, k) for c in categories for k in ("squarepad", "clip")]
+    assert table.index.names == ["category", "pipeline"]
+    for category in categories:
+        members = [it for it in items if it.attributes["category"] == category]
+        assert table.loc[(category, "squarepad"), "images"] == len(members) == 4
+        expected = Z.zero_shot_accuracy(bb, members, "colour", transform_kind="squarepad").accuracy
+        assert table.loc[(category, "squarepad"), "colour"] == pytest.approx(100 * expected)
+        clip = Z.zero_shot_accuracy(bb, members, "colour", transform_kind="clip").accuracy
+        assert table.loc[(category, "clip"), "colour"] == pytest.approx(100 * clip)
+    with pytest.raises(ValueError, match="'sleeve' to group by"):
+        Z.accuracy_by_pipeline(bb, items, ["colour"], ["clip"], group="sleeve")

@@ -12,6 +12,8 @@
   graphs say which object a query edits (:func:`edited_regions`), and :func:`pointing_game`
   scores how often the map's peak falls on it, against the image centre and chance.
 - :func:`combiner_lambdas`: the Combiner's per-query weight of the caption in its convex combination.
+- :func:`subset_term_spread`: within CIRR's sets of look-alikes, how much the Sum's reference-image term
+  and its caption term each vary from member to member (the term that varies more decides Recall_subset).
 - :func:`top_k_names` (Figs. 11-12): ranked gallery names for qualitative result grids.
 
 Plots live in :mod:`cirlib.viz.plots` (``similarity_histograms``, ``gap_histograms``,
@@ -73,6 +75,7 @@ __all__ = [
     "similarity_gap",
     "spearman_rho",
     "split_similarity_gap",
+    "subset_term_spread",
     "top_k_names",
 ]
 
@@ -728,3 +731,32 @@ def combiner_lambdas(combiner: Combiner, image: Tensor, text: Tensor, batch_size
     with eval_mode(combiner):
         lam = apply_combine(combiner.mixing_coefficient, image.to(device), text.to(device), batch_size)
     return lam[:, 0].numpy()
+
+
+def subset_term_spread(split: CIRSplit, features: "SplitFeatures") -> dict[str, float]:
+    """The Sum's two terms within each CIRR query's set of look-alikes: ``image`` and ``text``, the
+    mean over queries of the standard deviation of ``cos(reference, c)`` and of ``cos(caption, c)``
+    across the set's members ``c`` other than the reference; ``queries``, how many sets had two or
+    more such members.
+
+    With normalised inputs the Sum ranks a set by the sum of the two terms, so the term that varies
+    more from member to member decides Recall_subset. The reference image's term carries no
+    information about the edit (every member resembles the reference), so a large image spread is
+    noise the caption must outvote.
+    """
+    index = name_index(split.gallery)
+    reference = F.normalize(features.reference.float(), dim=-1)
+    text = F.normalize(features.text.float(), dim=-1)
+    gallery = F.normalize(features.gallery.float(), dim=-1)
+    image_spread, text_spread = [], []
+    for q, query in enumerate(split.queries):
+        members = [index[m] for m in query.group if m != query.reference and m in index]
+        if len(members) < 2:
+            continue
+        candidates = gallery[members]
+        image_spread.append(float((candidates @ reference[q]).std()))
+        text_spread.append(float((candidates @ text[q]).std()))
+    if not image_spread:
+        raise ValueError(f"{split.dataset}/{split.split}: no query has two or more set members besides its reference")
+    return {"image": float(np.mean(image_spread)), "text": float(np.mean(text_spread)), "queries": len(image_spread)}
+

@@ -130,6 +130,33 @@ def zero_shot_accuracies(
     return {a: zero_shot_accuracy(backbone, items, a, image_features=image_features) for a in attributes}
 
 
+def accuracy_by_pipeline(
+    backbone: Backbone,
+    items: Sequence[AttributedImage],
+    attributes: Sequence[str],
+    kinds: Sequence[TransformKind],
+    group: str = "category",
+    cache_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Zero-shot accuracy (%) of each attribute per value of ``group`` and per preprocessing pipeline.
+
+    Rows ``(group value, pipeline)``, one column per attribute plus ``images``. A pipeline that
+    shows a backbone its images unlike the ones it was trained on loses accuracy on the attributes
+    it can no longer read (a pattern drawn at another scale, a garment cut), before any CIR model
+    is trained on top: this tells an input mismatch apart from a weak combining function.
+    """
+    groups = sorted({str(it.attributes[group]) for it in items if group in it.attributes})
+    if not groups:
+        raise ValueError(f"no item has attribute {group!r} to group by")
+    rows = {}
+    for value in groups:
+        members = [it for it in items if str(it.attributes.get(group)) == value]
+        for kind in kinds:
+            found = zero_shot_accuracies(backbone, members, attributes, transform_kind=kind, cache_dir=cache_dir)
+            rows[value, kind] = {a: 100 * r.accuracy for a, r in found.items()} | {"images": len(members)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis([group, "pipeline"])
+
+
 def available_attributes(items: Sequence[AttributedImage], wanted: Sequence[str]) -> list[str]:
     """The attributes of ``wanted`` that at least two classes of ``items`` carry (classifiable)."""
     return [a for a in wanted if len({str(it.attributes[a]) for it in items if a in it.attributes}) >= 2]
