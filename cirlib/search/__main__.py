@@ -28,7 +28,7 @@ from cirlib.data.datasets import FASHIONIQ_CATEGORIES, open_image
 from cirlib.evaluation.protocols import PROTOCOLS
 from cirlib.models.backbone import TINY_MODEL
 from cirlib.search.engine import METHODS, Hit, Reference, Retriever
-from cirlib.viz.plots import _caption_axis, _image_axis, save_figure
+from cirlib.viz.plots import caption_axis, image_axis, save_figure
 
 PROG = "cirlib-search"
 SHEET_COLUMNS = 5  # results per row of a contact sheet
@@ -127,8 +127,8 @@ def contact_sheet(reference: Reference, caption: str, hits: Sequence[Hit], title
     rows = max(1, math.ceil(len(hits) / columns))
     fig, axes = plt.subplots(rows, 2 + columns, figsize=(1.7 * (2 + columns) + 0.8, 2.0 * rows), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1.5] + [1] * columns})
-    _image_axis(axes[0][0], reference.open(), f"reference\n{reference.name}")
-    _caption_axis(axes[0][1], caption, width=22)
+    image_axis(axes[0][0], reference.open(), f"reference\n{reference.name}")
+    caption_axis(axes[0][1], caption, width=22)
     for ax in axes[1:, :2].flat:
         ax.axis("off")
     for slot, ax in enumerate(axes[:, 2:].flat):
@@ -136,7 +136,7 @@ def contact_sheet(reference: Reference, caption: str, hits: Sequence[Hit], title
             ax.axis("off")
             continue
         hit = hits[slot]
-        _image_axis(ax, open_image(hit.path), f"{slot + 1}. {hit.score:.3f}\n{hit.name}")
+        image_axis(ax, open_image(hit.path), f"{slot + 1}. {hit.score:.3f}\n{hit.name}")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

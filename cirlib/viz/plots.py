@@ -189,14 +189,16 @@ def preprocessing_comparison(
     return fig
 
 
-def _image_axis(ax: plt.Axes, image: Image.Image | np.ndarray, label: str) -> None:
+def image_axis(ax: plt.Axes, image: Image.Image | np.ndarray, label: str) -> None:
+    """One image in a grid cell, without ticks, labelled underneath (every qualitative grid's cell)."""
     ax.imshow(np.asarray(image))
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel(label, fontsize=8)
 
 
-def _caption_axis(ax: plt.Axes, caption: str, width: int = 28) -> None:
+def caption_axis(ax: plt.Axes, caption: str, width: int = 28) -> None:
+    """A caption in quotes, wrapped to ``width`` characters, in an axis-free grid cell."""
     ax.axis("off")
     ax.text(0.5, 0.5, "“" + "\n".join(textwrap.wrap(caption, width)) + "”", ha="center", va="center", fontsize=9)
 
@@ -299,9 +301,9 @@ def gradcam_grid(
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.2, 2.3 * len(rows)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1.4, 1]})
     for i, (row_axes, (image, caption, cam)) in enumerate(zip(axes, rows)):
-        _image_axis(row_axes[0], image, "reference (as encoded)" if marks is None else "reference")
-        _caption_axis(row_axes[1], caption)
-        _image_axis(row_axes[2], image, "Grad-CAM")
+        image_axis(row_axes[0], image, "reference (as encoded)" if marks is None else "reference")
+        caption_axis(row_axes[1], caption)
+        image_axis(row_axes[2], image, "Grad-CAM")
         width, height = image.size
         row_axes[2].imshow(cam, cmap="jet", alpha=alpha, vmin=0, vmax=1,
                            extent=(-0.5, width - 0.5, height - 0.5, -0.5))
@@ -380,7 +382,7 @@ def retrieval_grid(
         q = split.queries[qi]
         truths = set(q.ground_truths) | ({q.target} if q.target is not None else set())
         _show(row_axes[0], split.image_paths[q.reference], label)
-        _caption_axis(row_axes[1], query_text(q), width=22)
+        caption_axis(row_axes[1], query_text(q), width=22)
         for rank, ax in enumerate(row_axes[2:], 1):
             if rank > len(names):
                 ax.axis("off")

@@ -31,7 +31,7 @@ from PIL import Image
 from cirlib.data.datasets import CIRSplit, ImageLoadError, open_image, query_text
 from cirlib.search.engine import Hit, Reference, ReferenceLike, Retriever, available_methods
 from cirlib.search.session import Session
-from cirlib.viz.plots import GREEN, TARGET_VIOLET, _caption_axis, _image_axis, save_figure
+from cirlib.viz.plots import GREEN, TARGET_VIOLET, caption_axis, image_axis, save_figure
 
 if TYPE_CHECKING:
     from cirlib.course import Course
@@ -448,8 +448,8 @@ def history_figure(session: Session, target: int | None = None, k: int | None = 
     fig, axes = plt.subplots(len(session.turns), k + 2, figsize=(1.6 * (k + 2) + 0.8, 2.0 * len(session.turns)),
                              squeeze=False, gridspec_kw={"width_ratios": [1, 1.5] + [1] * k})
     for number, (row, turn) in enumerate(zip(axes, session.turns), 1):
-        _image_axis(row[0], _open(_reference_image(turn.reference)), f"turn {number}: reference")
-        _caption_axis(row[1], turn.caption, width=22)
+        image_axis(row[0], _open(_reference_image(turn.reference)), f"turn {number}: reference")
+        caption_axis(row[1], turn.caption, width=22)
         for rank, ax in enumerate(row[2:], 1):
             if rank > len(turn.hits):
                 ax.axis("off")
@@ -460,7 +460,7 @@ def history_figure(session: Session, target: int | None = None, k: int | None = 
                 label, frame = (f"#{rank} accepted", GREEN) if turn.accepted else (f"#{rank} chosen", CHOSEN_BLUE)
             elif target is not None and hit.index == target:
                 label, frame = f"#{rank} target", TARGET_VIOLET
-            _image_axis(ax, open_image(hit.path), label)
+            image_axis(ax, open_image(hit.path), label)
             if frame:
                 for spine in ax.spines.values():
                     spine.set_edgecolor(frame)
