@@ -103,6 +103,21 @@ def test_reranking_ranks_as_the_two_stage_pipeline(fixture_splits, vit, two_stag
         assert free[0].score == pytest.approx(float(scores[0].max()), abs=1e-4)
 
 
+def test_reranking_caps_k_at_what_the_protocol_can_hand_over(fixture_splits, vit, two_stage, tmp_path) -> None:
+    filt, reranker = two_stage
+    for name in ("cirr", "circo"):  # CIRR drops the reference from the ranking, CIRCO keeps it
+        split = fixture_splits[name]
+        retriever = Retriever(split, vit, RerankScorer(filt, reranker, 10**6), "reranking", cache_dir=tmp_path)
+        queries = reranking.QuerySet.build(vit, split, cache_dir=tmp_path, progress=False)
+        assert queries.max_candidates == len(split.gallery) - (name == "cirr")
+        first = reranking.filter_stage(filt, queries)
+        candidates = first.candidates(queries.max_candidates, queries.exclude)
+        order, gallery = reranking.ranking_features(
+            first, candidates, reranking.rerank(reranker, filt, queries, candidates, progress=False))
+        every = list(range(len(split.queries)))
+        assert [_names(h) for h in retriever.search_queries(every, k=3)] == top_k_names(split, order, gallery, k=3)
+
+
 def test_free_text_search_and_references(fixture_splits, vit, tmp_path) -> None:
     split = fixture_splits["cirr"]
     retriever = Retriever(split, vit, CombineScorer(combine_sum), cache_dir=tmp_path)

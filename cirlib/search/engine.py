@@ -192,7 +192,7 @@ class RerankScorer(Scorer):
         tokens = retriever.backbone.tokenize([query_text(q) for q in batch.queries])
         queries = QuerySet(split, images, rows, tokens)
         first = filter_stage(self.filt, queries)
-        candidates = first.candidates(min(self.k, len(gallery) - 1), queries.exclude)
+        candidates = first.candidates(min(self.k, queries.max_candidates), queries.exclude)
         logits = rerank(self.reranker, self.filt, queries, candidates, progress=False)
         order, _ = ranking_features(first, candidates, logits)
         return order, first.scores().cpu().scatter(1, candidates, logits)
