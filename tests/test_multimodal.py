@@ -199,6 +199,30 @@ def test_single_encoder_ablations(tiny: Backbone) -> None:
         assert only_z(tokens, z_t, candidates).shape == (3,)
 
 
+def test_ref_cls_ablation_reads_only_the_reference_class_token(tiny: Backbone) -> None:
+    """"w. Ref_CLS": Encoder-z_t reads the reference's class token at every position, nothing else of it."""
+    model = DualEncoderReranker.from_backbone(tiny, layers=2, reference="cls").eval()
+    assert model.hparams["reference"] == "cls" and model.reference_projection.in_features == 128
+    tokens, candidates, refs = tiny.tokenize(CAPTIONS), _images(tiny, 3), _images(tiny, 3, seed=3)
+    with torch.no_grad():
+        base = model(tokens, refs, candidates)
+        assert base.shape == (3,)
+        other_patches = refs.clone()
+        other_patches[:, 1:] = torch.randn_like(refs[:, 1:])
+        torch.testing.assert_close(model(tokens, other_patches, candidates), base)  # grid cells unread
+        torch.testing.assert_close(model(tokens, refs[:, :1], candidates), base)  # the class token suffices
+        assert not torch.allclose(base, model(tokens, refs.roll(1, 0), candidates))
+        # the causal mask makes the repeated token one token: Encoder-z_t alone scores it the same at any length
+        only_z = DualEncoderReranker.from_backbone(tiny, layers=2, encoders="z", reference="cls").eval()
+        short = only_z(tiny.tokenize(["a"] * 3), refs, candidates)
+        torch.testing.assert_close(only_z(tiny.tokenize(["a b c d e f"] * 3), refs, candidates), short,
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="encoders='t' runs no Encoder-z_t"):
+        DualEncoderReranker.from_backbone(tiny, encoders="t", reference="cls")
+    with pytest.raises(ValueError, match=r"patch tokens \[N, >= 1, 128\]"):
+        model(tokens, torch.randn(3, 65, 96), candidates)
+
+
 def test_reranker_bad_inputs(tiny: Backbone) -> None:
     model = DualEncoderReranker.from_backbone(tiny, layers=2)
     tokens = tiny.tokenize(CAPTIONS)
@@ -213,6 +237,8 @@ def test_reranker_bad_inputs(tiny: Backbone) -> None:
         DualEncoderReranker.from_backbone(tiny, merge="mean")
     with pytest.raises(ValueError, match="encoders"):
         DualEncoderReranker.from_backbone(tiny, encoders="tz")
+    with pytest.raises(ValueError, match="reference"):
+        DualEncoderReranker.from_backbone(tiny, reference="pooled")
 
 
 def test_text_tower_needs_a_causal_eot_tower(tiny: Backbone) -> None:

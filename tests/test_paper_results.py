@@ -104,6 +104,7 @@ def test_reranking_tables_are_the_papers_and_keep_its_orderings():
     assert (main.loc["re-ranked"] >= main.loc["filter"]).all()  # R@50 equal on CIRR (top-50 re-ranked)
     ablations = P.reranking_ablations()
     assert (ablations.loc["full"] > ablations.drop(index="full")).all().all()  # Table 3: every ablation loses
+    assert tuple(ablations.loc["w. Ref_CLS"]) == (49.59, 72.38)  # row 3: the pooled reference instead of z_t
     assert P.reranking_k("fashioniq").loc[100, "R@50"] == 73.13 and P.reranking_k("cirr").loc[0, "R@1"] == 46.83
     positions = P.reranking_positions()
     assert (positions["difference"] > 0).all() and positions.loc["cirr", "initial"] == 5.32

@@ -32,6 +32,7 @@ from cirlib.methods.reranking import (
 from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
 from cirlib.models.combiner import combine_sum
 from cirlib.models.features import image_features, patch_token_shape, patch_tokens
+from cirlib.models.multimodal import DualEncoderReranker
 
 COLOURS = ["red", "blue", "green", "black"]
 FAST_FILTER = FilterConfig(lr=1e-3, weight_decay=0.0, batch_size=8, epochs=2, progress=False)
@@ -304,6 +305,29 @@ def test_reranker_training_with_filter_negatives_lowers_the_loss(tiny: Backbone,
     assert history[0]["loss"] > 1.0  # six candidates per row (4 in-batch + 2 hard): ln 6 = 1.79 at chance
     with pytest.raises(ValueError, match="hard_negatives"):
         RerankerConfig(hard_negatives=-1)
+
+
+def test_ref_cls_reranker_trains_its_projection_and_reranks_without_z_t(tiny: Backbone, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "w. Ref_CLS" ablation: Encoder-z_t reads the reference's class token through a new
+    projection that learns, and re-ranking never asks the filter for z_t."""
+    qs = _query_set(tiny, n_queries=5)
+    train = _training(tiny)
+    filt, _ = train_filter(tiny, train, {"dress": qs}, replace(FAST_FILTER, epochs=1), tmp_path / "f.pt")
+    config = replace(FAST_RERANKER, epochs=3, reference="cls")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        start = DualEncoderReranker.from_backbone(tiny, config.layers, reference="cls").reference_projection.weight
+    reranker, history = train_reranker(tiny, filt, train, {"dress": qs}, config, tmp_path / "r.pt")
+    assert reranker.hparams["reference"] == "cls" and history[-1]["loss"] < history[0]["loss"]
+    assert not torch.equal(reranker.reference_projection.weight, start)
+    candidates = filter_stage(filt, qs).candidates(4)
+    monkeypatch.setattr(filt, "forward", lambda *a: pytest.fail("Ref_CLS re-ranking asked the filter for z_t"))
+    scores = rerank(reranker, filt, qs, candidates, pair_batch_size=8, progress=False)
+    with torch.no_grad():
+        one = reranker(qs.tokens[1:2].repeat(4, 1), qs.images.tokens[qs.reference_rows[1:2]].float().repeat(4, 1, 1),
+                       qs.images.tokens[candidates[1]].float())
+    torch.testing.assert_close(scores[1], one, rtol=1e-4, atol=1e-5)
 
 
 def _interrupted(monkeypatch: pytest.MonkeyPatch, train_fn, *args):

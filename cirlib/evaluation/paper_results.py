@@ -161,6 +161,7 @@ _RERANKING_ABLATIONS = {
     "full": (51.17, 73.13),
     "w/o Encoder-t": (44.07, 70.21),
     "w/o Encoder-z_t": (40.96, 68.40),
+    "w. Ref_CLS": (49.59, 72.38),
     "full-MLP merge": (49.80, 72.32),
     "dual feed-forward": (46.96, 72.02),
 }

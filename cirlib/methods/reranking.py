@@ -51,7 +51,7 @@ from cirlib.methods.losses import batch_contrastive_loss, reranking_loss
 from cirlib.models.backbone import state_digest
 from cirlib.models.combiner import CombineFn, apply_combine
 from cirlib.models.features import image_features, patch_tokens
-from cirlib.models.multimodal import CandidateFilter, DualEncoderReranker, Encoders, Merge
+from cirlib.models.multimodal import CandidateFilter, DualEncoderReranker, Encoders, Merge, Reference
 from cirlib.search.index import IndexConfig, build_index
 
 if TYPE_CHECKING:
@@ -301,6 +301,16 @@ def filter_stage(filt: CandidateFilter, queries: QuerySet, batch_size: int = 256
     return FirstStage(embeddings, queries.images.features[: queries.gallery_size])
 
 
+def encoder_z_input(reranker: DualEncoderReranker, filt: CandidateFilter, tokens: Tensor,
+                    reference_tokens: Tensor) -> Tensor:
+    """What the re-ranker's Encoder-z_t reads for these captions and references: the frozen filter's
+    ``z_t`` (no gradient reaches the filter), or for the Ref_CLS ablation the references' class tokens."""
+    if reranker.reference == "cls":
+        return reference_tokens[:, :1]
+    with torch.no_grad():
+        return filt(tokens, reference_tokens)[1]
+
+
 @torch.no_grad()
 def rerank(
     reranker: DualEncoderReranker,
@@ -330,7 +340,8 @@ def rerank(
         for start in tqdm(range(0, n, chunk), desc=f"re-ranking top {k}", leave=False, disable=not progress):
             rows = slice(start, start + chunk)
             tokens = queries.tokens[rows].to(device)
-            _, z_t = filt(tokens, queries.images.tokens[queries.reference_rows[rows]].to(device))
+            references = queries.images.tokens[queries.reference_rows[rows]].to(device)
+            z_t = encoder_z_input(reranker, filt, tokens, references)
             images = queries.images.tokens[candidates[rows].reshape(-1)].to(device)
             scores = reranker(tokens.repeat_interleave(k, dim=0), z_t.repeat_interleave(k, dim=0), images)
             out.append(scores.float().view(-1, k).cpu())
@@ -553,8 +564,8 @@ class RerankerConfig:
     0.05, a cosine schedule to 0, batches of 16 (each query against the batch's 16 targets), 50
     epochs (FashionIQ; CIRR 80), every block of the text tower in both encoders.
 
-    ``merge``, ``shared_feedforward`` and ``encoders`` select the architecture's ablations
-    (Tables 3-4). Validation re-ranks each query's top ``k`` filter candidates (default the
+    ``merge``, ``shared_feedforward``, ``encoders`` and ``reference`` select the architecture's
+    ablations (Tables 3-4). Validation re-ranks each query's top ``k`` filter candidates (default the
     benchmark's :data:`PAPER_K`) of ``val_queries`` queries per split (None = all), a CPU-budget
     knob.
     """
@@ -563,6 +574,7 @@ class RerankerConfig:
     merge: Merge = "half"
     shared_feedforward: bool = True
     encoders: Encoders = "both"
+    reference: Reference = "z_t"
     lr: float = 2e-5
     weight_decay: float = 0.05
     batch_size: int = 16
@@ -766,7 +778,7 @@ def train_reranker(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         reranker = DualEncoderReranker.from_backbone(backbone, config.layers, config.merge,
-                                                     config.shared_feedforward, config.encoders)
+                                                     config.shared_feedforward, config.encoders, config.reference)
     steps = config.epochs * _steps_per_epoch(len(train), config.epoch_size, config.batch_size)
     optimizer, scheduler = _optimizer_and_schedule(reranker, config.lr, config.weight_decay, steps)
     loop = TrainingLoop(
@@ -797,8 +809,7 @@ def train_reranker(
         references = train.images.tokens[train.reference_rows[rows]].to(device)
         targets = train.images.tokens[train.target_rows[rows]].to(device)
         with autocast(device, config.amp):
-            with torch.no_grad():
-                _, z_t = filt(tokens, references)
+            z_t = encoder_z_input(reranker, filt, tokens, references)
             scores = reranker.pairwise(tokens, z_t, targets)
             extra = None
             if hard is not None:
@@ -831,7 +842,8 @@ def train_reranker(
 
 __all__ = [
     "PAPER_K", "FilterConfig", "FirstStage", "ImageBank", "QuerySet", "RerankerConfig", "TrainingData",
-    "combine_stage", "coverage", "filter_negatives", "filter_stage", "gains_by_initial_rank", "inference_times",
+    "combine_stage", "coverage", "encoder_z_input", "filter_negatives", "filter_stage", "gains_by_initial_rank",
+    "inference_times",
     "query_sets", "rank_changes", "ranked_names", "ranking_features", "rerank", "target_positions", "train_filter",
     "train_reranker", "two_stage_metrics", "two_stage_per_query",
 ]

@@ -11,7 +11,8 @@
   cross-attention the two streams' outputs are merged (averaged in the first half of the layers, a
   linear layer over their concatenation in the second half, as the authors' BLIP-NLVR code does) and
   the merged feature is added to each stream's residual; the feed-forward weights are one module
-  shared by both streams. A two-layer MLP scores the concatenated EOT outputs.
+  shared by both streams. A two-layer MLP scores the concatenated EOT outputs. Its "w. Ref_CLS"
+  ablation feeds Encoder-z_t the reference image's class token instead of ``z_t``.
 
 BLIP's text encoder comes with pretrained cross-attention; open_clip's text towers have none. Both
 networks therefore copy the backbone's token and positional embeddings, self-attention,
@@ -43,6 +44,9 @@ Merge = Literal["half", "linear"]
 paper's design); ``"linear"``: the linear merge in every layer (the paper's "Full-MLP merge" ablation)."""
 Encoders = Literal["both", "t", "z"]
 """Which re-ranker streams run: both, Encoder-t only ("w/o Encoder-z_t") or Encoder-z_t only ("w/o Encoder-t")."""
+Reference = Literal["z_t", "cls"]
+"""What Encoder-z_t reads: ``"z_t"``, the filter's fused sequence (the paper's design), or ``"cls"``,
+the reference image's pooled class token in its place (the paper's "w. Ref_CLS" ablation)."""
 
 
 @dataclass
@@ -295,10 +299,16 @@ class DualEncoderReranker(nn.Module):
     embedding: it is already a sequence of the filter's outputs, as in the authors' code); it may be
     longer than the captions' last EOT and is cut like them. :meth:`pairwise` scores every query
     of a batch against every candidate (Eq. 2's ``B x B`` logits).
+
+    With ``reference="cls"`` the second argument is instead the reference's patch tokens
+    ``[N, >= 1, C]`` (only the class token, the first, is read): a new linear layer maps it to the
+    text width and it fills every position of Encoder-z_t's input. Under the causal mask a sequence
+    of one repeated token computes what that token alone would, so the stream is the pooled
+    reference, and the position-wise merge with Encoder-t and the EOT pooling apply unchanged.
     """
 
     def __init__(self, tower: TextTower, image_width: int, layers: int | None = None, merge: Merge = "half",
-                 shared_feedforward: bool = True, encoders: Encoders = "both") -> None:
+                 shared_feedforward: bool = True, encoders: Encoders = "both", reference: Reference = "z_t") -> None:
         super().__init__()
         n = len(tower.blocks) if layers is None else layers
         if not 1 <= n <= len(tower.blocks):
@@ -307,6 +317,11 @@ class DualEncoderReranker(nn.Module):
             raise ValueError(f"merge must be 'half' or 'linear', got {merge!r}")
         if encoders not in ("both", "t", "z"):
             raise ValueError(f"encoders must be 'both', 't' or 'z', got {encoders!r}")
+        if reference not in ("z_t", "cls"):
+            raise ValueError(f"reference must be 'z_t' or 'cls', got {reference!r}")
+        if reference == "cls" and encoders == "t":
+            raise ValueError("reference='cls' replaces Encoder-z_t's input, but encoders='t' runs no Encoder-z_t")
+        self.reference = reference
         self.streams: tuple[str, ...] = ("t", "z") if encoders == "both" else (encoders,)
         self.image_width = image_width
         self.pooling = _EOTPooling(tower)
@@ -314,6 +329,8 @@ class DualEncoderReranker(nn.Module):
         if "t" in self.streams:
             self.token_embedding = copy.deepcopy(tower.token_embedding)
             self.positional_embedding = copy.deepcopy(tower.positional_embedding)
+        if reference == "cls":
+            self.reference_projection = nn.Linear(image_width, width)
         self.layers = nn.ModuleList(
             DualLayer(block, image_width, n, self.streams,
                       "average" if merge == "half" and i < n // 2 else "linear", shared_feedforward)
@@ -324,14 +341,15 @@ class DualEncoderReranker(nn.Module):
         self.head = nn.Sequential(nn.Linear(joint, width), nn.ReLU(), nn.Linear(width, 1))
         self.register_buffer("attn_mask", causal_mask(self.pooling.context_length), persistent=False)
         self.hparams = {"layers": n, "image_width": image_width, "merge": merge,
-                        "shared_feedforward": shared_feedforward, "encoders": encoders}
+                        "shared_feedforward": shared_feedforward, "encoders": encoders, "reference": reference}
 
     @classmethod
     def from_backbone(cls, backbone: "Backbone", layers: int | None = None, merge: Merge = "half",
-                      shared_feedforward: bool = True, encoders: Encoders = "both") -> "DualEncoderReranker":
+                      shared_feedforward: bool = True, encoders: Encoders = "both",
+                      reference: Reference = "z_t") -> "DualEncoderReranker":
         """A re-ranker initialised from ``backbone``'s text tower (both streams copy the same blocks)."""
         return cls(text_tower(backbone), patch_token_shape(backbone)[1], layers, merge, shared_feedforward,
-                   encoders).to(backbone.device)
+                   encoders, reference).to(backbone.device)
 
     @property
     def width(self) -> int:
@@ -345,6 +363,14 @@ class DualEncoderReranker(nn.Module):
         for stream in self.streams:
             if stream == "t":
                 xs.append(self.token_embedding(tokens[:, :length]) + self.positional_embedding[:length])
+                continue
+            if self.reference == "cls":
+                if z_t.ndim != 3 or len(z_t) != len(tokens) or z_t.shape[2] != self.image_width:
+                    raise ValueError(f"reference='cls' reads the reference's patch tokens "
+                                     f"[N, >= 1, {self.image_width}] for {len(tokens)} captions, "
+                                     f"got {tuple(z_t.shape)}")
+                cls_token = self.reference_projection(z_t[:, :1].to(self.head[0].weight.dtype))
+                xs.append(cls_token.expand(-1, length, -1))
                 continue
             if z_t.ndim != 3 or len(z_t) != len(tokens) or z_t.shape[1] < length or z_t.shape[2] != self.width:
                 raise ValueError(f"z_t must be [N, >= {length}, {self.width}] for {len(tokens)} captions, "
@@ -368,4 +394,4 @@ class DualEncoderReranker(nn.Module):
 
 
 __all__ = ["CandidateFilter", "CrossAttention", "DualEncoderReranker", "DualLayer", "Encoders", "FeedForward",
-           "Merge", "SelfAttention", "TextTower", "causal_mask", "text_tower"]
+           "Merge", "Reference", "SelfAttention", "TextTower", "causal_mask", "text_tower"]
