@@ -212,3 +212,36 @@ def test_reranking_loss_by_hand() -> None:
     assert reranking_loss(scores, extra).item() == pytest.approx(with_extra, rel=1e-6)
     with pytest.raises(ValueError, match="extra negatives"):
         reranking_loss(scores, torch.zeros(3, 2))
+
+
+def test_clip_loss_foils_are_one_more_negative_of_their_own_image() -> None:
+    g = torch.Generator().manual_seed(1)
+    img, txt, foil = (torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=-1) for _ in range(3))
+    scale = torch.tensor(7.0)
+    plain = clip_loss(img, txt, scale)
+    none = torch.zeros(3, dtype=torch.bool)
+    assert clip_loss(img, txt, scale, foils=foil, foil_mask=none).item() == pytest.approx(plain.item(), rel=1e-6)
+    # hand-computed: image 1's softmax gains its foil's logit; the text-to-image term is unchanged
+    mask = torch.tensor([False, True, False])
+    logits = scale * img @ txt.T
+    i2t = [torch.logsumexp(logits[i], 0) - logits[i, i] for i in range(3)]
+    i2t[1] = torch.logsumexp(torch.cat([logits[1], (scale * img[1] @ foil[1]).view(1)]), 0) - logits[1, 1]
+    t2i = [torch.logsumexp(logits[:, i], 0) - logits[i, i] for i in range(3)]
+    expected = (sum(i2t) / 3 + sum(t2i) / 3) / 2
+    with_foil = clip_loss(img, txt, scale, foils=foil, foil_mask=mask)
+    assert with_foil.item() == pytest.approx(expected.item(), rel=1e-6) and with_foil > plain
+    # a foil equal to the image (a perfect confusion) costs more than one orthogonal to it
+    close = clip_loss(img, txt, scale, foils=img.clone(), foil_mask=mask)
+    assert close > with_foil
+    # per-row foils split across processes average to the whole loss
+    parts = [clip_loss(img, txt, scale, rows=slice(i, i + 1), foils=foil[i : i + 1], foil_mask=mask[i : i + 1])
+             for i in range(3)]
+    assert (sum(parts) / 3).item() == pytest.approx(with_foil.item(), rel=1e-6)
+    # gradients stay finite with masked foils
+    feats = img.clone().requires_grad_()
+    clip_loss(feats, txt, scale, foils=foil, foil_mask=mask).backward()
+    assert torch.isfinite(feats.grad).all()
+    with pytest.raises(ValueError, match="foil_mask"):
+        clip_loss(img, txt, scale, foils=foil)
+    with pytest.raises(ValueError, match="one row per image"):
+        clip_loss(img, txt, scale, foils=foil[:2], foil_mask=mask[:2])

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from cirlib.core.io import file_sha256
-from cirlib.data.synth.fashion import absolute_caption
+from cirlib.data.synth.fashion import VOCAB, absolute_caption
 from cirlib.data.synth.render import COLOURS
 from cirlib.methods import pretrain as P
 from cirlib.models.backbone import TINY_MODEL, load_backbone, sidecar_path
@@ -85,10 +85,12 @@ def test_build_corpus_uses_train_split_and_generator_captions(fashion_root):
     corpus = P.build_corpus([fashion_root])
     assert len(corpus) == 3 * SPLIT_SIZES["train"]
     meta = json.loads((fashion_root / "cirlib_meta.json").read_text())["attributes"]
-    for path, caption in corpus:
+    for path, caption, image in corpus:
+        assert image is not None and image.caption == caption
         assert "-train-" in path.name and path.is_file()
         assert caption == absolute_caption(meta[path.stem])
-    assert ("a red striped dress" in {c for _, c in corpus}) and ("a plain navy blue top" in {c for _, c in corpus})
+    captions = {it.caption for it in corpus}
+    assert "a red striped dress" in captions and "a plain navy blue top" in captions
     assert len(P.build_corpus([fashion_root], "val")) == 3 * SPLIT_SIZES["val"]
 
 
@@ -98,9 +100,10 @@ def test_build_corpus_adds_partial_descriptions_of_a_share_of_the_images(fashion
     assert corpus[: len(full)] == full and corpus == P.build_corpus([fashion_root], partial_share=0.5, seed=3)
     partial = corpus[len(full):]
     assert 0 < len(partial) < len(full)
-    assert len({p for p, _ in partial}) == len(partial)  # at most one partial description per image
+    assert len({p for p, *_ in partial}) == len(partial)  # at most one partial description per image
     meta = json.loads((fashion_root / "cirlib_meta.json").read_text())["attributes"]
-    for path, caption in partial:
+    for path, caption, image in partial:
+        assert image is None
         attrs = meta[path.stem]
         assert caption != absolute_caption(attrs)
         named = [c for c in COLOURS if re.search(rf"\b{c}\b", caption)]
@@ -150,6 +153,54 @@ def test_batches_are_deterministic_clusters_of_near_captions(fashion_root):
         assert set(near) <= allowed
     uniform = P.sample_batch(data, replace(config, cluster_size=1), step=3)
     assert uniform.shape == (8,)
+
+
+def test_foil_captions_change_one_attribute_of_a_fully_described_image(fashion_root):
+    corpus = P.build_corpus([fashion_root], partial_share=1.0)
+    image = corpus[0].image
+    rng = np.random.default_rng(0)
+    changed = set()
+    for _ in range(60):
+        foil = P.foil_caption(image, rng)
+        assert foil is not None and foil != image.caption
+        # exactly one of colour / pattern / print differs: the caption of the attributes it describes
+        attrs = [a for a in ("colour", "pattern", "logo") if any(
+            absolute_caption({**image.attributes, a: v}) == foil for v in VOCAB[a])]
+        assert len(attrs) == 1, foil
+        changed |= set(attrs)
+    assert changed == {"colour", "pattern", "logo"}
+
+
+def test_sample_foils_are_deterministic_and_skip_partial_descriptions(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    corpus = P.build_corpus([fashion_root], partial_share=1.0)
+    data = P._prepare(corpus, bb, FAST, None, progress=False)
+    full, part = len(corpus) // 2, len(corpus) // 2 + 1  # an image's full caption, a partial description
+    idx = torch.tensor([full - 1, part, 0])
+    templates = torch.tensor([1, 2, 0])
+    tokens, mask = P.sample_foils(bb, data, idx, templates, seed=0, step=5)
+    assert mask.tolist() == [True, False, True] and tokens.shape == (2, data.tokens.shape[-1])
+    again, _ = P.sample_foils(bb, data, idx, templates, seed=0, step=5)
+    assert torch.equal(tokens, again)
+    # each foil is its own image's caption in the same template, one attribute changed
+    rng = np.random.default_rng([0, 2, 5])
+    first = P.foil_caption(data.images[full - 1], rng)
+    assert torch.equal(tokens[0], bb.tokenize([P.CAPTION_TEMPLATES[1].format(first)])[0])
+    assert not torch.equal(tokens[0], data.tokens[data.groups[full - 1], 1])
+
+
+def test_a_step_with_foils_trains_and_differs_from_one_without(fashion_root):
+    losses = {}
+    for foils in (False, True):
+        torch.manual_seed(0)
+        bb = load_backbone(TINY_MODEL, device="cpu", seed=0)
+        config = replace(FAST, foil_captions=foils)
+        data = P._prepare(P.build_corpus([fashion_root]), bb, config, None, progress=False)
+        opt = torch.optim.AdamW(bb.model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        losses[foils] = P._train_step(P._Pairs(bb, False), data, config, 0, opt, sched, scaler)
+    assert math.isfinite(losses[True]) and losses[True] > losses[False]  # one more negative per image
 
 
 # -------------------------------------------------------------------------------- loss & schedule

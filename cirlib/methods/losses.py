@@ -57,6 +57,8 @@ def clip_loss(
     logit_scale: Tensor,
     groups: Tensor | None = None,
     rows: slice | None = None,
+    foils: Tensor | None = None,
+    foil_mask: Tensor | None = None,
 ) -> Tensor:
     """CLIP's symmetric InfoNCE over a batch of L2-normalised image and text features.
 
@@ -65,6 +67,11 @@ def clip_loss(
     batch, and those pairs are not negatives). With all groups distinct (or ``None``) this is
     exactly CLIP's ``(CE(logits, arange) + CE(logits.T, arange)) / 2``. ``rows`` restricts the
     terms to those pairs' images and texts, still scored against the whole batch.
+
+    ``foils`` (``[R, D]``, one per image of ``rows``, used where ``foil_mask`` is true) are
+    normalised features of a caption that must *not* match its image, one extra negative class
+    in that image's image-to-text term only (hard negatives, as in NegCLIP). Each foil is scored
+    against its own image alone, so splitting the rows across processes leaves the loss unchanged.
     """
     rows = rows if rows is not None else slice(0, len(image_features))
     if groups is None:
@@ -72,7 +79,17 @@ def clip_loss(
     logits = logit_scale * image_features @ text_features.T
     targets = (groups[rows].unsqueeze(1) == groups.unsqueeze(0)).float()
     targets = targets / targets.sum(dim=1, keepdim=True)
-    loss_i2t = -(targets * F.log_softmax(logits[rows], dim=1)).sum(dim=1).mean()
+    classes = logits[rows]  # what each image's softmax runs over: the batch's texts, then its foil
+    if foils is not None:
+        rows_n, width = len(classes), image_features.shape[1]
+        if foil_mask is None or foils.shape != (rows_n, width) or foil_mask.shape != (rows_n,):
+            raise ValueError(f"foils {tuple(foils.shape)} need a foil_mask and one row per image of the "
+                             f"{rows_n} rows, of width {width}")
+        foil_logits = logit_scale * (image_features[rows] * foils).sum(dim=1)
+        classes = torch.cat([classes, foil_logits.masked_fill(~foil_mask, -torch.inf).unsqueeze(1)], dim=1)
+    # cross-entropy with soft targets, as log-sum-exp minus the targets' logits: a masked foil's
+    # -inf enters only the log-sum-exp, where it counts for nothing
+    loss_i2t = (torch.logsumexp(classes, dim=1) - (targets * logits[rows]).sum(dim=1)).mean()
     loss_t2i = -(targets * F.log_softmax(logits[:, rows].T, dim=1)).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
 

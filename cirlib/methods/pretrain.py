@@ -10,7 +10,10 @@ attribute space is small: a batch often holds several images with the same capti
 pairs count as positives of each other (soft targets) instead of as false negatives; and batches
 are built from clusters of images whose captions differ in a word or two ("a red striped dress" /
 "a red checked dress"), the hard negatives that teach fine attributes, which random batches
-rarely contain.
+rarely contain. Optionally (``foil_captions``), each image is also scored against a *foil*: its own
+caption with one attribute changed ("a red star" for a red heart), drawn afresh every step from the
+attributes its generator rendered. Neighbouring captions rarely differ in a single object's kind or
+size, so without foils nothing forces the model to read them; a foil does, in every batch.
 
 Speed on a 2-core CPU comes from decoding and resizing every image once into a uint8 tensor at the
 model's input size (cached on disk); the optional augmentation (random zoom and shift, never colour:
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +46,9 @@ from cirlib.core.training import TrainingLoop, optimizer_step, step_batches
 from cirlib.data.labels import (
     CAPTION_TEMPLATES,
     AttributedImage,
+    caption_function,
+    counterfactual_function,
+    legibility_attributes,
     load_attributed_images,
     partial_caption_function,
 )
@@ -63,9 +69,18 @@ ZERO_SHOT_TARGETS: dict[str, float] = {"colour": 95.0, "pattern": 95.0, "categor
 
 
 # ------------------------------------------------------------------------------------------ corpus
+class CorpusPair(NamedTuple):
+    """One training pair; ``image`` is the attributed image when ``caption`` describes all of it
+    (what a foil caption is derived from), None for a partial description."""
+
+    path: Path
+    caption: str
+    image: AttributedImage | None = None
+
+
 def build_corpus(
     roots: Sequence[str | os.PathLike], split: str = "train", partial_share: float = 0.0, seed: int = 0
-) -> list[tuple[Path, str]]:
+) -> list[CorpusPair]:
     """(image file, absolute caption) for every image of ``split`` in the generated roots, plus
     (image file, partial description) for a ``partial_share`` of them (drawn with ``seed``).
 
@@ -73,9 +88,9 @@ def build_corpus(
     """
     items = load_attributed_images(roots, split)
     rng = np.random.default_rng([seed, 7])
-    partial = [(it.path, partial_caption_function(it.benchmark)(it.attributes, rng))
+    partial = [CorpusPair(it.path, partial_caption_function(it.benchmark)(it.attributes, rng))
                for it in items if rng.random() < partial_share]
-    return [(item.path, item.caption) for item in items] + partial
+    return [CorpusPair(item.path, item.caption, item) for item in items] + partial
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator, min_scale: float) -> torch.Tensor:
@@ -120,6 +135,9 @@ class PretrainConfig:
     # two bags"): without them the model reads only whole-image descriptions, and a relative caption,
     # which states a few attributes, is out of its language (text-only retrieval near zero).
     partial_captions: float = 0.5
+    # Score every fully described image against a foil of its caption too (one attribute changed,
+    # see the module docstring); the foil is a negative of its own image only.
+    foil_captions: bool = False
     seed: int = 0
     device: str = "auto"
     time_budget_s: float | None = None  # stop early (and finish) after this much training time
@@ -210,6 +228,7 @@ class _Data:
     tokens: torch.Tensor  # [G, T, L] int64
     captions: list[str]
     neighbours: torch.Tensor  # [G, K] nearest other captions (see caption_neighbours)
+    images: list[AttributedImage | None]  # [N] what a foil of each pair's caption is derived from
     _order: torch.Tensor = field(init=False)  # image indices sorted by group
     _counts: torch.Tensor = field(init=False)  # images per group
     _starts: torch.Tensor = field(init=False)  # where each group begins in _order
@@ -225,21 +244,59 @@ class _Data:
         return self._order[self._starts[groups] + offset]
 
 
-def _prepare(items: Sequence[tuple[Path, str]], backbone: Backbone, config: PretrainConfig,
-             cache_dir: Path | None, progress: bool) -> _Data:
-    captions = sorted({c for _, c in items})
-    index = {c: i for i, c in enumerate(captions)}
-    pixels = PixelCache([p for p, _ in items], backbone.image_size, config.transform_kind, cache_dir=cache_dir,
-                        progress=progress).tensor()
+def templated_tokens(backbone: Backbone, captions: Sequence[str]) -> torch.Tensor:
+    """``[G, T, L]``: each caption's tokens wrapped in each of the ``T`` :data:`CAPTION_TEMPLATES`.
+
+    A template that pushes a long caption (a scene of four objects) past the context would cut
+    off its end, often the background: the bare caption (template 0) stands in for it there.
+    """
     texts = [t.format(c) for c in captions for t in CAPTION_TEMPLATES]
     tokens = backbone.tokenize(texts).view(len(captions), len(CAPTION_TEMPLATES), -1)
-    # A template that pushes a long caption (a scene of four objects) past the context would cut
-    # off its end, often the background: use the bare caption (template 0) there instead.
     truncated = tokens.argmax(-1) == tokens.shape[-1] - 1  # end-of-text token in the last slot
-    tokens = torch.where(truncated[..., None], tokens[:, :1], tokens)
-    groups = torch.tensor([index[c] for _, c in items], dtype=torch.long)
+    return torch.where(truncated[..., None], tokens[:, :1], tokens)
+
+
+def _prepare(items: Sequence[CorpusPair], backbone: Backbone, config: PretrainConfig,
+             cache_dir: Path | None, progress: bool) -> _Data:
+    captions = sorted({it.caption for it in items})
+    index = {c: i for i, c in enumerate(captions)}
+    pixels = PixelCache([it.path for it in items], backbone.image_size, config.transform_kind, cache_dir=cache_dir,
+                        progress=progress).tensor()
+    groups = torch.tensor([index[it.caption] for it in items], dtype=torch.long)
     neighbours = caption_neighbours(captions, config.neighbours)
-    return _Data(pixels.to(backbone.device), groups, tokens, captions, neighbours)
+    return _Data(pixels.to(backbone.device), groups, templated_tokens(backbone, captions), captions, neighbours,
+                 [it.image for it in items])
+
+
+def foil_caption(image: AttributedImage, rng: np.random.Generator) -> str | None:
+    """``image``'s caption with one attribute it talks about changed (a uniformly drawn one of its
+    generator's legibility attributes), or None where that attribute cannot change."""
+    attribute = rng.choice(legibility_attributes(image.benchmark))
+    changed = counterfactual_function(image.benchmark)(image.attributes, str(attribute), rng)
+    if changed is None:
+        return None
+    foil = caption_function(image.benchmark)(changed)
+    return None if foil == image.caption else foil
+
+
+def sample_foils(backbone: Backbone, data: _Data, idx: torch.Tensor, templates: torch.Tensor,
+                 seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foils of step ``step``'s images: ``(tokens [F, L], mask [B])``, the tokens of each masked
+    image's foil in the image's own template (so only the attribute differs)."""
+    rng = np.random.default_rng([seed, 2, step])
+    foils, mask = [], []
+    for i, template in zip(idx.tolist(), templates.tolist()):
+        image = data.images[i]
+        foil = foil_caption(image, rng) if image is not None else None
+        mask.append(foil is not None)
+        if foil is not None:
+            foils.append((foil, template))
+    length = data.tokens.shape[-1]
+    tokens = torch.zeros(0, length, dtype=torch.long)
+    if foils:
+        grid = templated_tokens(backbone, [f for f, _ in foils])
+        tokens = grid[torch.arange(len(foils)), torch.tensor([t for _, t in foils])]
+    return tokens, torch.tensor(mask, dtype=torch.bool)
 
 
 def sample_batch(data: _Data, config: PretrainConfig, step: int) -> torch.Tensor:
@@ -271,6 +328,8 @@ class _Pairs(torch.nn.Module):
         self.backbone, self.model, self.amp = backbone, backbone.model, amp
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Image features of ``pixels`` ``[B, D]``, text features of ``tokens`` ``[B + F, D]`` (the
+        pairs' captions, then any foils: one text pass for both), the temperature."""
         bb = self.backbone
         images = normalise(pixels, bb.mean, bb.std)
         with autocast(bb.device, self.amp):
@@ -279,12 +338,19 @@ class _Pairs(torch.nn.Module):
         return img, txt, self.model.logit_scale.exp()
 
 
-def _pairs_loss(net: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """:func:`clip_loss` of this process's pairs against the pairs of every process."""
-    img, txt, scale = net(pixels, tokens)
+def _pairs_loss(net: torch.nn.Module, pixels: torch.Tensor, tokens: torch.Tensor, groups: torch.Tensor,
+                foil_tokens: torch.Tensor, foil_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`clip_loss` of this process's pairs against the pairs of every process, each image
+    also against its own foil where ``foil_mask`` says it has one."""
+    img, txt, scale = net(pixels, torch.cat([tokens, foil_tokens.to(tokens.device)]))
+    txt, foil_txt = txt[: len(img)], txt[len(img):]
+    foils = None
+    if foil_mask.any():
+        foils = torch.zeros_like(img).masked_scatter(foil_mask.to(img.device)[:, None], foil_txt)
     groups = groups.to(img.device)
     rows = distributed.local_rows(len(img))
-    return clip_loss(distributed.gather(img), distributed.gather(txt), scale, distributed.gather(groups), rows)
+    return clip_loss(distributed.gather(img), distributed.gather(txt), scale, distributed.gather(groups), rows,
+                     foils=foils, foil_mask=foil_mask.to(img.device) if foils is not None else None)
 
 
 def _train_step(net: torch.nn.Module, data: _Data, config: PretrainConfig, step: int, optimizer: torch.optim.Optimizer,
@@ -302,8 +368,13 @@ def _train_step(net: torch.nn.Module, data: _Data, config: PretrainConfig, step:
     pixels = augment(data.pixels[idx.to(data.pixels.device)].float(), g, config.min_scale)
     model = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
     model.train()
+    foil_tokens, foil_mask = torch.zeros(0, tokens.shape[-1], dtype=torch.long), torch.zeros(len(idx), dtype=torch.bool)
+    if config.foil_captions:
+        foil_tokens, foil_mask = sample_foils(model.backbone, data, idx, templates, config.seed, step)
+    first_foil = torch.cumsum(foil_mask, 0) - foil_mask.long()  # index of each image's foil among the foils
     shares = (slice(int(r[0]), int(r[-1]) + 1) for r in step_batches(torch.arange(len(idx))))  # contiguous
-    micro = [partial(_pairs_loss, net, pixels[r], tokens[r], groups[r]) for r in shares]
+    micro = [partial(_pairs_loss, net, pixels[r], tokens[r], groups[r],
+                     foil_tokens[first_foil[r][foil_mask[r]]], foil_mask[r]) for r in shares]
     loss = optimizer_step(optimizer, scaler, micro, scheduler, models=[net])
     clamp_logit_scale(model.model)
     return loss
@@ -338,9 +409,9 @@ class PretrainResult:
     resumed_from: int | None = None  # the step an interrupted run was resumed from
 
 
-def _corpus_key(roots: Sequence[Path], corpus: Sequence[tuple[Path, str]]) -> str:
+def _corpus_key(roots: Sequence[Path], corpus: Sequence[CorpusPair]) -> str:
     metas = [read_meta(r).get("fingerprint") for r in roots]
-    return fingerprint({"metas": metas, "pairs": [(p.name, c) for p, c in corpus]})
+    return fingerprint({"metas": metas, "pairs": [(it.path.name, it.caption) for it in corpus]})
 
 
 def _read_provenance(checkpoint: Path) -> dict[str, Any] | None:
@@ -475,7 +546,8 @@ def pretrain(
         train = _prepare(train_items, backbone, config, out_dir / "cache", progress)
         val = None
         if len(val_items) >= 2:  # the contrastive loss needs pairs
-            val = _prepare([(it.path, it.caption) for it in val_items], backbone, config, out_dir / "cache", progress)
+            val = _prepare([CorpusPair(it.path, it.caption, it) for it in val_items], backbone, config,
+                           out_dir / "cache", progress)
     corpus = {"roots": [str(r) for r in roots], "pairs": len(train_items), "captions": len(train.captions)}
     loop = _training_loop(backbone, config, config_fp, state_path, progress, corpus)
     resumed_from = loop.history[-1]["step"] if loop.resumed else None
@@ -498,10 +570,12 @@ def pretrain(
 
 
 __all__ = [
+    "CorpusPair",
     "PretrainConfig",
     "PretrainResult",
     "ZERO_SHOT_TARGETS",
     "build_corpus",
+    "foil_caption",
     "lr_factor",
     "pretrain",
 ]
