@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.nn.functional as F
 from real_layout import real_layout_roots
 from test_pretrain import COLOUR_NAMES, make_fashion_root
 
-from cirlib.data.labels import caption_function, labelled_images, load_attributed_images
+from cirlib.data.labels import AttributedImage, caption_function, labelled_images, load_attributed_images, probe_labels
 from cirlib.data.pixels import PixelCache
 from cirlib.data.synth import fashion as bf
 from cirlib.data.synth.scenes.captions import counterfactual
@@ -106,6 +107,51 @@ def test_counterfactuals_change_exactly_one_thing():
     assert counterfactual(scene, "background", rng)["background"]["colour"] != "lavender"
     with pytest.raises(ValueError, match="unknown attribute"):
         counterfactual(scene, "texture", rng)
+
+
+def test_probe_labels_are_image_level_attributes():
+    garment = AttributedImage(Path("g.png"), "g", {"category": "dress", "colour": "red", "pattern": "plain",
+                                                   "logo": "star"}, "fashion")
+    assert probe_labels(garment) == {"colour": "red", "pattern": "plain", "logo": "star", "category": "dress"}
+    obj = {"id": 0, "kind": "bag", "colour": "red", "size": "small", "cell": [0, 0], "x": 0.3, "y": 0.3}
+    scene = {"objects": [obj], "background": {"colour": "lavender", "pattern": "dots"}}
+    one = AttributedImage(Path("s.png"), "s", scene, "scenes")
+    assert probe_labels(one) == {"background": "lavender", "objects": "1", "kind": "bag", "colour": "red",
+                                 "size": "small"}
+    two = AttributedImage(Path("t.png"), "t", {**scene, "objects": [obj, {**obj, "id": 1}]}, "scenes")
+    assert probe_labels(two) == {"background": "lavender", "objects": "2"}  # no one object's kind
+    with pytest.raises(ValueError, match="no probe labels for benchmark 'fashioniq'"):
+        probe_labels(AttributedImage(Path("r.png"), "r", {"category": "dress"}, "fashioniq"))
+
+
+def test_linear_probe_reads_what_the_features_hold_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g)
+    y_train, y_val = torch.arange(90) % 3, torch.arange(60) % 3
+    noisy = lambda y: centres[y] + 0.3 * torch.randn(len(y), 16, generator=g)  # noqa: E731
+    assert Z.linear_probe(noisy(y_train), y_train, noisy(y_val), y_val) == 1.0
+    # labels the features know nothing of: near the majority share (1/3), far from perfect
+    shuffled = y_val[torch.randperm(60, generator=g)]
+    assert Z.linear_probe(noisy(y_train), y_train, noisy(y_val), shuffled) < 0.6
+    # a val class never seen in training is an error, not a crash
+    assert Z.linear_probe(noisy(y_train), y_train, noisy(y_val), torch.full((60,), 3)) == 0.0
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        Z.linear_probe(torch.zeros(4, 3), y_train[:4], torch.zeros(4, 5), y_val[:4])
+    with pytest.raises(ValueError, match="4 train features for 3 labels"):
+        Z.linear_probe(torch.zeros(4, 3), y_train[:3], torch.zeros(4, 3), y_val[:4])
+
+
+def test_probe_table_probes_each_labelled_attribute(fashion_root):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    train, val = load_attributed_images([fashion_root], "train"), load_attributed_images([fashion_root], "val")
+    table = Z.probe_table(bb, {"fashion": train}, {"fashion": val}, min_images=4)
+    # the fixture's prints are all "none": one class, nothing to probe
+    assert list(table.index) == [("fashion", "colour"), ("fashion", "pattern"), ("fashion", "category")]
+    assert table.loc[("fashion", "colour"), "classes"] == 4 and table.loc[("fashion", "category"), "classes"] == 3
+    assert (table["train images"] == len(train)).all() and (table["val images"] == len(val)).all()
+    assert table["accuracy %"].between(0, 100).all()
+    assert table.loc[("fashion", "colour"), "majority %"] == pytest.approx(25.0)
+    assert Z.probe_table(bb, {"fashion": train}, {"fashion": val}, min_images=100).empty
 
 
 def test_accuracy_by_pipeline_groups_and_matches_the_plain_accuracy(fashion_root):

@@ -84,6 +84,25 @@ def legibility_attributes(benchmark: str) -> tuple[str, ...]:
     return {"fashion": fashion.LEGIBILITY_ATTRIBUTES, "scenes": scenes.captions.LEGIBILITY_ATTRIBUTES}[benchmark]
 
 
+def probe_labels(item: AttributedImage) -> dict[str, str]:
+    """The image-level labels a linear probe of image features can be trained on.
+
+    A garment's colour, pattern, chest print and category; a scene's background colour and number
+    of objects, and for scenes of a single object that object's kind, colour and size (in a scene
+    of several, "the kind" names no one thing).
+    """
+    attrs = item.attributes
+    if item.benchmark == "fashion":
+        return {a: str(attrs[a]) for a in (*fashion.ATTRIBUTES, "category")}
+    if item.benchmark != "scenes":
+        raise ValueError(f"no probe labels for benchmark {item.benchmark!r}; expected 'fashion' or 'scenes'")
+    objects = attrs["objects"]
+    labels = {"background": str(attrs["background"]["colour"]), "objects": str(len(objects))}
+    if len(objects) == 1:
+        labels |= {a: str(objects[0][a]) for a in ("kind", "colour", "size")}
+    return labels
+
+
 def _split_images(root: Path, split: str) -> dict[str, Path]:
     """name -> file of every image a split of a FashionIQ/CIRR/CIRCO-layout root references."""
     if (root / "image_splits").is_dir() and (root / "captions").is_dir():

@@ -5,6 +5,12 @@ Each class is described the way captions describe it (a prompt ensemble over sev
 captions with the attribute set to the class, in every caption template); an image gets the class
 whose text embedding is nearest. Pretraining validates with it; notebook 02 reports it per
 attribute with confusion matrices.
+
+Two further measurements tell an illegible attribute's two possible causes apart: the caption
+choice (does the model prefer an image's true caption to the same caption with one attribute
+changed) tests image and text tower together; a linear probe (a classifier trained on the image
+features of the train split, scored on val) tests whether the image features hold the attribute
+at all, whatever the text tower does.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from cirlib.data.labels import (
     caption_function,
     counterfactual_function,
     legibility_attributes,
+    probe_labels,
 )
 from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import TransformKind
@@ -227,3 +234,76 @@ def legibility_table(
         for attribute, r in caption_choice_accuracies(backbone, items, attributes, cache_dir=cache_dir).items():
             rows[name, attribute] = {"images": r.n, "accuracy %": 100 * r.accuracy, "chance %": 100 * r.chance}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "attribute"])
+
+
+@dataclass
+class ProbeResult:
+    """A linear probe of one attribute: val accuracy against the majority class's share."""
+
+    attribute: str
+    accuracy: float
+    majority: float  # share of the val images in the train split's most frequent class
+    classes: int
+    n_train: int
+    n_val: int
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4) -> float:
+    """Val accuracy of multinomial logistic regression on L2-normalised features.
+
+    Full-batch Adam from zero weights (no randomness), logits scaled by 10 as the features'
+    cosines are small; a weak L2 penalty keeps the weights finite on separable data.
+    """
+    if train_x.ndim != 2 or val_x.ndim != 2 or train_x.shape[1] != val_x.shape[1]:
+        raise ValueError(f"features must be [N, D] with one D; got {tuple(train_x.shape)} and {tuple(val_x.shape)}")
+    if len(train_x) != len(train_y) or len(val_x) != len(val_y):
+        raise ValueError(f"{len(train_x)} train features for {len(train_y)} labels, {len(val_x)} val for {len(val_y)}")
+    classes = int(train_y.max()) + 1  # a val label beyond the train classes can only be an error
+    x, v = F.normalize(train_x.float(), dim=-1), F.normalize(val_x.float(), dim=-1)
+    weight = torch.zeros(x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(10 * x @ weight + bias, train_y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float(((10 * v @ weight + bias).argmax(1) == val_y).float().mean())
+
+
+def probe_table(
+    backbone: Backbone,
+    train_items: dict[str, Sequence[AttributedImage]],
+    val_items: dict[str, Sequence[AttributedImage]],
+    transform_kind: TransformKind = "squarepad",
+    cache_dir: str | os.PathLike | None = None,
+    min_images: int = 20,
+) -> pd.DataFrame:
+    """:func:`linear_probe` of every :func:`~cirlib.data.labels.probe_labels` attribute of each
+    benchmark (an attribute needs ``min_images`` train and val images and two classes in train), as
+    one table: rows ``(benchmark, attribute)``, columns ``classes``, ``train images``, ``val images``,
+    ``accuracy %``, ``majority %``. Val images of a class unseen in train count as errors."""
+    rows = {}
+    for name in train_items:
+        splits = {"train": train_items[name], "val": val_items[name]}
+        feats = {s: F.normalize(_encode_items(backbone, items, transform_kind, cache_dir).float().cpu(), dim=-1)
+                 for s, items in splits.items()}
+        labels = {s: [probe_labels(it) for it in items] for s, items in splits.items()}
+        attributes = dict.fromkeys(a for lab in labels["train"] for a in lab)
+        for attribute in attributes:
+            keep = {s: [i for i, lab in enumerate(labels[s]) if attribute in lab] for s in feats}
+            names = sorted({labels["train"][i][attribute] for i in keep["train"]})
+            if min(len(keep["train"]), len(keep["val"])) < min_images or len(names) < 2:
+                continue
+            index = {c: k for k, c in enumerate(names)}
+            y = {s: torch.tensor([index.get(labels[s][i][attribute], len(names)) for i in keep[s]]) for s in feats}
+            accuracy = linear_probe(feats["train"][keep["train"]], y["train"], feats["val"][keep["val"]], y["val"])
+            majority = float((y["val"] == torch.bincount(y["train"]).argmax()).float().mean())
+            rows[name, attribute] = {"classes": len(names), "train images": len(keep["train"]),
+                                     "val images": len(keep["val"]), "accuracy %": 100 * accuracy,
+                                     "majority %": 100 * majority}
+    index = pd.MultiIndex.from_arrays([[b for b, _ in rows], [a for _, a in rows]], names=["benchmark", "attribute"])
+    return pd.DataFrame(list(rows.values()), index=index,
+                        columns=["classes", "train images", "val images", "accuracy %", "majority %"])

@@ -87,9 +87,10 @@ def clip_loss(
                              f"{rows_n} rows, of width {width}")
         foil_logits = logit_scale * (image_features[rows] * foils).sum(dim=1)
         classes = torch.cat([classes, foil_logits.masked_fill(~foil_mask, -torch.inf).unsqueeze(1)], dim=1)
-    # cross-entropy with soft targets, as log-sum-exp minus the targets' logits: a masked foil's
-    # -inf enters only the log-sum-exp, where it counts for nothing
-    loss_i2t = (torch.logsumexp(classes, dim=1) - (targets * logits[rows]).sum(dim=1)).mean()
+    # the foil column is a class of the softmax but never a target: it is dropped after the
+    # normalisation (a masked foil's -inf gets probability 0 and no gradient)
+    log_probs = F.log_softmax(classes, dim=1)[:, : targets.shape[1]]
+    loss_i2t = -(targets * log_probs).sum(dim=1).mean()
     loss_t2i = -(targets * F.log_softmax(logits[:, rows].T, dim=1)).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
 

@@ -57,7 +57,7 @@ FLOOR = 1e-3  # tables are written with 4 decimals
 PERCENT_FLOOR = 15.0
 FRACTION_FLOOR = 0.10
 EXACT_TABLES = {"01_split_statistics", "01_semantic_aspects", "03_visible_area", "03_aspect_by_category"}
-EXACT_COLUMNS = {"classes", "images", "chance %", "target %"}
+EXACT_COLUMNS = {"classes", "images", "chance %", "target %", "train images", "val images", "majority %"}
 # Not recorded: text a model generates (phrases, top concepts) changes word by word with the arithmetic;
 # Fig. 8's buckets by initial target position hold a handful of quick queries each, and one that empties
 # under another arithmetic turns its numbers into blanks (its invariants are unit-tested).
