@@ -302,9 +302,9 @@ def caption_corpus(
     """The (image, absolute caption) pairs of the generated roots' ``split``
     (:func:`~cirlib.methods.pretrain.build_corpus`), images encoded through the feature cache."""
     pairs = build_corpus(roots, split)
-    feats = image_features(backbone, [p for p, _ in pairs], transform_kind, target_ratio,
+    feats = image_features(backbone, [p.path for p in pairs], transform_kind, target_ratio,
                            cache_dir=cache_dir, progress=False)
-    return CaptionCorpus(feats, [c for _, c in pairs])
+    return CaptionCorpus(feats, [p.caption for p in pairs])
 
 
 def nearest_captions(reference_features: Tensor, corpus: CaptionCorpus) -> list[str]:
