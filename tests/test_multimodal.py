@@ -72,7 +72,9 @@ def test_zero_cross_attention_is_exactly_the_text_tower(tiny: Backbone) -> None:
     with torch.no_grad():
         embedding, _ = filt(tokens, _images(tiny, 3))
         expected = tiny.model.encode_text(tokens)
-    torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-6)
+    # fp32 rounding of two orders of summation through four layers: 1e-6 held on AVX2 kernels but not on
+    # AVX-512 ones (1.2e-6 seen), so the bound is one a real difference (any cross-attention) far exceeds
+    torch.testing.assert_close(embedding, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cross_attention_reads_the_reference_image(tiny: Backbone) -> None:
