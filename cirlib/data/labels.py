@@ -79,6 +79,16 @@ def counterfactual_function(benchmark: str) -> Callable[[dict[str, Any], str, An
     raise ValueError(f"no counterfactual rule for benchmark {benchmark!r}; expected 'fashion' or 'scenes'")
 
 
+def changed_caption(image: AttributedImage, attribute: str, rng: Any) -> str | None:
+    """``image``'s caption with ``attribute`` changed by its generator's counterfactual rule, or None
+    where it cannot change or the change does not show in the caption (legibility probes, foils)."""
+    changed = counterfactual_function(image.benchmark)(image.attributes, attribute, rng)
+    if changed is None:
+        return None
+    caption = caption_function(image.benchmark)(changed)
+    return None if caption == image.caption else caption
+
+
 def legibility_attributes(benchmark: str) -> tuple[str, ...]:
     """The attributes :func:`counterfactual_function` of ``benchmark`` can change."""
     return {"fashion": fashion.LEGIBILITY_ATTRIBUTES, "scenes": scenes.captions.LEGIBILITY_ATTRIBUTES}[benchmark]

@@ -30,7 +30,7 @@ from cirlib.data.labels import (
     CAPTION_TEMPLATES,
     AttributedImage,
     caption_function,
-    counterfactual_function,
+    changed_caption,
     legibility_attributes,
     probe_labels,
 )
@@ -206,12 +206,11 @@ def caption_choice_accuracies(
         rng = np.random.default_rng([seed, k])
         rows, changed = [], []
         for i, item in enumerate(items):
-            other = counterfactual_function(item.benchmark)(item.attributes, attribute, rng)
-            caption = caption_function(item.benchmark)
-            if other is None or caption(other) == item.caption:
+            other = changed_caption(item, attribute, rng)
+            if other is None:
                 continue
             rows.append(i)
-            changed.append(caption(other))
+            changed.append(other)
         if not rows:
             raise ValueError(f"no item's {attribute!r} can be changed")
         other_text = F.normalize(text_features(backbone, changed, progress=False), dim=-1)
@@ -234,18 +233,6 @@ def legibility_table(
         for attribute, r in caption_choice_accuracies(backbone, items, attributes, cache_dir=cache_dir).items():
             rows[name, attribute] = {"images": r.n, "accuracy %": 100 * r.accuracy, "chance %": 100 * r.chance}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "attribute"])
-
-
-@dataclass
-class ProbeResult:
-    """A linear probe of one attribute: val accuracy against the majority class's share."""
-
-    attribute: str
-    accuracy: float
-    majority: float  # share of the val images in the train split's most frequent class
-    classes: int
-    n_train: int
-    n_val: int
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

@@ -46,8 +46,7 @@ from cirlib.core.training import TrainingLoop, optimizer_step, step_batches
 from cirlib.data.labels import (
     CAPTION_TEMPLATES,
     AttributedImage,
-    caption_function,
-    counterfactual_function,
+    changed_caption,
     legibility_attributes,
     load_attributed_images,
     partial_caption_function,
@@ -271,12 +270,7 @@ def _prepare(items: Sequence[CorpusPair], backbone: Backbone, config: PretrainCo
 def foil_caption(image: AttributedImage, rng: np.random.Generator) -> str | None:
     """``image``'s caption with one attribute it talks about changed (a uniformly drawn one of its
     generator's legibility attributes), or None where that attribute cannot change."""
-    attribute = rng.choice(legibility_attributes(image.benchmark))
-    changed = counterfactual_function(image.benchmark)(image.attributes, str(attribute), rng)
-    if changed is None:
-        return None
-    foil = caption_function(image.benchmark)(changed)
-    return None if foil == image.caption else foil
+    return changed_caption(image, str(rng.choice(legibility_attributes(image.benchmark))), rng)
 
 
 def sample_foils(backbone: Backbone, data: _Data, idx: torch.Tensor, templates: torch.Tensor,
