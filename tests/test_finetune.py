@@ -334,4 +334,4 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="accumulation must be"):
         Stage1Config(accumulation=0)
     tiny = Stage1Config.for_tiny(epochs=3)
-    assert tiny.epochs == 3 and tiny.lr > Stage1Config().lr and tiny.image_lr < tiny.lr
+    assert tiny.epochs == 3 and tiny.lr > Stage1Config().lr and tiny.image_lr is None  # one rate, as in the paper
