@@ -103,7 +103,8 @@ class Stage1Config:
         needed for 36.7 and 72.8); the image tower alone 26.8 / 73.3 at 3e-4 against 28.7 / 71.0 at
         1e-4 and 27.2 / 62.1 at 1e-5; with the image tower at 3e-5, a text tower at 1e-3 trailed
         3e-4 (31.6 against 32.0 on ``fashion``, 69.0 against 71.8 on CIRR). So four epochs at 3e-4
-        buy what ten at the old rates did, within the course's CPU budget.
+        buy nearly what ten at the old rates did on ``fashion`` and more on CIRR, within the
+        course's CPU budget.
         Early stopping counts epochs without a rise of more than a quarter point (``min_delta``):
         a curve that creeps up by hundredths has converged for this budget.
         """
