@@ -271,6 +271,34 @@ def test_reranker_training_lowers_the_loss(tiny: Backbone, tmp_path: Path) -> No
     assert all(torch.equal(filter_state[k], v) for k, v in filt.state_dict().items())
 
 
+def test_keep_last_trains_the_whole_schedule_without_validating(tiny: Backbone, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    train, val = _training(tiny), {"dress": _query_set(tiny)}
+    filt, _ = train_filter(tiny, train, val, replace(FAST_FILTER, epochs=1), tmp_path / "filter.pt")
+    config = replace(FAST_RERANKER, epochs=3, keep="last")
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("keep='last' must not validate")
+
+    with monkeypatch.context() as m:
+        m.setattr(reranking, "two_stage_metrics", no_validation)
+        reranker, history = train_reranker(tiny, filt, train, val, config, tmp_path / "last.pt")
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert all(set(row) == {"epoch", "loss", "seconds"} for row in history)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["finished"] and state["best_epoch"] == 3 and state["best_modules"] is None
+    for name, weight in reranker.state_dict().items():  # what the loop saved is the last epoch's weights
+        assert torch.equal(state["modules"]["reranker"][name], weight)
+    # a second call loads the finished run instead of training again (nothing validates either way)
+    again, history_again = train_reranker(tiny, filt, train, val, config, tmp_path / "last.pt")
+    assert history_again == history
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), reranker.state_dict().values()))
+    with pytest.raises(ValueError, match="neither patience nor main_metric"):
+        RerankerConfig(keep="last", patience=2)
+    with pytest.raises(ValueError, match="keep must be"):
+        RerankerConfig(keep="first")  # type: ignore[arg-type]
+
+
 def test_validation_k_is_capped_by_the_smallest_gallery(tiny: Backbone, tmp_path: Path) -> None:
     cirr = _query_set(tiny, "cirr", n_queries=6, n_images=10)
     assert cirr.max_candidates == 9 and _query_set(tiny).max_candidates == 10  # CIRR leaves the reference out
@@ -323,7 +351,7 @@ def test_ref_cls_reranker_trains_its_projection_and_reranks_without_z_t(tiny: Ba
     assert not torch.equal(reranker.reference_projection.weight, start)
     candidates = filter_stage(filt, qs).candidates(4)
     monkeypatch.setattr(filt, "forward", lambda *a: pytest.fail("Ref_CLS re-ranking asked the filter for z_t"))
-    scores = rerank(reranker, filt, qs, candidates, pair_batch_size=8, progress=False)
+    scores = rerank(reranker, filt, qs, candidates, pair_batch_size=8, amp=False, progress=False)  # fp32, as below
     with torch.no_grad():
         one = reranker(qs.tokens[1:2].repeat(4, 1), qs.images.tokens[qs.reference_rows[1:2]].float().repeat(4, 1, 1),
                        qs.images.tokens[candidates[1]].float())
@@ -372,7 +400,7 @@ def test_rerank_scores_each_query_with_its_candidates(tiny: Backbone, tmp_path: 
     first = filter_stage(filt, qs)
     assert first.query_features.shape == (5, tiny.embed_dim) and first.gallery_features.shape == (10, tiny.embed_dim)
     candidates = first.candidates(4)
-    scores = rerank(reranker, filt, qs, candidates, pair_batch_size=6, progress=False)
+    scores = rerank(reranker, filt, qs, candidates, pair_batch_size=6, amp=False, progress=False)  # fp32, as below
     assert scores.shape == (5, 4)
     with torch.no_grad():
         _, z_t = filt(qs.tokens[2:3], qs.images.tokens[qs.reference_rows[2:3]].float())
@@ -395,5 +423,6 @@ def test_bad_training_inputs(tiny: Backbone) -> None:
 def test_tiny_configs() -> None:
     tiny_filter, tiny_reranker = FilterConfig.for_tiny(), RerankerConfig.for_tiny(k=20)
     assert tiny_filter.layers is None and tiny_filter.epoch_size is not None and tiny_filter.patience is not None
-    assert tiny_reranker.k == 20 and tiny_reranker.val_queries is not None and tiny_reranker.batch_size == 16
+    assert tiny_reranker.k == 20 and tiny_reranker.keep == "last" and tiny_reranker.patience is None
+    assert tiny_reranker.batch_size == 16
     assert (RerankerConfig().batch_size, RerankerConfig().lr, FilterConfig().batch_size) == (16, 2e-5, 512)

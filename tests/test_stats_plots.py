@@ -114,3 +114,16 @@ def test_missing_values_shown_as_a_mark(tmp_path: Path) -> None:
     shown = tables.blank_missing(df)
     assert shown.loc["fashioniq/dress", "R@1"] == "—" and shown.loc["cirr", "R@1"] == 0.04
     assert df["R@1"].isna().sum() == 1  # the original is untouched
+
+
+def test_run_curves_draws_a_validation_panel_only_where_runs_were_validated() -> None:
+    validated = [{"epoch": 1, "loss": 2.0, "R@1": 10.0}, {"epoch": 2, "loss": 1.5, "R@1": 12.0}]
+    last_only = [{"epoch": 1, "loss": 2.5}, {"epoch": 2, "loss": 2.1}, {"epoch": 3, "loss": 1.9}]
+    fig = plots.run_curves({("cirr", "full"): validated, ("fashioniq", "full"): last_only},
+                           {"cirr": "R@1", "fashioniq": "R@10"})
+    loss, cirr = fig.axes
+    assert [line.get_label() for line in loss.get_lines()] == ["cirr / full", "fashioniq / full"]
+    assert list(loss.get_lines()[1].get_ydata()) == [2.5, 2.1, 1.9]
+    assert cirr.get_title() == "cirr: validation R@1" and list(cirr.get_lines()[0].get_ydata()) == [10.0, 12.0]
+    assert len(plots.run_curves({("fashioniq", "full"): last_only}, {"fashioniq": "R@10"}).axes) == 1
+    plt.close("all")

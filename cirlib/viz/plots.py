@@ -399,14 +399,19 @@ def run_curves(
     main_metrics: Mapping[str, str],
     title: str = "",
 ) -> matplotlib.figure.Figure:
-    """Per-epoch training loss and validation main metric of several runs keyed (benchmark, variant)."""
-    benches = list(dict.fromkeys(b for b, _ in histories))
+    """Per-epoch training loss and validation main metric of several runs keyed (benchmark, variant).
+
+    A benchmark none of whose runs was validated (a run that keeps its last epoch) gets no
+    validation panel: the loss is all there is to show.
+    """
+    frames = {key: pd.DataFrame(list(history)) for key, history in histories.items()}
+    benches = list(dict.fromkeys(b for (b, _), f in frames.items() if main_metrics[b] in f))
     fig, axes = plt.subplots(1, 1 + len(benches), figsize=(3.8 * (1 + len(benches)), 3), squeeze=False)
-    for (bench, variant), history in histories.items():
-        frame = pd.DataFrame(list(history))
+    for (bench, variant), frame in frames.items():
         axes[0][0].plot(frame["epoch"], frame["loss"], marker=".", label=f"{bench} / {variant}")
-        ax = axes[0][1 + benches.index(bench)]
-        ax.plot(frame["epoch"], frame[main_metrics[bench]], marker=".", label=variant)
+        if bench in benches and main_metrics[bench] in frame:
+            ax = axes[0][1 + benches.index(bench)]
+            ax.plot(frame["epoch"], frame[main_metrics[bench]], marker=".", label=variant)
     axes[0][0].set_title("training loss", fontsize=9)
     axes[0][0].legend(fontsize=7)
     for bench, ax in zip(benches, axes[0][1:]):
