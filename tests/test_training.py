@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cirlib.core import distributed
-from cirlib.core.training import TrainingLoop, checkpoint_history, optimizer_step, step_batches
+from cirlib.core.training import TrainingLoop, checkpoint_history, load_kept, optimizer_step, step_batches
 from cirlib.methods.combiner_training import CombinerConfig, CombinerData, train_combiner
 from cirlib.methods.losses import batch_contrastive_loss
 
@@ -123,6 +123,40 @@ def test_selection_keeps_the_best_epoch_and_stops_early(tmp_path: Path) -> None:
     assert not {"modules", "optimizer", "scaler", "scheduler"} & set(finished), "only the best weights stay"
     again, model2, _ = _regression_loop(tmp_path, epochs=5, main_metric="score", patience=2)
     assert again.run(lambda e: pytest.fail("retrained")) == history and torch.equal(model2.weight, weights[2])
+
+
+def test_load_kept_rebuilds_the_kept_weights_of_either_kind_of_run(tmp_path: Path) -> None:
+    hparams = {"in_features": 3, "out_features": 1}
+    last, last_model, last_epoch = _regression_loop(tmp_path / "last", meta={"hparams": hparams})
+
+    def crash_in_epoch_2(epoch: int) -> float:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return last_epoch(epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        last.run(crash_in_epoch_2)
+    with pytest.raises(ValueError, match="no finished module 'model'"):  # epoch 1 saved, the run unfinished
+        load_kept(tmp_path / "last" / "ckpt.pt", "model", nn.Linear)
+    last, last_model, last_epoch = _regression_loop(tmp_path / "last", meta={"hparams": hparams})
+    last.run(last_epoch)
+    kept = load_kept(tmp_path / "last" / "ckpt.pt", "model", nn.Linear)
+    assert not kept.training and torch.equal(kept.weight, last_model.weight)
+
+    scores = {1: 1.0, 2: 3.0, 3: 2.0, 4: 0.5}
+    best, best_model, best_epoch = _regression_loop(tmp_path / "best", main_metric="score", meta={"hparams": hparams})
+    weights = {}
+
+    def train_and_remember(epoch: int) -> float:
+        loss = best_epoch(epoch)
+        weights[epoch] = best_model.weight.detach().clone()
+        return loss
+
+    best.run(train_and_remember, lambda: {"score": scores[best.epoch + 1]})
+    kept = load_kept(tmp_path / "best" / "ckpt.pt", "model", nn.Linear)
+    assert torch.equal(kept.weight, weights[2]) and not torch.equal(kept.weight, weights[4])
+    with pytest.raises(ValueError, match="no finished module 'phi'"):
+        load_kept(tmp_path / "best" / "ckpt.pt", "phi", nn.Linear)
 
 
 def test_checkpoint_history_reads_a_finished_run(tmp_path: Path) -> None:

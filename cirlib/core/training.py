@@ -359,3 +359,19 @@ class TrainingLoop:
         if self.ckpt_path is not None:
             with atomic_path(self.ckpt_path) as tmp:
                 torch.save(state, tmp)
+
+
+def load_kept(ckpt_path: Path | str, name: str, build: Callable[..., nn.Module],
+              device: torch.device | str = "cpu") -> nn.Module:
+    """The module ``name`` of a finished :class:`TrainingLoop` checkpoint, in eval mode:
+    ``build(**hparams)`` (the ``meta["hparams"]`` the trainer recorded) with the weights the loop
+    kept, the best epoch's where it selected one, else the last epoch's. How a later notebook or the
+    search engine uses what an earlier one trained, without its training data."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    weights = (state.get("best_modules") or state.get("modules") or {}).get(name)
+    if not state.get("finished") or weights is None:
+        raise ValueError(f"{ckpt_path} holds no finished module {name!r} (field 'best_modules.{name}' or "
+                         f"'modules.{name}'); re-run the notebook that trains it")
+    module = build(**state["meta"]["hparams"])
+    module.load_state_dict(weights)
+    return module.to(device).eval()

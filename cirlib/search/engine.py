@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from cirlib.core import artifacts
+from cirlib.core.training import load_kept
 from cirlib.data.datasets import CIRSplit, Query, open_image, query_text
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind, transform_for
 from cirlib.evaluation.metrics import indices_of, name_index, rank_of
@@ -282,12 +283,12 @@ class Retriever:
             scorer: Scorer = CombineScorer(load_combiner(artifacts.combiner_checkpoint(quick, benchmark, FINETUNED),
                                                          device))
         elif method == "isearle":
-            scorer = PhiScorer(_load_kept(artifacts.phi_checkpoint(quick, PHI_PRETRAINING), "phi", Phi, device))
+            scorer = PhiScorer(load_kept(artifacts.phi_checkpoint(quick, PHI_PRETRAINING), "phi", Phi, device))
         elif method == "reranking":
-            filt = _load_kept(artifacts.filter_checkpoint(quick, benchmark), "filter",
-                              partial(CandidateFilter, text_tower(backbone)), device)
-            reranker = _load_kept(artifacts.reranker_checkpoint(quick, benchmark), "reranker",
-                                  partial(DualEncoderReranker, text_tower(backbone)), device)
+            filt = load_kept(artifacts.filter_checkpoint(quick, benchmark), "filter",
+                             partial(CandidateFilter, text_tower(backbone)), device)
+            reranker = load_kept(artifacts.reranker_checkpoint(quick, benchmark), "reranker",
+                                 partial(DualEncoderReranker, text_tower(backbone)), device)
             scorer = RerankScorer(filt, reranker, PAPER_K[benchmark])
         else:
             scorer = CombineScorer(combine_sum)
@@ -486,17 +487,3 @@ def available_methods(course: "Course", benchmark: str) -> dict[str, str]:
     return {key: label for key, label in METHODS.items()
             if (key in zero_shot or benchmark in TRAINED_ON)
             and all(p.exists() for p in _artifacts(course, benchmark, key))}
-
-
-def _load_kept(ckpt_path: Path, name: str, build: Callable[..., nn.Module], device: torch.device) -> nn.Module:
-    """The module ``name`` of a finished :class:`~cirlib.core.training.TrainingLoop` checkpoint, in
-    eval mode: ``build(**hparams)`` (the ``meta["hparams"]`` the trainer recorded) with the weights
-    the loop kept, the best epoch's where it selected one, else the last epoch's."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    weights = (state.get("best_modules") or state.get("modules") or {}).get(name)
-    if not state.get("finished") or weights is None:
-        raise ValueError(f"{ckpt_path} holds no finished module {name!r} (field 'best_modules.{name}' or "
-                         f"'modules.{name}'); re-run the notebook that trains it")
-    module = build(**state["meta"]["hparams"])
-    module.load_state_dict(weights)
-    return module.to(device).eval()
