@@ -70,6 +70,17 @@ def _regression_loop(tmp_path: Path, epochs: int = 4, **kw) -> tuple[TrainingLoo
     return loop, model, train_epoch
 
 
+def _crashing_in(crash_epoch: int, train_epoch: callable) -> callable:
+    """``train_epoch`` interrupted (as by Ctrl-C) when epoch ``crash_epoch`` starts."""
+
+    def train(epoch: int) -> float:
+        if epoch == crash_epoch:
+            raise KeyboardInterrupt
+        return train_epoch(epoch)
+
+    return train
+
+
 def test_keep_last_run_with_a_schedule_resumes_exactly(tmp_path: Path) -> None:
     loop, model, train_epoch = _regression_loop(tmp_path / "full")
     history = loop.run(train_epoch)
@@ -78,14 +89,8 @@ def test_keep_last_run_with_a_schedule_resumes_exactly(tmp_path: Path) -> None:
     uninterrupted = model.weight.detach().clone()
 
     cut, _, cut_epoch = _regression_loop(tmp_path / "cut")
-
-    def crash_in_epoch_3(epoch: int) -> float:
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return cut_epoch(epoch)
-
     with pytest.raises(KeyboardInterrupt):
-        cut.run(crash_in_epoch_3)
+        cut.run(_crashing_in(3, cut_epoch))
     resumed, model2, train2 = _regression_loop(tmp_path / "cut")
     assert resumed.resumed and resumed.epoch == 2
     again = resumed.run(train2)
@@ -128,14 +133,8 @@ def test_selection_keeps_the_best_epoch_and_stops_early(tmp_path: Path) -> None:
 def test_load_kept_rebuilds_the_kept_weights_of_either_kind_of_run(tmp_path: Path) -> None:
     hparams = {"in_features": 3, "out_features": 1}
     last, last_model, last_epoch = _regression_loop(tmp_path / "last", meta={"hparams": hparams})
-
-    def crash_in_epoch_2(epoch: int) -> float:
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return last_epoch(epoch)
-
     with pytest.raises(KeyboardInterrupt):
-        last.run(crash_in_epoch_2)
+        last.run(_crashing_in(2, last_epoch))
     with pytest.raises(ValueError, match="no finished module 'model'"):  # epoch 1 saved, the run unfinished
         load_kept(tmp_path / "last" / "ckpt.pt", "model", nn.Linear)
     last, last_model, last_epoch = _regression_loop(tmp_path / "last", meta={"hparams": hparams})
