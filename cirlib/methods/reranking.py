@@ -606,21 +606,19 @@ class RerankerConfig:
 
     @classmethod
     def for_tiny(cls, **overrides: Any) -> "RerankerConfig":
-        """The tiny backbone on a 2-core CPU: two blocks per encoder (one averaging, one linear
-        merge), the paper's batch of 16 (256 scored pairs a step), 3 epochs of 480 triplets, and
-        the last epoch kept, where the cosine schedule ends. A validation after every epoch on the
-        60 queries per split that the budget allowed could not tell epochs apart: the embedded
-        CIRR re-ranker's R@1 read 5.0, 0.0 and 3.3 after its three epochs (3, 0 and 2 queries)
-        while its training loss fell from 2.31 to 0.88, and validating on every query would cost
-        more than the training. On this project's 2-core CPU (idle) a step
-        takes 0.44 s (``fashion``) to 0.70 s (CIRR's longer captions) and re-ranking a query's top 50
-        about 0.04 to 0.06 s. The learning rate: at
-        1e-4 the loss barely moved in those steps (2.09 after 3 epochs on embedded CIRR, chance
-        being ln 16 = 2.77), at 3e-4 it fell to 0.92. Even so the re-ranker stays below the filter
-        at this budget (at K = 50, ``fashion`` R@10 10.4 against the filter's 14.3, CIRR R@1 5.7
-        against 28.8): the paper trains it 5 to 8 times longer than the filter. Adding the filter's
-        8 top-ranked training images as each query's extra negatives (``hard_negatives=8``) did
-        not help at this budget either (CIRR R@1 4.6 at K = 50)."""
+        """The tiny backbone on a 2-core CPU: two blocks per encoder (one averaging, one linear merge), the
+        paper's batch of 16 (256 scored pairs a step), 3 epochs of 480 triplets, and the last epoch kept,
+        where the cosine schedule ends. A validation after every epoch on the 60 queries per split that the
+        budget allowed could not tell epochs apart: the embedded CIRR re-ranker's R@1 read 5.0, 0.0 and 3.3
+        after its three epochs (3, 0 and 2 queries) while its training loss fell from 2.31 to 0.88, and
+        validating on every query would cost more than the training. On this project's 2-core CPU (idle) a
+        step takes 0.44 s (``fashion``) to 0.70 s (CIRR's longer captions) and re-ranking a query's top 50
+        about 0.04 to 0.06 s. The learning rate: at 1e-4 the loss barely moved in those steps (2.09 after 3
+        epochs on embedded CIRR, chance being ln 16 = 2.77), at 3e-4 it fell to 0.92. Even so the re-ranker
+        stays below the filter at this budget (at K = 50, ``fashion`` R@10 10.4 against the filter's 14.3,
+        CIRR R@1 5.7 against 28.8): the paper trains it 5 to 8 times longer than the filter. Adding the
+        filter's 8 top-ranked training images as each query's extra negatives (``hard_negatives=8``) did not
+        help at this budget either (CIRR R@1 4.6 at K = 50)."""
         tiny = {"layers": 2, "lr": 3e-4, "epochs": 3, "epoch_size": 480, "keep": "last"}
         return cls(**{**tiny, **overrides})
 

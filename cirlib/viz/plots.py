@@ -409,7 +409,7 @@ def run_curves(
     fig, axes = plt.subplots(1, 1 + len(benches), figsize=(3.8 * (1 + len(benches)), 3), squeeze=False)
     for (bench, variant), frame in frames.items():
         axes[0][0].plot(frame["epoch"], frame["loss"], marker=".", label=f"{bench} / {variant}")
-        if bench in benches and main_metrics[bench] in frame:
+        if main_metrics[bench] in frame:  # then its benchmark has a panel
             ax = axes[0][1 + benches.index(bench)]
             ax.plot(frame["epoch"], frame[main_metrics[bench]], marker=".", label=variant)
     axes[0][0].set_title("training loss", fontsize=9)
