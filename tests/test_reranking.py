@@ -203,6 +203,28 @@ def test_inference_times_cover_each_k(tiny: Backbone, tmp_path: Path) -> None:
     assert list(times.index) == [2, 4] and (times > 0).all().all()
     ratio = times["re-rank s/query"] / times["filter s/query"]
     assert times["re-rank / filter"].tolist() == pytest.approx(ratio.tolist())
+    with pytest.raises(ValueError, match="filter_repeats"):
+        reranking.inference_times(reranker, filt, qs, [2], filter_repeats=0)
+
+
+def test_inference_times_keep_the_median_filter_lap(tiny: Backbone, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: the filter's laps take 9, 1 and 2 s, re-ranking no time; the median lap is 2 s."""
+    qs = _query_set(tiny, n_queries=4)
+    train = _training(tiny)
+    filt, _ = train_filter(tiny, train, {"dress": qs}, replace(FAST_FILTER, epochs=1), tmp_path / "f.pt")
+    reranker, _ = train_reranker(tiny, filt, train, {"dress": qs}, replace(FAST_RERANKER, epochs=1), tmp_path / "r.pt")
+    clock, laps, real_stage = [0.0], iter([9.0, 1.0, 2.0]), reranking.filter_stage
+
+    def timed_stage(*args, **kwargs):
+        clock[0] += next(laps)
+        return real_stage(*args, **kwargs)
+
+    monkeypatch.setattr(reranking, "filter_stage", timed_stage)
+    monkeypatch.setattr(reranking.time, "perf_counter", lambda: clock[0])
+    times = reranking.inference_times(reranker, filt, qs, [2, 4], filter_repeats=3)
+    assert times["filter s/query"].tolist() == [2.0 / 4, 2.0 / 4]
+    assert times["re-rank s/query"].tolist() == [0.0, 0.0]
 
 
 def test_query_sets_and_training_data_read_image_files_through_the_caches(tiny: Backbone, tmp_path: Path) -> None:

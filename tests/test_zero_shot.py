@@ -170,3 +170,20 @@ def test_accuracy_by_pipeline_groups_and_matches_the_plain_accuracy(fashion_root
         assert table.loc[(category, "clip"), "colour"] == pytest.approx(100 * clip)
     with pytest.raises(ValueError, match="'sleeve' to group by"):
         Z.accuracy_by_pipeline(bb, items, ["colour"], ["clip"], group="sleeve")
+
+
+def test_measurements_on_the_same_images_share_one_feature_cache_entry(fashion_root, tmp_path, monkeypatch):
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    items = load_attributed_images([fashion_root], "val")
+    plain = Z.zero_shot_accuracies(bb, items, ["colour"])
+    encoded = []
+    real_encode = bb.encode_image
+    monkeypatch.setattr(bb, "encode_image", lambda pixels: encoded.append(len(pixels)) or real_encode(pixels))
+    cached = Z.zero_shot_accuracies(bb, items, ["colour"], cache_dir=tmp_path)
+    assert sum(encoded) == len(items)  # encoded once, then stored
+    assert np.array_equal(cached["colour"].confusion, plain["colour"].confusion)
+    Z.caption_choice_accuracies(bb, items, ["colour"], cache_dir=tmp_path)
+    Z.accuracy_by_pipeline(bb, items, ["colour"], ["squarepad"], cache_dir=tmp_path)
+    assert sum(encoded) == len(items)  # both read the stored features
+    Z.accuracy_by_pipeline(bb, items, ["colour"], ["clip"], cache_dir=tmp_path)
+    assert sum(encoded) == 2 * len(items)  # another pipeline, other inputs: encoded once more

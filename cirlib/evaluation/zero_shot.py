@@ -34,10 +34,9 @@ from cirlib.data.labels import (
     legibility_attributes,
     probe_labels,
 )
-from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import TransformKind
 from cirlib.models.backbone import Backbone
-from cirlib.models.features import encode_pixels, text_features
+from cirlib.models.features import image_features, text_features
 
 
 @dataclass
@@ -81,10 +80,13 @@ def class_text_features(
 
 def _encode_items(backbone: Backbone, items: Sequence[AttributedImage], transform_kind: TransformKind,
                   cache_dir: str | os.PathLike | None) -> torch.Tensor:
-    """Image features of ``items`` through the pretraining geometry (pixels cached under ``cache_dir``)."""
-    pixels = PixelCache([it.path for it in items], backbone.image_size, transform_kind, cache_dir=cache_dir,
-                        progress=False)
-    return encode_pixels(backbone, pixels)
+    """Image features of ``items`` (pixels and features cached under ``cache_dir``).
+
+    Classification, caption choice and linear probes all score the same val images: the feature
+    cache encodes them once per backbone and pipeline, not once per measurement.
+    """
+    return image_features(backbone, [it.path for it in items], transform_kind, batch_size=256, cache_dir=cache_dir,
+                          progress=False, decoded=True)
 
 
 @torch.no_grad()
@@ -100,8 +102,9 @@ def zero_shot_accuracy(
 
     ``items`` are typically the val images of a generated root (:func:`load_attributed_images`);
     only those whose attributes contain ``attribute`` take part. ``image_features`` (aligned with
-    ``items``, e.g. from :func:`cirlib.models.features.encode_pixels`) skips decoding and encoding the images again when
-    several attributes are scored on the same images; ``cache_dir`` caches the decoded pixels.
+    ``items``, e.g. from :func:`cirlib.models.features.image_features`) skips decoding and encoding
+    the images again when several attributes are scored on the same images; ``cache_dir`` caches
+    the decoded pixels and the features.
     The default geometry is the one :class:`PretrainConfig` trains the tiny CLIP with.
     """
     keep = [i for i, item in enumerate(items) if attribute in item.attributes]
@@ -155,11 +158,13 @@ def accuracy_by_pipeline(
     groups = sorted({str(it.attributes[group]) for it in items if group in it.attributes})
     if not groups:
         raise ValueError(f"no item has attribute {group!r} to group by")
+    features = {kind: _encode_items(backbone, items, kind, cache_dir) for kind in kinds}  # one cache entry each
     rows = {}
     for value in groups:
-        members = [it for it in items if str(it.attributes.get(group)) == value]
+        members = [i for i, it in enumerate(items) if str(it.attributes.get(group)) == value]
         for kind in kinds:
-            found = zero_shot_accuracies(backbone, members, attributes, transform_kind=kind, cache_dir=cache_dir)
+            found = zero_shot_accuracies(backbone, [items[i] for i in members], attributes,
+                                         image_features=features[kind][members])
             rows[value, kind] = {a: 100 * r.accuracy for a, r in found.items()} | {"images": len(members)}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis([group, "pipeline"])
 
