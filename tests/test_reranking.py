@@ -32,7 +32,7 @@ from cirlib.methods.reranking import (
 from cirlib.models.backbone import TINY_MODEL, Backbone, load_backbone
 from cirlib.models.combiner import combine_sum
 from cirlib.models.features import image_features, patch_token_shape, patch_tokens
-from cirlib.models.multimodal import DualEncoderReranker
+from cirlib.models.multimodal import CandidateFilter, DualEncoderReranker
 
 COLOURS = ["red", "blue", "green", "black"]
 FAST_FILTER = FilterConfig(lr=1e-3, weight_decay=0.0, batch_size=8, epochs=2, progress=False)
@@ -194,11 +194,17 @@ def test_target_positions_coverage_and_rank_changes(tiny: Backbone) -> None:
     assert reranking.ranked_names(qs, candidates, k=1)[1] == [f"img{targets[1]}"]
 
 
-def test_inference_times_cover_each_k(tiny: Backbone, tmp_path: Path) -> None:
+def _one_epoch_models(tiny: Backbone, tmp_path: Path) -> tuple[QuerySet, CandidateFilter, DualEncoderReranker]:
+    """Four queries, and a filter and a re-ranker trained one epoch each: enough to time them."""
     qs = _query_set(tiny, n_queries=4)
     train = _training(tiny)
     filt, _ = train_filter(tiny, train, {"dress": qs}, replace(FAST_FILTER, epochs=1), tmp_path / "f.pt")
     reranker, _ = train_reranker(tiny, filt, train, {"dress": qs}, replace(FAST_RERANKER, epochs=1), tmp_path / "r.pt")
+    return qs, filt, reranker
+
+
+def test_inference_times_cover_each_k(tiny: Backbone, tmp_path: Path) -> None:
+    qs, filt, reranker = _one_epoch_models(tiny, tmp_path)
     times = reranking.inference_times(reranker, filt, qs, [2, 4])
     assert list(times.index) == [2, 4] and (times > 0).all().all()
     ratio = times["re-rank s/query"] / times["filter s/query"]
@@ -210,10 +216,7 @@ def test_inference_times_cover_each_k(tiny: Backbone, tmp_path: Path) -> None:
 def test_inference_times_keep_the_median_filter_lap(tiny: Backbone, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake clock: the filter's laps take 9, 1 and 2 s, re-ranking no time; the median lap is 2 s."""
-    qs = _query_set(tiny, n_queries=4)
-    train = _training(tiny)
-    filt, _ = train_filter(tiny, train, {"dress": qs}, replace(FAST_FILTER, epochs=1), tmp_path / "f.pt")
-    reranker, _ = train_reranker(tiny, filt, train, {"dress": qs}, replace(FAST_RERANKER, epochs=1), tmp_path / "r.pt")
+    qs, filt, reranker = _one_epoch_models(tiny, tmp_path)
     clock, laps, real_stage = [0.0], iter([9.0, 1.0, 2.0]), reranking.filter_stage
 
     def timed_stage(*args, **kwargs):
