@@ -119,6 +119,25 @@ def test_image_fingerprint_names_the_image_tower_alone():
     assert bb.image_fingerprint == edited
 
 
+def test_text_fingerprint_names_what_text_features_depend_on(tmp_path):
+    """Image-encoder training (IFT) and the logit scale keep the caption caches; text-tower edits do not,
+    and a saved and reloaded model with the same text weights has the same text fingerprint."""
+    bb = load_backbone(TINY_MODEL, device="cpu")
+    text_fp = bb.text_fingerprint
+    assert text_fp.startswith(f"{TINY_MODEL}:text-sha256:") and text_fp not in (bb.fingerprint, bb.image_fingerprint)
+    with torch.no_grad():
+        bb.model.visual.proj.mul_(2)
+        bb.model.logit_scale.add_(1.0)
+    assert bb.text_fingerprint == text_fp
+    reloaded = load_backbone(TINY_MODEL, save_backbone(bb, tmp_path / "ift.safetensors", {"source": "test"}), "cpu")
+    assert reloaded.fingerprint != bb.fingerprint and reloaded.text_fingerprint == text_fp
+    with torch.no_grad():
+        bb.model.token_embedding.weight[5].add_(1.0)
+    assert bb.text_fingerprint != text_fp  # noticed without refresh_fingerprint
+    edited = bb.text_fingerprint
+    assert bb.refresh_fingerprint() and bb.text_fingerprint == edited
+
+
 def test_fingerprints_follow_in_place_edits_without_refresh():
     """A cache key taken after editing weights in place must not name the weights as loaded."""
     bb = load_backbone(TINY_MODEL, device="cpu")

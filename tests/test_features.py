@@ -33,7 +33,7 @@ class CountingBackbone:
 
     def __init__(self, seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.fingerprint = self.image_fingerprint = f"counting-{seed}"
+        self.fingerprint = self.image_fingerprint = self.text_fingerprint = f"counting-{seed}"
         self.model = torch.nn.ModuleDict(
             {
                 "image": torch.nn.Linear(3 * 4 * 4, self.embed_dim),
@@ -238,6 +238,40 @@ def test_text_features():
     torch.testing.assert_close(text_features(backbone, texts[3:4], progress=False), feats[3:4])
     with pytest.raises(TypeError, match="single string"):
         text_features(backbone, "a red dress")
+
+
+def test_text_cache_hit_skips_the_encoder_and_is_keyed_by_weights_precision_and_strings(tmp_path, monkeypatch):
+    backbone = CountingBackbone()
+    cache = tmp_path / "cache"
+    texts = ["is red", "has stripes", "is long"]
+    first = text_features(backbone, texts, batch_size=2, cache_dir=cache, progress=False)
+    assert backbone.text_calls == 2
+    second = text_features(backbone, texts, batch_size=256, cache_dir=cache, progress=False)
+    assert backbone.text_calls == 2 and torch.equal(first, second)
+    assert [p.suffix for p in cache.iterdir()] == [".safetensors"]  # one entry, no temp leftovers
+    # another order, other strings, other weights and another precision are other entries
+    text_features(backbone, texts[::-1], cache_dir=cache, progress=False)
+    assert backbone.text_calls == 3
+    text_features(backbone, ["is red", "has dots", "is long"], cache_dir=cache, progress=False)
+    assert backbone.text_calls == 4
+    other = CountingBackbone(seed=1)
+    assert not torch.equal(text_features(other, texts, cache_dir=cache, progress=False), first)
+    assert other.text_calls == 1
+    monkeypatch.setattr("cirlib.models.features.precision", lambda device, amp: "bf16")
+    text_features(backbone, texts, cache_dir=cache, progress=False)
+    assert backbone.text_calls == 5
+    assert len(list(cache.iterdir())) == 5
+
+
+def test_damaged_text_cache_is_recomputed_with_a_warning(tmp_path):
+    backbone = CountingBackbone()
+    cache = tmp_path / "cache"
+    first = text_features(backbone, ["is blue", "is green"], cache_dir=cache, progress=False)
+    (entry,) = cache.iterdir()
+    entry.write_bytes(entry.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="unusable"):
+        again = text_features(backbone, ["is blue", "is green"], cache_dir=cache, progress=False)
+    assert backbone.text_calls == 2 and torch.equal(again, first)
 
 
 def test_with_the_real_tiny_backbone(images, tmp_path):

@@ -116,7 +116,7 @@ def build_combiner_data(
     cache_dir: Path | str | None = None,
     batch_size: int = 256,
 ) -> CombinerData:
-    """Encode the triplets of ``splits`` once with ``backbone`` (image features cached on disk).
+    """Encode the triplets of ``splits`` once with ``backbone`` (image and caption features cached on disk).
 
     The images are read through the decoded-pixel cache that stage-1 fine-tuning of the same
     triplets keeps under ``cache_dir`` (``image_features(decoded=True)``), so encoding the training
@@ -139,16 +139,17 @@ def build_combiner_data(
         tgt_idx.append(image_rows.setdefault(split.image_paths[q.target], len(image_rows)))
         renderings = [query_text(q, rng) for _ in range(caption_samples)]
         txt_idx.append([text_rows.setdefault(t, len(text_rows)) for t in renderings])
-    with distributed.main_first():  # rank 0 writes the feature cache, the other processes read it
+    with distributed.main_first():  # rank 0 writes the feature caches, the other processes read them
         images = image_features(
             backbone, list(image_rows), transform_kind, target_ratio, batch_size=batch_size, cache_dir=cache_dir,
             decoded=True,
         )
+        texts = text_features(backbone, list(text_rows), cache_dir=cache_dir)
     return CombinerData(
         images=images,
         reference_index=torch.tensor(ref_idx, dtype=torch.long),
         target_index=torch.tensor(tgt_idx, dtype=torch.long),
-        texts=text_features(backbone, list(text_rows)),
+        texts=texts,
         text_index=torch.tensor(txt_idx, dtype=torch.long),
         dataset=datasets.pop(),
     )

@@ -54,14 +54,21 @@ class CheckpointError(ValueError):
     """A local checkpoint or its JSON sidecar is unreadable, or does not fit the requested model."""
 
 
-def _weights_token(module: torch.nn.Module) -> tuple[tuple[int, int], ...]:
-    """Cheap identity of a module's current weights: storage address and version of each tensor.
+def _weights_token(module: torch.nn.Module | dict[str, torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """Cheap identity of a module's (or state entries') current weights: storage address and version
+    of each tensor.
 
     In-place edits bump the version, replacing or moving a tensor changes its address. Edits
     through ``param.data`` bypass the version counter: call :meth:`Backbone.refresh_fingerprint`
     after those.
     """
-    return tuple((t.data_ptr(), t._version) for t in module.state_dict(keep_vars=True).values())
+    state = module if isinstance(module, dict) else module.state_dict(keep_vars=True)
+    return tuple((t.data_ptr(), t._version) for t in state.values())
+
+
+def _text_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state entries text features depend on: all but the image tower and the logit scale/bias."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(("visual.", "logit_"))}
 
 
 class Backbone:
@@ -77,6 +84,7 @@ class Backbone:
         self.device = device
         self._derived: tuple[tuple, str] | None = None  # (weights token, state fingerprint) after edits
         self._image_fingerprint: tuple[tuple, str] | None = None  # (image-tower token, value)
+        self._text_fingerprint: tuple[tuple, str] | None = None  # (text-tower token, value)
         self.fingerprint = fingerprint
         self.tokenizer = open_clip.get_tokenizer(model_name)
         preprocess = model.visual.preprocess_cfg
@@ -115,6 +123,19 @@ class Backbone:
             digest = state_digest(self.model.visual)
             self._image_fingerprint = (token, f"{self.model_name}:visual-sha256:{digest}")
         return self._image_fingerprint[1]
+
+    @property
+    def text_fingerprint(self) -> str:
+        """Digest of the weights text features depend on, re-derived whenever they change.
+
+        Caption caches keyed by it survive image-encoder training (CLIP4Cir's IFT), as image
+        caches keyed by :attr:`image_fingerprint` survive text-encoder training.
+        """
+        state = _text_state(self.model)
+        token = _weights_token(state)
+        if self._text_fingerprint is None or self._text_fingerprint[0] != token:
+            self._text_fingerprint = (token, f"{self.model_name}:text-sha256:{state_digest(state)}")
+        return self._text_fingerprint[1]
 
     @property
     def embed_dim(self) -> int:
@@ -193,15 +214,16 @@ class Backbone:
         In-place edits are noticed without it; it is needed after edits through ``param.data``,
         which leave no trace, and it makes a trained model's name a digest of its weights.
         """
-        self._image_fingerprint = None
+        self._image_fingerprint = self._text_fingerprint = None
         self.fingerprint = state_fingerprint(self.model_name, self.model)
         return self.fingerprint
 
 
-def state_digest(module: torch.nn.Module) -> str:
-    """sha256 over every tensor of a module's state dict (names, dtypes, shapes and bytes)."""
+def state_digest(module: torch.nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor of a module's state dict, or of some of its entries (names, dtypes,
+    shapes and bytes)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted((module if isinstance(module, dict) else module.state_dict()).items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -1,5 +1,5 @@
 """Batched CLIP feature extraction for images, texts and whole CIR splits, with an on-disk cache for
-image galleries.
+image galleries and caption sets.
 
 Every evaluation and analysis notebook encodes the same galleries again and again with the same
 frozen backbone, at seconds (tiny model, CPU) to hours (RN50x4 on real galleries) a time.
@@ -264,16 +264,35 @@ def encode_pixels(
 
 
 def text_features(
-    backbone: "Backbone", texts: Sequence[str], batch_size: int = 256, progress: bool = True, amp: bool = True
+    backbone: "Backbone",
+    texts: Sequence[str],
+    batch_size: int = 256,
+    progress: bool = True,
+    amp: bool = True,
+    cache_dir: Path | str | None = None,
 ) -> torch.Tensor:
-    """Text embeddings ``[len(texts), D]`` (float32, CPU, unnormalised); not cached (cheap)."""
+    """Text embeddings ``[len(texts), D]`` (float32, CPU, unnormalised), cached under ``cache_dir``.
+
+    A training set's captions (tens of thousands of renderings) cost seconds per encoding, and the
+    course encodes them again for every Combiner it trains on one backbone; the entry is keyed by
+    the text tower's weights (``backbone.text_fingerprint``, which image-encoder training leaves
+    alone), the precision and the strings in order.
+    """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
     texts = list(texts)
     if not texts:
         return torch.empty(0, backbone.embed_dim)
+    entry = None
+    if cache_dir is not None:
+        inputs = {"text_tower": backbone.text_fingerprint, "precision": precision(backbone.device, amp), "texts": texts}
+        entry = cache_entry(cache_dir, "feature", "texts", ".safetensors", inputs, [])
+        cached = entry.load(
+            lambda file: read_keyed_tensor(file, entry.key, "features", (len(texts), None), torch.float32))
+        if cached is not None:
+            return cached
     batches = (backbone.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size))
-    return encode_in_batches(
+    feats = encode_in_batches(
         backbone.encode_text,
         batches,
         backbone.device,
@@ -283,6 +302,10 @@ def text_features(
         progress=progress,
         amp=amp,
     )
+    if entry is not None:
+        metadata = {"key": entry.key, "n": str(len(feats))}
+        entry.save(lambda tmp: save_file({"features": feats.contiguous()}, str(tmp), metadata=metadata))
+    return feats
 
 
 @dataclass(frozen=True)
@@ -314,7 +337,7 @@ def encode_split(
         gallery[index[q.reference]] if q.reference in index else extra[extra_index[q.reference]]
         for q in split.queries
     ]) if split.queries else gallery.new_zeros(0, gallery.shape[1])
-    text = text_features(backbone, [query_text(q) for q in split.queries], progress=progress)
+    text = text_features(backbone, [query_text(q) for q in split.queries], progress=progress, cache_dir=cache_dir)
     return SplitFeatures(gallery, reference, text)
 
 
