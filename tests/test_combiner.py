@@ -333,7 +333,7 @@ class _PixelMeanBackbone:
     image_size, embed_dim = 16, 3
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     device = torch.device("cpu")
-    fingerprint = image_fingerprint = "pixel-mean"
+    fingerprint = image_fingerprint = text_fingerprint = "pixel-mean"
 
     def __init__(self) -> None:
         self.model = torch.nn.Identity()
@@ -389,8 +389,10 @@ def test_build_combiner_data_encodes_each_image_and_rendering_once(tmp_path: Pat
     rendered = {backbone.texts[i] for i in data.text_index[0].tolist()}
     allowed = {"Is green and make it greener", "Make it greener and is green", "Is green", "Make it greener"}
     assert rendered <= allowed and len(rendered) > 1
-    again = build_combiner_data(split, _PixelMeanBackbone(), caption_samples=6, seed=3, cache_dir=tmp_path / "cache")
+    second = _PixelMeanBackbone()
+    again = build_combiner_data(split, second, caption_samples=6, seed=3, cache_dir=tmp_path / "cache")
     assert again.fingerprint() == data.fingerprint()
+    assert second.texts == []  # the renderings' features come from the caption cache
 
 
 def test_cached_evaluator_scores_combining_functions(tmp_path: Path) -> None:
