@@ -216,3 +216,20 @@ def test_read_keyed_tensor_checks_key_shape_and_dtype(tmp_path: Path) -> None:
                                        ("k1", (3, 4), torch.float16, "float16")):
         with pytest.raises(ValueError, match=message):
             read_keyed_tensor(file, key, "tokens", shape, dtype)
+
+
+def test_cache_entry_tensor_round_trip_and_mismatch(tmp_path: Path) -> None:
+    from cirlib.core.cache import cache_entry
+
+    entry = cache_entry(tmp_path, "feature", "t", ".safetensors", {"model": "m"}, [])
+    assert entry.load_tensor("features", (3, None), torch.float32) is None  # absent: nothing to warn about
+    values = torch.arange(12, dtype=torch.float32).view(3, 4)
+    assert entry.save_tensor("features", values) == entry.file
+    assert torch.equal(entry.load_tensor("features", (3, None), torch.float32), values)
+    assert [p.name for p in tmp_path.iterdir()] == [entry.file.name]  # no temporary file left
+    other = cache_entry(tmp_path, "feature", "t", ".safetensors", {"model": "other"}, [])
+    other.file.write_bytes(entry.file.read_bytes())  # a file whose key names other inputs
+    with pytest.warns(UserWarning, match="key does not match"):
+        assert other.load_tensor("features", (3, None), torch.float32) is None
+    with pytest.warns(UserWarning, match="expected"):
+        assert entry.load_tensor("features", (4, None), torch.float32) is None

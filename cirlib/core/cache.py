@@ -112,6 +112,17 @@ class CacheEntry:
             write(tmp)
         return self.file
 
+    def load_tensor(self, name: str, shape: Sequence[int | None], dtype: torch.dtype) -> torch.Tensor | None:
+        """Tensor ``name`` of a safetensors entry, checked by :func:`read_keyed_tensor`; None as :meth:`load`."""
+        return self.load(lambda file: read_keyed_tensor(file, self.key, name, shape, dtype))
+
+    def save_tensor(self, name: str, tensor: torch.Tensor) -> Path:
+        """Write ``tensor`` as a safetensors entry with this key in its metadata (what loading checks)."""
+        from safetensors.torch import save_file
+
+        metadata = {"key": self.key, "n": str(len(tensor))}
+        return self.save(lambda tmp: save_file({name: tensor.contiguous()}, str(tmp), metadata=metadata))
+
 
 def cache_entry(
     cache_dir: Path | str, kind: str, prefix: str, suffix: str, inputs: dict[str, Any], paths: Sequence[Path | str]

@@ -34,10 +34,9 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor
 
-from cirlib.core.cache import cache_entry, read_keyed_tensor
+from cirlib.core.cache import cache_entry
 from cirlib.core.device import precision
 from cirlib.core.io import tensor_digest
 from cirlib.data.concepts import assign_concepts
@@ -197,13 +196,12 @@ def oti_tokens(
                   "phrases": None if phrases is None else {c: list(p) for c, p in phrases.items()},
                   "precision": precision(backbone.device, config.amp)}
         entry = cache_entry(cache_dir, "OTI token", "oti-tokens", ".safetensors", inputs, [])
-        cached = entry.load(
-            lambda file: read_keyed_tensor(file, entry.key, "tokens", (len(features), None), torch.float32))
+        cached = entry.load_tensor("tokens", (len(features), None), torch.float32)
         if cached is not None:
             return cached
     tokens = oti(backbone, features, concepts, phrases, config).tokens
     if entry is not None:
-        entry.save(lambda tmp: save_file({"tokens": tokens.contiguous()}, str(tmp), metadata={"key": entry.key}))
+        entry.save_tensor("tokens", tokens)
     return tokens
 
 

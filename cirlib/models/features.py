@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlib.core.cache import cache_entry, cache_key, read_keyed_tensor
+from cirlib.core.cache import cache_entry, cache_key
 from cirlib.core.device import autocast, precision
 from cirlib.core.tensors import eval_mode
 from cirlib.data.datasets import CIRSplit, ImageLoadError, open_image, query_text
@@ -172,8 +171,7 @@ def image_features(
     if cache_dir is not None:
         inputs = _image_cache_inputs(backbone, transform_kind, target_ratio, amp)
         entry = cache_entry(cache_dir, "feature", "images", ".safetensors", inputs, paths)
-        cached = entry.load(
-            lambda file: read_keyed_tensor(file, entry.key, "features", (len(paths), None), torch.float32))
+        cached = entry.load_tensor("features", (len(paths), None), torch.float32)
         if cached is not None:
             return cached
     if not paths:
@@ -182,8 +180,7 @@ def image_features(
     feats = _encode_image_files(backbone.encode_image, backbone, paths, transform_kind, target_ratio, batch_size,
                                 cache_dir, num_workers, progress, decoded, amp, f"image features ({transform_kind})")
     if entry is not None:
-        metadata = {"key": entry.key, "n": str(len(feats))}
-        entry.save(lambda tmp: save_file({"features": feats.contiguous()}, str(tmp), metadata=metadata))
+        entry.save_tensor("features", feats)
     return feats
 
 
@@ -287,8 +284,7 @@ def text_features(
     if cache_dir is not None:
         inputs = {"text_tower": backbone.text_fingerprint, "precision": precision(backbone.device, amp), "texts": texts}
         entry = cache_entry(cache_dir, "feature", "texts", ".safetensors", inputs, [])
-        cached = entry.load(
-            lambda file: read_keyed_tensor(file, entry.key, "features", (len(texts), None), torch.float32))
+        cached = entry.load_tensor("features", (len(texts), None), torch.float32)
         if cached is not None:
             return cached
     batches = (backbone.tokenize(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size))
@@ -303,8 +299,7 @@ def text_features(
         amp=amp,
     )
     if entry is not None:
-        metadata = {"key": entry.key, "n": str(len(feats))}
-        entry.save(lambda tmp: save_file({"features": feats.contiguous()}, str(tmp), metadata=metadata))
+        entry.save_tensor("features", feats)
     return feats
 
 
@@ -415,8 +410,7 @@ def patch_tokens(
         inputs = {**_image_cache_inputs(backbone, transform_kind, target_ratio, amp),
                   "output": "patch_tokens", "dtype": str(PATCH_TOKEN_DTYPE)}
         entry = cache_entry(cache_dir, "patch-token", "patch-tokens", ".safetensors", inputs, paths)
-        cached = entry.load(
-            lambda file: read_keyed_tensor(file, entry.key, "tokens", (len(paths), *shape), PATCH_TOKEN_DTYPE))
+        cached = entry.load_tensor("tokens", (len(paths), *shape), PATCH_TOKEN_DTYPE)
         if cached is not None:
             return cached
     if not paths:
@@ -428,6 +422,5 @@ def patch_tokens(
         raise ValueError(f"patch tokens of {backbone.model_name} are not finite or exceed the fp16 range")
     tokens = tokens.to(PATCH_TOKEN_DTYPE)
     if entry is not None:
-        metadata = {"key": entry.key, "n": str(len(tokens))}
-        entry.save(lambda tmp: save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=metadata))
+        entry.save_tensor("tokens", tokens)
     return tokens
