@@ -307,6 +307,69 @@ def test_live_evaluator_agrees_with_cached_features(micro_models, toy, tmp_path:
     assert live == pytest.approx(cached, abs=1e-6)
 
 
+def _outside_gallery(val: CIRSplit) -> CIRSplit:
+    """``val`` with two of its references left out of the gallery, as some real splits have them."""
+    targets = {q.target for q in val.queries}
+    refs = sorted({q.reference for q in val.queries} - targets)
+    return replace(val, gallery=[n for n in val.gallery if n not in refs[:2]])
+
+
+def test_live_evaluator_agrees_with_cached_features_when_references_lie_outside_the_gallery(
+        micro_models, toy, tmp_path: Path) -> None:
+    _, val = toy
+    split = _outside_gallery(val)
+    assert len(features_module.split_outside_references(split)) == 2
+    backbone = _backbone()
+    live = LiveEvaluator({"dress": split})(backbone, combine_sum)
+    cached = CachedEvaluator({"dress": split}, backbone, cache_dir=tmp_path)(combine_sum)
+    assert live == pytest.approx(cached, abs=1e-6)
+
+
+def _no_image_encoding(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("images were encoded again")
+    monkeypatch.setattr(features_module, "_encode_image_files", fail)
+
+
+def test_training_stores_the_kept_epochs_validation_features(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
+    """The last validation's image features land in the feature cache, so evaluating the returned
+    model reads them instead of encoding the validation images a second time."""
+    train, val = toy
+    split = _outside_gallery(val)
+    trained, _ = finetune(_backbone(), train, LiveEvaluator({"dress": split}, cache_dir=tmp_path / "cache"),
+                          replace(FAST, encoders="image", epochs=2), tmp_path / "run")
+    fresh = features_module.encode_split(trained, split, progress=False)  # no cache: encoded here
+    untrained = features_module.encode_split(_backbone(), split, progress=False)
+    _no_image_encoding(monkeypatch)
+    stored = features_module.encode_split(trained, split, cache_dir=tmp_path / "cache", progress=False)
+    for name in ("gallery", "reference"):
+        assert torch.allclose(getattr(stored, name), getattr(fresh, name), atol=1e-5), name
+    assert not torch.allclose(stored.gallery, untrained.gallery, atol=1e-3)  # the trained tower's, not the old
+
+
+class _Scripted(LiveEvaluator):
+    """A live evaluator whose main score follows a script, to choose which epoch is kept."""
+
+    def __init__(self, split: CIRSplit, scores: list[float], cache_dir: Path) -> None:
+        super().__init__({"dress": split}, cache_dir=cache_dir)
+        self.scores = iter(scores)
+
+    def __call__(self, backbone: Backbone, combine) -> dict[str, float]:
+        return {**super().__call__(backbone, combine), "average": next(self.scores)}
+
+
+def test_no_features_are_stored_for_weights_that_were_not_kept(micro_models, toy, tmp_path: Path) -> None:
+    train, val = toy
+    evaluator = _Scripted(val, [2.0, 1.0], tmp_path / "cache")  # epoch 1 kept, epoch 2 validated last
+    trained, _ = finetune(_backbone(), train, evaluator, replace(FAST, encoders="image", epochs=2),
+                          tmp_path / "run")
+    assert evaluator.store(trained) == 0
+    assert not list((tmp_path / "cache").glob("**/*.safetensors"))
+    with pytest.raises(ValueError, match="3 feature rows for 2 images"):
+        features_module.store_image_features(trained, [Path("a.png"), Path("b.png")], torch.zeros(3, 4),
+                                             cache_dir=tmp_path / "cache")
+
+
 def test_evaluator_reencodes_images_only_when_the_image_tower_changed(micro_models, toy, monkeypatch) -> None:
     _, val = toy
     backbone = _backbone()

@@ -50,7 +50,7 @@ from cirlib.evaluation.metrics import (
     with_cirr_average,
 )
 from cirlib.models.combiner import CombineFn, apply_combine
-from cirlib.models.features import encode_split
+from cirlib.models.features import encode_split, split_outside_references, split_reference_features
 
 if TYPE_CHECKING:
     from cirlib.models.backbone import Backbone
@@ -375,12 +375,17 @@ class CachedEvaluator:
 class LiveEvaluator:
     """Validation for encoders being trained: ``val_fn(backbone, combine) -> metrics``.
 
-    Each call encodes the splits with the backbone's *current* weights (references, gallery and
+    Each call encodes the splits with the backbone's *current* weights (gallery, references and
     deterministic captions) and scores ``combine`` with :func:`evaluate_splits`, as
     :class:`CachedEvaluator` does for frozen encoders. The images are decoded once into a
     :class:`~cirlib.data.pixels.PixelCache` (kept under ``cache_dir``) and their features are reused
     while the image tower is unchanged (``backbone.image_fingerprint``, e.g. while only the text
     encoder is fine-tuned), which is most of the cost.
+
+    :meth:`store` hands the latest call's image features to the feature cache, so that evaluating
+    the trained model afterwards (:func:`~cirlib.models.features.encode_split`, a
+    :class:`CachedEvaluator`) does not encode the validation images again: stage-1 training calls
+    it when it ends (the kept epoch is usually the last one validated).
     """
 
     def __init__(
@@ -396,15 +401,19 @@ class LiveEvaluator:
         self._pixels: dict[tuple[str, int], object] = {}  # (split, input size) -> PixelCache
         self._images: dict[str, tuple[str, Tensor]] = {}  # split -> (image-tower fingerprint, features)
 
-    def _image_features(self, backbone: "Backbone", name: str, names: list[str]) -> Tensor:
+    def _paths(self, name: str) -> list[Path]:
+        """The split's gallery, then its references outside the gallery: :func:`encode_split`'s rows."""
+        split = self.splits[name]
+        return [split.image_paths[n] for n in (*split.gallery, *split_outside_references(split))]
+
+    def _image_features(self, backbone: "Backbone", name: str) -> Tensor:
         from cirlib.data.pixels import PixelCache
         from cirlib.models.features import encode_pixels
 
         key = (name, backbone.image_size)
         if key not in self._pixels:
-            paths = [self.splits[name].image_paths[n] for n in names]
-            self._pixels[key] = PixelCache(paths, backbone.image_size, self.transform_kind, self.target_ratio,
-                                           self.cache_dir)
+            self._pixels[key] = PixelCache(self._paths(name), backbone.image_size, self.transform_kind,
+                                           self.target_ratio, self.cache_dir)
         tower = backbone.image_fingerprint
         if name not in self._images or self._images[name][0] != tower:
             self._images[name] = (tower, encode_pixels(backbone, self._pixels[key], amp=self.amp))
@@ -416,10 +425,27 @@ class LiveEvaluator:
 
         features = {}
         for name, split in self.splits.items():
-            names = list(dict.fromkeys([*(q.reference for q in split.queries), *split.gallery]))
-            row = {n: i for i, n in enumerate(names)}
-            images = self._image_features(backbone, name, names)
+            images = self._image_features(backbone, name)
+            gallery, outside = images[: len(split.gallery)], images[len(split.gallery):]
             texts = text_features(backbone, [query_text(q) for q in split.queries], progress=False, amp=self.amp)
-            features[name] = (images[[row[q.reference] for q in split.queries]], texts,
-                              images[[row[g] for g in split.gallery]])
+            features[name] = (split_reference_features(split, gallery, outside), texts, gallery)
         return evaluate_splits(self.splits, features, combine)
+
+    def store(self, backbone: "Backbone") -> int:
+        """Write the latest image features of ``backbone``'s current image tower to the feature cache
+        (``cache_dir``), as :func:`~cirlib.models.features.encode_split` would have computed them;
+        splits last encoded with other weights are left alone. Returns how many splits were stored."""
+        from cirlib.models.features import store_image_features
+
+        if self.cache_dir is None:
+            return 0
+        stored = 0
+        for name, split in self.splits.items():
+            if name not in self._images or self._images[name][0] != backbone.image_fingerprint:
+                continue
+            images, paths, n = self._images[name][1], self._paths(name), len(split.gallery)
+            for rows in (slice(0, n), slice(n, None)):  # encode_split's two cache entries
+                store_image_features(backbone, paths[rows], images[rows], self.transform_kind, self.target_ratio,
+                                     self.cache_dir, self.amp)
+            stored += 1
+        return stored

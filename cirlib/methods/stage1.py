@@ -36,7 +36,7 @@ from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimiz
 from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.data.pixels import PixelCache
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
-from cirlib.evaluation.protocols import main_metric_for
+from cirlib.evaluation.protocols import LiveEvaluator, main_metric_for
 from cirlib.methods.combiner_training import training_triplets
 from cirlib.methods.losses import batch_contrastive_loss
 from cirlib.models.backbone import save_backbone, sidecar_path
@@ -323,7 +323,9 @@ def finetune(
     """Fine-tune ``backbone`` in place on the training triplets; return it (best epoch) and the history.
 
     ``val_fn(backbone, combine)`` (see :class:`cirlib.evaluation.protocols.LiveEvaluator`) runs
-    after every epoch; the epoch with the best ``config.main_metric`` is kept. ``out_dir`` receives
+    after every epoch; the epoch with the best ``config.main_metric`` is kept. A ``LiveEvaluator``
+    then stores its validation images' features in the feature cache when they belong to the kept
+    weights. ``out_dir`` receives
     ``checkpoint.pt`` (resumable; a finished run with the same config, weights and data is loaded
     instead of retrained), ``history.json`` and ``backbone.safetensors`` (+ JSON, for
     :func:`cirlib.models.backbone.load_backbone`). With ``combiner`` the Combiner replaces the
@@ -364,6 +366,8 @@ def finetune(
         history = loop.run(train_epoch, lambda: val_fn(backbone, combine))
     backbone.refresh_fingerprint()  # new weights: feature caches must not mistake them for the old
     if distributed.is_main():
+        if isinstance(val_fn, LiveEvaluator):  # the kept epoch's validation images need no second encoding
+            val_fn.store(backbone)
         write_json(out_dir / "history.json", history)
         _export(backbone, out_dir / "backbone.safetensors", {**provenance, "best_epoch": loop.best_epoch})
     return backbone, history

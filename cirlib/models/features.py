@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlib.core.cache import cache_entry, cache_key
+from cirlib.core.cache import CacheEntry, cache_entry, cache_key
 from cirlib.core.device import autocast, precision
 from cirlib.core.tensors import eval_mode
 from cirlib.data.datasets import CIRSplit, ImageLoadError, open_image, query_text
@@ -139,6 +139,42 @@ def image_cache_key(
     return cache_key(_image_cache_inputs(backbone, transform_kind, target_ratio, amp), paths)
 
 
+def _image_entry(
+    backbone: "Backbone",
+    paths: Sequence[Path],
+    transform_kind: TransformKind,
+    target_ratio: float,
+    cache_dir: Path | str,
+    amp: bool,
+) -> CacheEntry:
+    """The feature-cache entry of these images under this image tower, pipeline and precision."""
+    inputs = _image_cache_inputs(backbone, transform_kind, target_ratio, amp)
+    return cache_entry(cache_dir, "feature", "images", ".safetensors", inputs, paths)
+
+
+def store_image_features(
+    backbone: "Backbone",
+    paths: Sequence[Path | str],
+    features: torch.Tensor,
+    transform_kind: TransformKind = "targetpad",
+    target_ratio: float = DEFAULT_TARGET_RATIO,
+    cache_dir: Path | str | None = None,
+    amp: bool = True,
+) -> None:
+    """Put features computed elsewhere (a training loop's validation) where :func:`image_features`
+    finds them, so that the same weights are not run over the same images twice.
+
+    ``features`` must be what :func:`image_features` would return for ``paths``: the same image
+    tower's current weights, pipeline and precision, row for row.
+    """
+    paths = [Path(p) for p in paths]
+    if features.shape[0] != len(paths):
+        raise ValueError(f"{features.shape[0]} feature rows for {len(paths)} images")
+    if cache_dir is not None and paths:
+        _image_entry(backbone, paths, transform_kind, target_ratio, cache_dir, amp).save_tensor(
+            "features", features.float().cpu())
+
+
 def image_features(
     backbone: "Backbone",
     paths: Sequence[Path | str],
@@ -169,8 +205,7 @@ def image_features(
     paths = [Path(p) for p in paths]
     entry = None
     if cache_dir is not None:
-        inputs = _image_cache_inputs(backbone, transform_kind, target_ratio, amp)
-        entry = cache_entry(cache_dir, "feature", "images", ".safetensors", inputs, paths)
+        entry = _image_entry(backbone, paths, transform_kind, target_ratio, cache_dir, amp)
         cached = entry.load_tensor("features", (len(paths), None), torch.float32)
         if cached is not None:
             return cached
@@ -313,6 +348,24 @@ class SplitFeatures:
     text: torch.Tensor
 
 
+def split_outside_references(split: CIRSplit) -> list[str]:
+    """The reference images that are not in the split's gallery, in the order :func:`encode_split`
+    encodes them (sorted by name) after the gallery."""
+    index = name_index(split.gallery)
+    return sorted({q.reference for q in split.queries if q.reference not in index})
+
+
+def split_reference_features(split: CIRSplit, gallery: torch.Tensor, outside: torch.Tensor | None) -> torch.Tensor:
+    """``[Q, D]`` reference features of the split's queries, picked from the gallery's rows and
+    those of :func:`split_outside_references` (``outside``, None when every reference is in the gallery)."""
+    index = name_index(split.gallery)
+    extra_index = {n: i for i, n in enumerate(split_outside_references(split))}
+    if not split.queries:
+        return gallery.new_zeros(0, gallery.shape[1])
+    return torch.stack([gallery[index[q.reference]] if q.reference in index else outside[extra_index[q.reference]]
+                        for q in split.queries])
+
+
 def encode_split(
     backbone: Backbone,
     split: CIRSplit,
@@ -323,15 +376,10 @@ def encode_split(
 ) -> SplitFeatures:
     """Encode a split's gallery once; references outside the gallery are encoded separately."""
     kw = dict(transform_kind=transform_kind, target_ratio=target_ratio, cache_dir=cache_dir, progress=progress)
+    outside = split_outside_references(split)
     gallery = image_features(backbone, [split.image_paths[n] for n in split.gallery], **kw)
-    index = name_index(split.gallery)
-    outside = sorted({q.reference for q in split.queries if q.reference not in index})
     extra = image_features(backbone, [split.image_paths[n] for n in outside], **kw) if outside else None
-    extra_index = {n: i for i, n in enumerate(outside)}
-    reference = torch.stack([
-        gallery[index[q.reference]] if q.reference in index else extra[extra_index[q.reference]]
-        for q in split.queries
-    ]) if split.queries else gallery.new_zeros(0, gallery.shape[1])
+    reference = split_reference_features(split, gallery, extra)
     text = text_features(backbone, [query_text(q) for q in split.queries], progress=progress, cache_dir=cache_dir)
     return SplitFeatures(gallery, reference, text)
 
