@@ -14,10 +14,13 @@ from pathlib import Path
 from cirlib.core import artifacts, paths
 from cirlib.data import benchmarks
 from cirlib.data.datasets import CIRSplit
-from cirlib.methods.combiner_training import CombinerConfig
+from cirlib.data.preprocess import TransformKind
+from cirlib.evaluation.protocols import CachedEvaluator
+from cirlib.methods.combiner_training import CombinerConfig, build_combiner_data, train_combiner
 from cirlib.methods.reranking import FilterConfig, RerankerConfig
 from cirlib.methods.stage1 import Stage1Config
 from cirlib.models.backbone import TINY_MODEL, Backbone
+from cirlib.models.combiner import Combiner
 
 HEADLINE: dict[str, list[str]] = {"fashioniq": ["R@10", "R@50"], "cirr": ["R@1", "R@5"]}
 """The two numbers per benchmark that CLIP4Cir's tables lead with."""
@@ -89,6 +92,23 @@ class Course:
         """The Combiner schedule of notebook 05, shared with 06's variants and end-to-end runs."""
         schedule = {"epochs": 3 if self.quick else 30}
         return CombinerConfig.for_tiny(**{"seed": self.seed, "device": self.device, **schedule, **overrides})
+
+    def pipeline_combiner(self, benchmark: str, kind: TransformKind) -> tuple[Combiner, CachedEvaluator]:
+        """A Combiner trained on the zero-shot backbone's features of one preprocessing pipeline, with
+        the evaluator of its validation features (CLIP4Cir Tables 7–8: one model per pipeline).
+
+        Notebook 05 trains them, its targetpad one being its zero-shot Combiner; notebook 06 compares
+        them, loading the checkpoints (trained here when they are missing or stale).
+        """
+        names, zero_shot = self.trainable[benchmark], self.backbone()
+        data = build_combiner_data([self.train_splits[n] for n in names], zero_shot, transform_kind=kind,
+                                   cache_dir=self.cache, seed=self.seed)
+        evaluate = CachedEvaluator({n: self.val_splits[n] for n in names}, zero_shot, transform_kind=kind,
+                                   cache_dir=self.cache)
+        variant = "zero-shot" if kind == "targetpad" else f"zero-shot-{kind}"
+        net, _ = train_combiner(data, evaluate, self.combiner_config(),
+                                ckpt_path=artifacts.combiner_checkpoint(self.quick, benchmark, variant))
+        return net, evaluate
 
     def filter_config(self, **overrides) -> FilterConfig:
         """The candidate filter's schedule in notebook 08 (see :meth:`FilterConfig.for_tiny`); quick:

@@ -251,6 +251,34 @@ def test_best_epoch_is_returned_and_early_stopping(micro_models, toy, tmp_path: 
     assert json.loads((tmp_path / "backbone.safetensors.json").read_text())["provenance"]["best_epoch"] == 2
 
 
+def test_without_validation_every_epoch_trains_and_the_last_is_kept(micro_models, toy, tmp_path: Path) -> None:
+    """A fixed budget: no metric, no early stopping, the weights of the last epoch. They are the
+    validated run's epoch-3 weights (validation draws no random numbers), under a run key of its own,
+    since a validated run may stop early or keep an earlier epoch."""
+    train, _ = toy
+    scores, snapshots = iter([3.0, 2.0, 1.0]), []
+
+    def falling(backbone, combine):
+        snapshots.append(_state(backbone.model))
+        return {"average": next(scores)}
+
+    config = replace(FAST, epochs=3, patience=10)
+    validated, _ = finetune(_backbone(), train, falling, config, tmp_path / "validated")
+    fixed, history = finetune(_backbone(), train, None, config, tmp_path / "fixed")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[0]) == {"epoch", "loss", "seconds"}
+    _, impatient = finetune(_backbone(), train, None, replace(config, patience=1), tmp_path / "impatient")
+    assert len(impatient) == 3  # patience has nothing to count
+    assert not _changed(snapshots[2], _state(fixed.model))
+    assert _changed(_state(validated.model), _state(fixed.model))  # the validated run kept epoch 1
+    provenance = {name: json.loads((tmp_path / name / "backbone.safetensors.json").read_text())["provenance"]
+                  for name in ("validated", "fixed")}
+    assert provenance["fixed"]["best_epoch"] == 3 and provenance["validated"]["best_epoch"] == 1
+    assert provenance["fixed"]["run"] != provenance["validated"]["run"]
+    again, history2 = finetune(_backbone(), train, None, config, tmp_path / "fixed")
+    assert _strip(history2) == _strip(history) and not _changed(_state(fixed.model), _state(again.model))
+
+
 def test_finished_run_is_loaded_without_training(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
     train, val = toy
     first, history = finetune(_backbone(), train, LiveEvaluator(val), FAST, tmp_path)

@@ -140,7 +140,8 @@ def trainable_parameters(model: nn.Module, encoders: Encoders) -> dict[str, nn.P
 
 
 def _run_fingerprint(
-    backbone: "Backbone", splits: Sequence[CIRSplit], config: Stage1Config, combiner: Combiner | None
+    backbone: "Backbone", splits: Sequence[CIRSplit], config: Stage1Config, combiner: Combiner | None,
+    validated: bool = True,
 ) -> str:
     data = [
         (s.dataset, s.split, str(s.root), [(q.reference, q.target, list(q.captions)) for q in s.queries])
@@ -150,8 +151,10 @@ def _run_fingerprint(
     for key, default in (("accumulation", 1), ("min_delta", 0.0)):
         if config_key[key] == default:  # absent at its default: runs from before the option keep their checkpoints
             del config_key[key]
+    selection = {} if validated else {"selection": "last epoch"}  # validated runs keep their older keys
     return fingerprint(
         {
+            **selection,
             "stage": "end-to-end" if combiner is not None else "stage1",
             "config": config_key,
             "backbone": backbone.fingerprint,
@@ -314,7 +317,7 @@ def _optimizer(
 def finetune(
     backbone: "Backbone",
     train_splits: CIRSplit | Sequence[CIRSplit],
-    val_fn: Callable[["Backbone", CombineFn], dict[str, float]],
+    val_fn: Callable[["Backbone", CombineFn], dict[str, float]] | None,
     config: Stage1Config = Stage1Config(),
     out_dir: Path | str = "stage1",
     combiner: Combiner | None = None,
@@ -325,7 +328,9 @@ def finetune(
     ``val_fn(backbone, combine)`` (see :class:`cirlib.evaluation.protocols.LiveEvaluator`) runs
     after every epoch; the epoch with the best ``config.main_metric`` is kept. A ``LiveEvaluator``
     then stores its validation images' features in the feature cache when they belong to the kept
-    weights. ``out_dir`` receives
+    weights. Without ``val_fn`` every one of ``config.epochs`` epochs is trained and the last is
+    kept: a fixed budget that spares a validation pass per epoch (encoding every validation image
+    again when the image tower trains). ``out_dir`` receives
     ``checkpoint.pt`` (resumable; a finished run with the same config, weights and data is loaded
     instead of retrained), ``history.json`` and ``backbone.safetensors`` (+ JSON, for
     :func:`cirlib.models.backbone.load_backbone`). With ``combiner`` the Combiner replaces the
@@ -341,7 +346,7 @@ def finetune(
     if combiner is not None:
         modules["combiner"] = combiner.to(backbone.device)
     stage = "end-to-end" if combiner is not None else "stage1"
-    run_fingerprint = _run_fingerprint(backbone, splits, config, combiner)
+    run_fingerprint = _run_fingerprint(backbone, splits, config, combiner, validated=val_fn is not None)
     provenance = {
         "stage": stage, "run": run_fingerprint, "base_backbone": backbone.fingerprint, "config": asdict(config)
     }
@@ -353,9 +358,9 @@ def finetune(
         ckpt_path=out_dir / "checkpoint.pt",
         fingerprint=run_fingerprint,
         epochs=config.epochs,
-        patience=config.patience,
+        patience=config.patience if val_fn is not None else None,
         min_delta=config.min_delta,
-        main_metric=config.main_metric or main_metric_for(splits[0].dataset),
+        main_metric=(config.main_metric or main_metric_for(splits[0].dataset)) if val_fn is not None else None,
         seed=config.seed,
         desc=f"{stage} ({config.encoders})",
         meta={**provenance, "hparams": combiner.hparams if combiner is not None else None},
@@ -363,7 +368,7 @@ def finetune(
     train_epoch = _Epochs(backbone, triplets, config, cache_dir, combiner, optimizer, loop.scaler)
     combine: CombineFn = combiner if combiner is not None else combine_sum
     with _training_setup(backbone.model, params, config.grad_checkpointing and backbone.device.type == "cuda"):
-        history = loop.run(train_epoch, lambda: val_fn(backbone, combine))
+        history = loop.run(train_epoch, None if val_fn is None else lambda: val_fn(backbone, combine))
     backbone.refresh_fingerprint()  # new weights: feature caches must not mistake them for the old
     if distributed.is_main():
         if isinstance(val_fn, LiveEvaluator):  # the kept epoch's validation images need no second encoding
