@@ -346,7 +346,8 @@ def finetune(
     if combiner is not None:
         modules["combiner"] = combiner.to(backbone.device)
     stage = "end-to-end" if combiner is not None else "stage1"
-    run_fingerprint = _run_fingerprint(backbone, splits, config, combiner, validated=val_fn is not None)
+    validated = val_fn is not None
+    run_fingerprint = _run_fingerprint(backbone, splits, config, combiner, validated)
     provenance = {
         "stage": stage, "run": run_fingerprint, "base_backbone": backbone.fingerprint, "config": asdict(config)
     }
@@ -358,9 +359,9 @@ def finetune(
         ckpt_path=out_dir / "checkpoint.pt",
         fingerprint=run_fingerprint,
         epochs=config.epochs,
-        patience=config.patience if val_fn is not None else None,
+        patience=config.patience if validated else None,
         min_delta=config.min_delta,
-        main_metric=(config.main_metric or main_metric_for(splits[0].dataset)) if val_fn is not None else None,
+        main_metric=(config.main_metric or main_metric_for(splits[0].dataset)) if validated else None,
         seed=config.seed,
         desc=f"{stage} ({config.encoders})",
         meta={**provenance, "hparams": combiner.hparams if combiner is not None else None},
@@ -368,7 +369,7 @@ def finetune(
     train_epoch = _Epochs(backbone, triplets, config, cache_dir, combiner, optimizer, loop.scaler)
     combine: CombineFn = combiner if combiner is not None else combine_sum
     with _training_setup(backbone.model, params, config.grad_checkpointing and backbone.device.type == "cuda"):
-        history = loop.run(train_epoch, None if val_fn is None else lambda: val_fn(backbone, combine))
+        history = loop.run(train_epoch, (lambda: val_fn(backbone, combine)) if validated else None)
     backbone.refresh_fingerprint()  # new weights: feature caches must not mistake them for the old
     if distributed.is_main():
         if isinstance(val_fn, LiveEvaluator):  # the kept epoch's validation images need no second encoding
