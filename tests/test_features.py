@@ -335,6 +335,20 @@ def test_encode_pixels_matches_image_features(images, tmp_path):
     assert encode_pixels(backbone, cache, rows=[]).shape == (0, backbone.embed_dim)
 
 
+def test_pixel_cache_decodes_each_distinct_file_once(images, monkeypatch):
+    """A corpus lists an image once per caption: every row is filled, each file decoded once."""
+    from cirlib.data.pixels import PixelCache
+
+    decoded = []
+    original = PixelCache._decode_one
+    monkeypatch.setattr(PixelCache, "_decode_one", lambda self, path: decoded.append(path) or original(self, path))
+    paths = [images[2], images[0], images[2], images[1], images[0]]
+    pixels = PixelCache(paths, 16, "squarepad", progress=False).tensor()
+    assert sorted(map(str, decoded)) == sorted(map(str, images[:3]))
+    single = PixelCache(images[:3], 16, "squarepad", progress=False).tensor()
+    assert torch.equal(pixels, single[[2, 0, 2, 1, 0]])
+
+
 class _Items(torch.utils.data.Dataset):
     """Item i is a 1-element tensor [i]; records which items were loaded, optionally failing on one."""
 

@@ -83,13 +83,17 @@ class PixelCache:
         return pixels.mul_(255).round_().to(torch.uint8).numpy()
 
     def _decode(self, progress: bool) -> np.ndarray:
-        """Decode every file; threads overlap well because PIL releases the GIL while decoding."""
+        """Decode each distinct file once (a corpus pairs one image with several captions); threads
+        overlap well because PIL releases the GIL while decoding."""
         out = np.empty((len(self.paths), 3, self.image_size, self.image_size), dtype=np.uint8)
+        rows: dict[Path, list[int]] = {}
+        for i, path in enumerate(self.paths):
+            rows.setdefault(path, []).append(i)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            decoded = pool.map(self._decode_one, self.paths)
-            for i, img in enumerate(tqdm(decoded, total=len(self.paths), desc="decode images", leave=False,
-                                         disable=not progress)):
-                out[i] = img
+            decoded = pool.map(self._decode_one, rows)
+            for (_, where), img in zip(rows.items(), tqdm(decoded, total=len(rows), desc="decode images",
+                                                          leave=False, disable=not progress)):
+                out[where] = img
         return out
 
     def __len__(self) -> int:
