@@ -204,6 +204,27 @@ def test_a_step_with_foils_trains_and_differs_from_one_without(fashion_root):
 
 
 # -------------------------------------------------------------------------------- loss & schedule
+def test_templated_tokens_splice_equals_tokenising_each_templated_text(monkeypatch):
+    """The fast path encodes each caption once; it must give the tokenizer's own output for every
+    template, truncation included (captions near and past the context fall back to the bare one)."""
+    backbone = load_backbone(TINY_MODEL, None, "cpu", seed=0)
+    length = backbone.context_length
+    captions = ["a red dress", "is navy blue and has stripes", "Two  BAGS, left of a star.", "x",
+                "a dress " * ((length - 6) // 2), "a dress " * ((length - 4) // 2), "word " * (length - 3),
+                "word " * (length - 2), "word " * (length + 10), "a green t-shirt's 3 logos"]
+    fast = P.templated_tokens(backbone, captions)
+    texts = [t.format(c) for c in captions for t in P.CAPTION_TEMPLATES]
+    slow = backbone.tokenize(texts).view(len(captions), len(P.CAPTION_TEMPLATES), -1)
+    eot_last = slow[..., -1] == backbone.tokenizer.eot_token_id  # the context is full: the bare caption
+    expected = torch.where(eot_last[..., None], slow[:, :1], slow)
+    assert fast.shape == (len(captions), len(P.CAPTION_TEMPLATES), length)
+    assert torch.equal(fast, expected)
+    assert eot_last[:, 1:].any() and not eot_last[:, 0].all()  # the fall-back and truncation were exercised
+    assert torch.equal(fast[0, 1], backbone.tokenize("a photo of a red dress")[0])
+    monkeypatch.setattr(P, "SimpleTokenizer", type("OtherTokenizer", (), {}))  # another tokenizer: the general path
+    assert torch.equal(P.templated_tokens(backbone, captions), fast)
+
+
 def test_lr_schedule_values_at_known_steps():
     f = lambda s: P.lr_factor(s, warmup_steps=10, total_steps=110)  # noqa: E731
     assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
