@@ -11,7 +11,7 @@ import pytest
 from cirlib.data.datasets import CIRSplit, Query
 from cirlib.data.synth import scenes
 from cirlib.evaluation.bootstrap import PerQuery
-from cirlib.evaluation.breakdowns import EDIT_TYPES, breakdown, false_negatives, query_edits
+from cirlib.evaluation.breakdowns import EDIT_TYPES, breakdown, caption_oracle, false_negatives, query_edits
 
 GRID = (2, 2)
 
@@ -244,3 +244,54 @@ def test_false_negatives_refuse_bad_rankings() -> None:
         false_negatives(split, [["fits"], ["heart"], ["ghost"]], meta)
     with pytest.raises(ValueError, match="only for CIRR and CIRCO"):
         false_negatives(replace(split, dataset="fashioniq"), [["fits"]] * 3, meta)
+
+
+def oracle_case() -> tuple[CIRSplit, dict]:
+    """Two CIRCO queries from the red-bag-and-blue-star reference, concept "a blue star" (never said):
+    0 "has a green bag" describes three images, one of them with the star (its only ground truth);
+    1 "has a yellow heart" describes only its two ground truths."""
+    attributes = {
+        "10": REFERENCE,
+        "11": scene(obj(0, "bag", "green"), STAR),
+        "12": scene(obj(0, "bag", "green")),
+        "13": scene(obj(0, "bag", "green"), obj(2, "heart", "red", cell=(1, 0))),
+        "14": scene(STAR, obj(2, "heart", "yellow", cell=(1, 0))),
+        "15": scene(BAG, STAR, obj(2, "heart", "yellow", cell=(1, 0))),
+        "16": scene(obj(2, "heart", "red", cell=(1, 0))),
+    }
+    star = has("star", colour="blue")
+    records = [
+        {"id": 0, "reference_img_id": 10, "target_img_id": 11, "constraints": [star, has("bag", colour="green")]},
+        {"id": 1, "reference_img_id": 10, "target_img_id": 14, "constraints": [star, has("heart", colour="yellow")]},
+    ]
+    queries = [Query("10", ("has a green bag",), "11", ("11",), pair_id=0, shared_concept="a blue star"),
+               Query("10", ("has a yellow heart",), "14", ("14", "15"), pair_id=1, shared_concept="a blue star")]
+    split = CIRSplit("circo", "val", Path("/nowhere"), queries, list(attributes), {}, 0)
+    return split, {"generator": scenes.GENERATOR, "attributes": attributes, "queries": {"val": records}}
+
+
+def test_caption_oracle_ranks_what_the_caption_describes_first() -> None:
+    split, meta = oracle_case()
+    runs = [caption_oracle(split, meta, seed=seed) for seed in range(300)]
+    for pq in runs:
+        # query 1: its two ground truths are the only images described, so they take ranks 1-2 whatever the order
+        assert pq.values["mAP@5"][1] == pytest.approx(100.0)
+        # query 0: its ground truth is one of three described images, so it lands at rank 1, 2 or 3
+        assert pq.values["mAP@5"][0] in (pytest.approx(100.0), pytest.approx(50.0), pytest.approx(100 / 3))
+        assert pq.values["R@5"].tolist() == [100.0, 100.0]
+    assert runs[7].values["mAP@5"].tolist() == caption_oracle(split, meta, seed=7).values["mAP@5"].tolist()
+    # each of the three ranks equally likely: a mean AP of (1 + 1/2 + 1/3) / 3
+    mean_ap = np.mean([pq.values["mAP@5"][0] for pq in runs])
+    assert mean_ap == pytest.approx(100 * (1 + 1 / 2 + 1 / 3) / 3, abs=6.0)
+
+
+def test_caption_oracle_refuses_what_it_cannot_read() -> None:
+    split, meta = oracle_case()
+    with pytest.raises(ValueError, match="needs a CIRCO-format split"):
+        caption_oracle(cirr_case(CASES)[0], cirr_case(CASES)[1])
+    bad = {**meta, "queries": {"val": [{**meta["queries"]["val"][0], "constraints": [has("bag", colour="green")]},
+                                       meta["queries"]["val"][1]]}}
+    with pytest.raises(ValueError, match=r"query 0 \(id 0\).*not a shared concept"):
+        caption_oracle(split, bad)
+    with pytest.raises(ValueError, match=r"no scene graph of 1 gallery images.*'ghost'"):
+        caption_oracle(replace(split, gallery=[*split.gallery, "ghost"]), meta)

@@ -6,6 +6,7 @@ to a positive factor: cosine similarity keeps its order, and every rank below is
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cirlib.evaluation.protocols import (
     chance_levels,
     evaluate_split,
     per_query_metrics,
+    per_query_score_metrics,
     similarity_chunks,
     topk,
 )
@@ -253,6 +255,29 @@ def test_benchmark_columns_keep_benchmark_level_metrics():
     results = {"R@10": 1.0, "average": 2.0, "dress/R@10": 3.0, "mAP@10/addition": 4.0}
     assert benchmark_columns("fashioniq", results) == {"fashioniq R@10": 1.0, "fashioniq average": 2.0}
     assert benchmark_columns("cirr", {}) == {}
+
+
+@pytest.mark.parametrize("make", [fashioniq_split, cirr_split, circo_split])
+def test_scores_given_directly_are_scored_like_features(make):
+    """Any positive multiple of the score rows ranks alike, so the hand-set rows scored directly give
+    the metrics of the same rows used as query features against the one-hot gallery."""
+    split, features = make()
+    gone = pytest.warns(UserWarning, match="not in the gallery") if split.dataset == "fashioniq" else nullcontext()
+    with gone:  # FashionIQ's query 3 has a target outside the gallery: both paths warn and count a miss
+        expected = per_query_metrics(split, features, one_hot_gallery(len(split.gallery)))
+        got = per_query_score_metrics(split, 2.0 * features)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+
+
+def test_scores_must_have_a_row_per_query_and_a_column_per_image():
+    split, features = cirr_split()
+    with pytest.raises(ValueError, match=r"scores have shape \(2, 9\); expected \[2, 10\]"):
+        per_query_score_metrics(split, features[:, :9])
+    test_split = make_split("cirr", [Query(reference="dev-0", captions=("c",), group=tuple(G10[:6]))], G10, "test1")
+    with pytest.raises(ValueError, match="official evaluation server"):
+        per_query_score_metrics(test_split, torch.ones(1, 10))
 
 
 # ----------------------------------------------------------------------------- failure modes

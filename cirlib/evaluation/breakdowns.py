@@ -10,7 +10,9 @@ every image's scene graph and every query's constraints (``cirlib_meta.json``), 
   FashionIQ categories (:func:`breakdown`, with bootstrap intervals from
   :mod:`cirlib.evaluation.bootstrap`);
 - which retrieved images meet every constraint of the caption without being a labelled target
-  (:func:`false_negatives`): correct answers the benchmark counts as wrong.
+  (:func:`false_negatives`): correct answers the benchmark counts as wrong;
+- how much a CIRCO-format caption alone can find (:func:`caption_oracle`): the text-only baseline's
+  ceiling, which tells a benchmark whose captions say too little from a model that cannot read them.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cirlib.data.datasets import CIRSplit
 from cirlib.data.synth import scenes
 from cirlib.data.synth.scenes.graph import satisfies
 from cirlib.evaluation.bootstrap import Interval, PerQuery
+from cirlib.evaluation.protocols import per_query_score_metrics
 
-__all__ = ["EDIT_TYPES", "FalseNegatives", "QueryEdit", "breakdown", "false_negatives", "query_edits"]
+__all__ = ["EDIT_TYPES", "FalseNegatives", "QueryEdit", "breakdown", "caption_oracle", "false_negatives",
+           "query_edits"]
 
 EDIT_TYPES: tuple[str, ...] = ("recolour", "resize", "replace", "move", "count", "add", "remove", "background",
                                "view")
@@ -374,3 +379,39 @@ def false_negatives(
 
     return FalseNegatives(tuple(indices), tuple(tuple(r) for r in ranked), tuple(found), top1_missed, top1_fits,
                           percent(top1_fits[top1_missed]) if top1_missed.any() else None, percent(top1_fits))
+
+
+# ------------------------------------------------------------------------------ caption oracle
+
+
+def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) -> PerQuery:
+    """Per-query metrics of a text-only query that reads its CIRCO-format caption perfectly.
+
+    A CIRCO caption never names the shared concept, which only the reference image shows, so the
+    caption alone can at best find the gallery images that meet its own constraints (the query's
+    constraints after the first, which is the concept). The oracle ranks those first and every
+    other image after them, each group in a random order drawn with ``seed``: the caption gives no
+    reason to prefer one image it describes over another. Scored by the split's own protocol
+    (reference kept), this is the ceiling of the text-only baseline on the benchmark: far above the
+    measured text-only score, the captions say enough and the model does not read them.
+    """
+    if split.dataset != "circo":
+        raise ValueError(f"the caption oracle needs a CIRCO-format split (captions without the shared concept), "
+                         f"got {split!r}")
+    meta = _scenes_meta(split, meta)
+    graphs, attributes = query_graphs(split, meta), meta["attributes"]
+    missing = [name for name in split.gallery if name not in attributes]
+    if missing:
+        raise ValueError(f"meta['attributes'] has no scene graph of {len(missing)} gallery images of {split!r}, "
+                         f"e.g. {missing[:3]}")
+    gallery = [attributes[name] for name in split.gallery]
+    described = torch.zeros(len(split.queries), len(gallery))
+    for i, g in enumerate(graphs):
+        concept, *caption = g.record["constraints"]
+        if concept.get("op") != "has" or not {"kind", "colour"} <= concept.keys() or not caption:
+            raise ValueError(f"{_where(split, i)}: its first constraint {concept} is not a shared concept "
+                             "(a 'has' with kind and colour) followed by the caption's own constraints")
+        described[i] = torch.tensor([satisfies(graph, caption) for graph in gallery], dtype=torch.float32)
+    order = torch.rand(described.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+    per_query = per_query_score_metrics(split, described + order)
+    return PerQuery.from_splits({split.split: {k: v.numpy() for k, v in per_query.items()}})

@@ -2,7 +2,8 @@
 
 :func:`per_query_metrics` is the one place a benchmark protocol is applied: (split, query
 features, gallery features) -> every metric the benchmark reports, per query: FashionIQ R@10/R@50
-(one split per category), CIRR R@1/5/10/50 + Rsubset@1/2/3, CIRCO mAP@5/10/25/50 + R@K. Everything
+(one split per category), CIRR R@1/5/10/50 + Rsubset@1/2/3, CIRCO mAP@5/10/25/50 + R@K
+(:func:`per_query_score_metrics` takes the scores directly, through the same code). Everything
 else builds on it:
 
 * :func:`evaluate_split`: their means, plus CIRR's ``avg`` and CIRCO's per-aspect mAP@10;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,8 +90,8 @@ def _protocol(split: CIRSplit, ks: Sequence[int] | None, exclude_reference: bool
     return protocol
 
 
-def _normalised_features(split: CIRSplit, query_features: Tensor, gallery_features: Tensor) -> tuple[Tensor, Tensor]:
-    """Check the split is evaluable and the features align with it; return unit-norm float32 features."""
+def _check_evaluable(split: CIRSplit) -> None:
+    """Only splits with queries and ground-truth targets can be scored here."""
     name = f"{split.dataset}/{split.split}"
     if not split.queries:
         raise ValueError(f"{name} has no queries to evaluate")
@@ -99,6 +100,12 @@ def _normalised_features(split: CIRSplit, query_features: Tensor, gallery_featur
             f"{name} has no ground-truth targets (a test split): its results can only be computed by "
             "submitting the rankings to the dataset's official evaluation server"
         )
+
+
+def _normalised_features(split: CIRSplit, query_features: Tensor, gallery_features: Tensor) -> tuple[Tensor, Tensor]:
+    """Check the split is evaluable and the features align with it; return unit-norm float32 features."""
+    _check_evaluable(split)
+    name = f"{split.dataset}/{split.split}"
     for what, features, rows, of in (
         ("query_features", query_features, len(split.queries), "queries"),
         ("gallery_features", gallery_features, len(split.gallery), "gallery images"),
@@ -143,6 +150,26 @@ def per_query_metrics(
     """
     protocol = _protocol(split, ks, exclude_reference)
     queries, gallery = _normalised_features(split, query_features, gallery_features)
+    return _score_metrics(split, protocol, similarity_chunks(queries, gallery))
+
+
+def per_query_score_metrics(
+    split: CIRSplit, scores: Tensor, ks: Sequence[int] | None = None, exclude_reference: bool | None = None
+) -> dict[str, Tensor]:
+    """:func:`per_query_metrics` of a ranking given as scores ``[Q, G]`` (higher ranks first, one column
+    per gallery image of ``split``) instead of features: for rankings that no pair of feature vectors
+    expresses, such as an oracle that knows which images each caption describes."""
+    protocol = _protocol(split, ks, exclude_reference)
+    _check_evaluable(split)
+    expected = (len(split.queries), len(split.gallery))
+    if tuple(scores.shape) != expected:
+        raise ValueError(f"scores have shape {tuple(scores.shape)}; expected {list(expected)}, one row per "
+                         f"{split.dataset}/{split.split} query and one column per gallery image")
+    return _score_metrics(split, protocol, [(slice(0, expected[0]), scores.float())])
+
+
+def _score_metrics(split: CIRSplit, protocol: Protocol, chunks: Iterable[tuple[slice, Tensor]]) -> dict[str, Tensor]:
+    """The protocol's metrics per query from ``(rows, scores)`` chunks covering the queries in order."""
     index = name_index(split.gallery)
     targets = indices_of([query.target for query in split.queries], index)
     missing = (targets < 0).nonzero().flatten().tolist()
@@ -150,7 +177,7 @@ def per_query_metrics(
         warnings.warn(
             f"{len(missing)} of {len(targets)} queries of {split.dataset}/{split.split} have a target "
             f"that is not in the gallery (e.g. {split.queries[missing[0]].target!r}); they count as misses",
-            stacklevel=2,
+            stacklevel=3,
         )
     references = indices_of([query.reference for query in split.queries], index) if protocol.exclude_reference else None
     groups = index_lists([query.group for query in split.queries], index) if protocol.subset_ks else None
@@ -165,7 +192,7 @@ def per_query_metrics(
         gts = index_lists(truths, index)
 
     parts: dict[str, list[Tensor]] = {}
-    for rows, scores in similarity_chunks(queries, gallery):
+    for rows, scores in chunks:
         exclude = None if references is None else references[rows]
         chunk: dict[str, Tensor] = {}
         if gts is not None and n_gt is not None:
