@@ -261,8 +261,10 @@ def oracle_case() -> tuple[CIRSplit, dict]:
     }
     star = has("star", colour="blue")
     records = [
-        {"id": 0, "reference_img_id": 10, "target_img_id": 11, "constraints": [star, has("bag", colour="green")]},
-        {"id": 1, "reference_img_id": 10, "target_img_id": 14, "constraints": [star, has("heart", colour="yellow")]},
+        {"id": 0, "reference_img_id": 10, "target_img_id": 11, "constraints": [star, has("bag", colour="green")],
+         "shared_concept": "a blue star"},
+        {"id": 1, "reference_img_id": 10, "target_img_id": 14, "constraints": [star, has("heart", colour="yellow")],
+         "shared_concept": "a blue star"},
     ]
     queries = [Query("10", ("has a green bag",), "11", ("11",), pair_id=0, shared_concept="a blue star"),
                Query("10", ("has a yellow heart",), "14", ("14", "15"), pair_id=1, shared_concept="a blue star")]
@@ -289,9 +291,11 @@ def test_caption_oracle_refuses_what_it_cannot_read() -> None:
     split, meta = oracle_case()
     with pytest.raises(ValueError, match="needs a CIRCO-format split"):
         caption_oracle(cirr_case(CASES)[0], cirr_case(CASES)[1])
-    bad = {**meta, "queries": {"val": [{**meta["queries"]["val"][0], "constraints": [has("bag", colour="green")]},
-                                       meta["queries"]["val"][1]]}}
-    with pytest.raises(ValueError, match=r"query 0 \(id 0\).*not a shared concept"):
-        caption_oracle(split, bad)
+    records = meta["queries"]["val"]
+    for constraints in ([has("bag", colour="green")],  # no caption constraint after the concept
+                        [has("bag", colour="green"), has("star", colour="blue")]):  # concept not first
+        bad = {**meta, "queries": {"val": [{**records[0], "constraints": constraints}, records[1]]}}
+        with pytest.raises(ValueError, match=r"query 0 \(id 0\).*is not its shared concept 'a blue star'"):
+            caption_oracle(split, bad)
     with pytest.raises(ValueError, match=r"no scene graph of 1 gallery images.*'ghost'"):
         caption_oracle(replace(split, gallery=[*split.gallery, "ghost"]), meta)

@@ -87,9 +87,10 @@ def test_readme_main_table_is_the_regenerated_one() -> None:
     )
 
 
-def _deviation_rows(markdown: str, header: str) -> dict[str, str]:
-    """The rows of the markdown table under ``header``, keyed by their first column."""
+def _deviation_rows(markdown: str, header: str, where: str) -> dict[str, str]:
+    """The rows of the markdown table under ``header`` (in ``where``), keyed by their first column."""
     lines = markdown.splitlines()
+    assert header in lines, f"{where}: the deviations table's header must be a line of its own: {header}"
     start = lines.index(header)
     rows = {}
     for line in lines[start + 2:]:  # skip the header and its |---| rule
@@ -103,15 +104,15 @@ def test_deviation_rows_are_the_readmes() -> None:
     """Each notebook's "where we deviate" rows are copies of the README's table, word for word: a
     deviation, its reason and its measured effect are stated once, not in drifting versions."""
     readme = _deviation_rows((ROOT / "README.md").read_text(encoding="utf-8"),
-                             "| what | the papers | here | why / measured effect |")
+                             "| what | the papers | here | why / measured effect |", "README.md")
     assert len(readme) >= 20, "README.md lost its deviations table"
     checked = 0
     for path in NOTEBOOKS:
         for cell in _read(path).cells:
             if cell.cell_type == "markdown" and "| what | the paper | here | why / measured effect |" in cell.source:
-                rows = _deviation_rows(cell.source, "| what | the paper | here | why / measured effect |")
+                rows = _deviation_rows(cell.source, "| what | the paper | here | why / measured effect |", path.name)
                 for key, row in rows.items():
                     assert key in readme, f"{path.name}: deviation {key!r} is missing from README.md's table"
                     assert row == readme[key], f"{path.name}: deviation {key!r} differs from README.md's row"
                 checked += len(rows)
-    assert checked >= 20, checked
+    assert checked >= 20, f"only {checked} deviation rows found in the notebooks' tables"

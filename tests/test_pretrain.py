@@ -211,7 +211,9 @@ def test_templated_tokens_splice_equals_tokenising_each_templated_text(monkeypat
     length = backbone.context_length
     captions = ["a red dress", "is navy blue and has stripes", "Two  BAGS, left of a star.", "x",
                 "a dress " * ((length - 6) // 2), "a dress " * ((length - 4) // 2), "word " * (length - 3),
-                "word " * (length - 2), "word " * (length + 10), "a green t-shirt's 3 logos"]
+                "word " * (length - 2), "word " * (length + 10), "a green t-shirt's 3 logos",
+                # the end-of-text token exactly in the last slot, nothing cut: a 3-token and a 6-token template
+                "word " * (length - 5), "word " * (length - 6), "word " * (length - 8), "word " * (length - 9)]
     fast = P.templated_tokens(backbone, captions)
     texts = [t.format(c) for c in captions for t in P.CAPTION_TEMPLATES]
     slow = backbone.tokenize(texts).view(len(captions), len(P.CAPTION_TEMPLATES), -1)
@@ -220,6 +222,8 @@ def test_templated_tokens_splice_equals_tokenising_each_templated_text(monkeypat
     assert fast.shape == (len(captions), len(P.CAPTION_TEMPLATES), length)
     assert torch.equal(fast, expected)
     assert eot_last[:, 1:].any() and not eot_last[:, 0].all()  # the fall-back and truncation were exercised
+    assert not eot_last[-3, 1:5].any() and eot_last[-4, 1:5].all()  # either side of the boundary, 3-token prefixes
+    assert not eot_last[-1, 5] and eot_last[-2, 5]  # and the 6-token one
     assert torch.equal(fast[0, 1], backbone.tokenize("a photo of a red dress")[0])
     monkeypatch.setattr(P, "SimpleTokenizer", type("OtherTokenizer", (), {}))  # another tokenizer: the general path
     assert torch.equal(P.templated_tokens(backbone, captions), fast)

@@ -384,6 +384,15 @@ def false_negatives(
 # ------------------------------------------------------------------------------ caption oracle
 
 
+def _names_concept(shared: str | None, constraint: Mapping) -> bool:
+    """Whether ``constraint`` is the one object the shared concept names ("a navy blue circle", "a pink pair
+    of trousers"): a ``has`` of that kind and colour, the colour's words first, the kind's last."""
+    if not shared or constraint.get("op") != "has" or not {"kind", "colour"} <= constraint.keys():
+        return False
+    words, colour, kind = shared.split()[1:], constraint["colour"].split(), constraint["kind"].split()
+    return words[: len(colour)] == colour and words[-len(kind):] == kind
+
+
 def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) -> PerQuery:
     """Per-query metrics of a text-only query that reads its CIRCO-format caption perfectly.
 
@@ -408,9 +417,9 @@ def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) 
     described = torch.zeros(len(split.queries), len(gallery))
     for i, g in enumerate(graphs):
         concept, *caption = g.record["constraints"]
-        if concept.get("op") != "has" or not {"kind", "colour"} <= concept.keys() or not caption:
-            raise ValueError(f"{_where(split, i)}: its first constraint {concept} is not a shared concept "
-                             "(a 'has' with kind and colour) followed by the caption's own constraints")
+        if not (caption and _names_concept(split.queries[i].shared_concept or g.record.get("shared_concept"), concept)):
+            raise ValueError(f"{_where(split, i)}: its first constraint {concept} is not its shared concept "
+                             f"{g.record.get('shared_concept')!r} followed by the caption's own constraints")
         described[i] = torch.tensor([satisfies(graph, caption) for graph in gallery], dtype=torch.float32)
     order = torch.rand(described.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
     per_query = per_query_score_metrics(split, described + order)

@@ -158,7 +158,8 @@ def per_query_score_metrics(
 ) -> dict[str, Tensor]:
     """:func:`per_query_metrics` of a ranking given as scores ``[Q, G]`` (higher ranks first, one column
     per gallery image of ``split``) instead of features: for rankings that no pair of feature vectors
-    expresses, such as an oracle that knows which images each caption describes."""
+    expresses, such as an oracle that knows which images each caption describes. The caller holds the
+    whole matrix, so it suits validation splits, not the chunked scoring of large galleries."""
     protocol = _protocol(split, ks, exclude_reference)
     _check_evaluable(split)
     expected = (len(split.queries), len(split.gallery))
