@@ -12,7 +12,7 @@ every image's scene graph and every query's constraints (``cirlib_meta.json``), 
 - which retrieved images meet every constraint of the caption without being a labelled target
   (:func:`false_negatives`): correct answers the benchmark counts as wrong;
 - how much a CIRCO-format caption alone can find (:func:`caption_oracle`): the text-only baseline's
-  ceiling, which tells a benchmark whose captions say too little from a model that cannot read them.
+  ceiling, which tells a benchmark whose captions say too little from a model that cannot match them.
 """
 
 from __future__ import annotations
@@ -402,7 +402,7 @@ def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) 
     other image after them, each group in a random order drawn with ``seed``: the caption gives no
     reason to prefer one image it describes over another. Scored by the split's own protocol
     (reference kept), this is the ceiling of the text-only baseline on the benchmark: far above the
-    measured text-only score, the captions say enough and the model does not read them.
+    measured text-only score, the captions say enough and the model does not match them to the images.
     """
     if split.dataset != "circo":
         raise ValueError(f"the caption oracle needs a CIRCO-format split (captions without the shared concept), "
@@ -417,9 +417,10 @@ def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) 
     described = torch.zeros(len(split.queries), len(gallery))
     for i, g in enumerate(graphs):
         concept, *caption = g.record["constraints"]
-        if not (caption and _names_concept(split.queries[i].shared_concept or g.record.get("shared_concept"), concept)):
+        shared = split.queries[i].shared_concept or g.record.get("shared_concept")
+        if not (caption and _names_concept(shared, concept)):
             raise ValueError(f"{_where(split, i)}: its first constraint {concept} is not its shared concept "
-                             f"{g.record.get('shared_concept')!r} followed by the caption's own constraints")
+                             f"{shared!r} followed by the caption's own constraints")
         described[i] = torch.tensor([satisfies(graph, caption) for graph in gallery], dtype=torch.float32)
     order = torch.rand(described.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
     per_query = per_query_score_metrics(split, described + order)
