@@ -26,6 +26,7 @@ import torch
 
 from cirlib.data.datasets import CIRSplit
 from cirlib.data.synth import scenes
+from cirlib.data.synth.scenes.captions import concept_name
 from cirlib.data.synth.scenes.graph import satisfies
 from cirlib.evaluation.bootstrap import Interval, PerQuery
 from cirlib.evaluation.protocols import per_query_score_metrics
@@ -384,15 +385,6 @@ def false_negatives(
 # ------------------------------------------------------------------------------ caption oracle
 
 
-def _names_concept(shared: str | None, constraint: Mapping) -> bool:
-    """Whether ``constraint`` is the one object the shared concept names ("a navy blue circle", "a pink pair
-    of trousers"): a ``has`` of that kind and colour, the colour's words first, the kind's last."""
-    if not shared or constraint.get("op") != "has" or not {"kind", "colour"} <= constraint.keys():
-        return False
-    words, colour, kind = shared.split()[1:], constraint["colour"].split(), constraint["kind"].split()
-    return words[: len(colour)] == colour and words[-len(kind):] == kind
-
-
 def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) -> PerQuery:
     """Per-query metrics of a text-only query that reads its CIRCO-format caption perfectly.
 
@@ -418,7 +410,8 @@ def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) 
     for i, g in enumerate(graphs):
         concept, *caption = g.record["constraints"]
         shared = split.queries[i].shared_concept or g.record.get("shared_concept")
-        if not (caption and _names_concept(shared, concept)):
+        if not (caption and concept.get("op") == "has" and {"kind", "colour"} <= concept.keys()
+                and concept_name(concept) == shared):
             raise ValueError(f"{_where(split, i)}: its first constraint {concept} is not its shared concept "
                              f"{shared!r} followed by the caption's own constraints")
         described[i] = torch.tensor([satisfies(graph, caption) for graph in gallery], dtype=torch.float32)

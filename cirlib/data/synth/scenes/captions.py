@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,6 +43,12 @@ def _noun(kind: str, n: int = 1) -> str:
 
 def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def concept_name(obj: Mapping[str, Any]) -> str:
+    """How a CIRCO query names its shared concept, one object of a kind and colour ("a navy blue circle",
+    "a pink pair of trousers"): the "a photo of ..." its caption completes and its ``shared_concept`` field."""
+    return _a(f"{obj['colour']} {_noun(obj['kind'])}")
 
 
 def _counted(n: int, words: list[str], kind: str) -> str:
@@ -486,7 +492,7 @@ def describe_change(ref: dict, tgt: dict, rng: np.random.Generator, style: Style
         constraints += [c for s in statements for c in s.constraints]
         if not satisfies(tgt, constraints) or satisfies(ref, constraints):
             return None
-        name = _a(f"{concept['colour']} {_noun(concept['kind'])}")
+        name = concept_name(concept)
         return Change(caption, aspects_in_order, tuple(constraints), name)
     return Change(caption, aspects_in_order, tuple(constraints), _shared_concept(ref, tgt, caption))
 
