@@ -120,9 +120,12 @@ def test_items_disjoint_across_splits(meta: dict) -> None:
         assert len(items[split]) == 3 * cfg.sizes(split).items
 
 
-def test_target_is_another_item_with_one_or_two_changes(quick_root: Path, meta: dict) -> None:
+def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Path, meta: dict) -> None:
+    """Captions state one or two changes (and, for one, an attribute that stays); about half the
+    targets also differ in the third attribute, which no caption mentions."""
     attrs = meta["attributes"]
     counts = {1: 0, 2: 0}
+    incidental = n = 0
     for category in bf.CATEGORIES:
         for split in ("train", "val"):
             triplets = read(quick_root, "captions", category, split)
@@ -133,25 +136,31 @@ def test_target_is_another_item_with_one_or_two_changes(quick_root: Path, meta: 
                 assert ref["item"] != tgt["item"], t  # another product ...
                 assert ref["category"] == tgt["category"] == category  # ... of the same category
                 assert ref["split"] == tgt["split"] == split
-                changed = [a for a in bf.ATTRIBUTES if ref[a] != tgt[a]]
-                assert len(changed) in (1, 2), t  # the rest are equal
-                counts[len(changed)] += 1
                 c1, c2 = t["captions"]
-                if len(changed) == 1:  # one caption says the change, the other an attribute that stays
-                    (a,) = changed
-                    says = [c for c in (c1, c2) if mentions(c, a, tgt[a])]
-                    assert len(says) == 1, t
-                    (other,) = {c1, c2} - set(says)
-                    assert any(mentions(other, b, tgt[b]) for b in bf.ATTRIBUTES if b != a), t
-                else:  # each caption carries one of the two changes: both are needed
-                    a, b = changed
-                    assert (mentions(c1, a, tgt[a]) and mentions(c2, b, tgt[b])) or (
-                        mentions(c1, b, tgt[b]) and mentions(c2, a, tgt[a])
-                    ), t
+                stated = [_stated(c, ref, tgt) for c in (c1, c2)]
+                assert all(len(x) == 1 for x in stated) and stated[0] != stated[1], t  # one attribute each
+                said = [a for a in bf.ATTRIBUTES if {a} in stated and ref[a] != tgt[a]]
+                assert said, t  # at least one change is stated
+                (unsaid,) = [a for a in bf.ATTRIBUTES if {a} not in stated]
+                counts[len(said)] += 1
+                incidental += ref[unsaid] != tgt[unsaid]
+                n += 1
+                for a in said:  # the caption names the target's value (or the removal)
+                    assert mentions(c1, a, tgt[a]) or mentions(c2, a, tgt[a]), t
     assert counts[1] > 10 and counts[2] > 10
+    # incidental_prob = 0.5: a binomial share of n (about 240 triplets) within 4.5 standard deviations
+    assert abs(incidental / n - 0.5) < 4.5 * (0.25 / n) ** 0.5, (incidental, n)
     # references recur across triplets, as in FashionIQ
     references = [t["candidate"] for c in bf.CATEGORIES for t in read(quick_root, "captions", c, "train")]
     assert len(set(references)) < len(references)
+
+
+def _stated(caption: str, ref: dict, tgt: dict) -> set[str]:
+    """The attributes whose phrasings (a change from ``ref`` to ``tgt``, or a value that stays) include
+    ``caption``, in either mood."""
+    moods = (bf._DESCRIPTIVE, bf._IMPERATIVE)
+    return {a for a in bf.ATTRIBUTES for m in moods
+            if caption in (bf._PHRASERS[a](ref[a], tgt[a], m) if ref[a] != tgt[a] else bf._kept_phrases(a, tgt[a], m))}
 
 
 def test_one_gallery_shape_for_every_split(quick_root: Path, meta: dict) -> None:
@@ -192,7 +201,8 @@ def test_summary_counts(quick_root: Path) -> None:
             assert row["gallery"] == len(read(quick_root, "image_splits", category, split))
             assert row["gallery"] >= sizes.items * sizes.renderings_per_item
             if split != "test":
-                assert row["one_change"] + row["two_changes"] == row["queries"]
+                assert sum(row[c] for c in bf.DIFFERENCE_COLUMNS) == row["queries"]
+                assert row["one_difference"] > 0 and row["three_differences"] > 0 or sizes.queries < 20
 
 
 def test_idempotent(quick_root: Path) -> None:
@@ -250,6 +260,19 @@ def test_relative_captions() -> None:
         bf.relative_captions(ref, ref, rng)
     with pytest.raises(ValueError, match="one or two"):
         bf.relative_captions(ref, {"colour": "red", "pattern": "dots", "logo": "star"}, rng)
+    # the unsaid attribute may differ; neither caption mentions it, the other two are both stated
+    for _ in range(20):
+        tgt = {"colour": "yellow", "pattern": "plain", "logo": "heart"}
+        captions = bf.relative_captions(ref, tgt, rng, unsaid="logo")
+        assert not any("heart" in c or "print" in c or "logo" in c for c in captions), captions
+        assert [mentions(c, "colour", "yellow") for c in captions].count(True) == 1, captions
+        assert [("plain" in c or "pattern" in c) for c in captions].count(True) == 1, captions  # what stays
+        c1, c2 = bf.relative_captions(ref, {**tgt, "pattern": "dots"}, rng, unsaid="logo")
+        assert ("yellow" in c1 and "dot" in c2) or ("dot" in c1 and "yellow" in c2), (c1, c2)
+    with pytest.raises(ValueError, match="one or two changes, got \\[\\] besides the unsaid logo"):
+        bf.relative_captions(ref, {**ref, "logo": "star"}, rng, unsaid="logo")
+    with pytest.raises(ValueError, match="unknown attribute 'size'"):
+        bf.relative_captions(ref, tgt, rng, unsaid="size")
 
 
 def test_too_many_items_is_a_clear_error(tmp_path: Path) -> None:
@@ -264,3 +287,10 @@ def test_split_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match="renderings_per_item >= 1"):
         SplitSizes(items=5, renderings_per_item=0, queries=1)
     assert SplitSizes(items=1, renderings_per_item=1, queries=0).queries == 0
+
+
+def test_probabilities_are_checked() -> None:
+    with pytest.raises(ValueError, match="incidental_prob is a probability, got 1.5"):
+        FashionBenchConfig(incidental_prob=1.5)
+    with pytest.raises(ValueError, match="two_change_prob is a probability, got -0.1"):
+        FashionBenchConfig(two_change_prob=-0.1)

@@ -5,9 +5,11 @@ Items are real Fashion-MNIST product photos (dress, shirt, T-shirt/top -> ``dres
 on a canvas whose aspect ratio depends on the category (dresses tall, as in CLIP4Cir's Fig. 5).
 
 A triplet is (reference rendering, two relative captions, target rendering), as in FashionIQ:
-reference and target are *different products of the same category*. The target's attributes are
-the reference's with one or two of them changed, rendered on another item of the split/category
-drawn at random, and the captions describe the target's changed attributes. References recur
+reference and target are *different products of the same category*. The captions state two of the
+three attributes: one or two changes, and for one change an attribute that stays. In half the
+triplets (``FashionBenchConfig.incidental_prob``) the third attribute, which no caption mentions,
+differs too, as FashionIQ's annotators name only some of the differences between two products. The
+target is rendered on another item of the split/category drawn at random. References recur
 across triplets (half of them reuse a rendering already planned). After the triplets are planned,
 every item of every split is topped up with random attributes to the same number of renderings
 (a triplet's renderings count toward it), so the gallery is diverse and has one shape in all
@@ -15,11 +17,13 @@ splits, and no item is rendered twice with the same attributes. What each modali
 
 - image-only retrieval is the weakest: the target is another product, so the images closest to
   the reference (the reference itself and the other renderings of its item) are not the answer;
-- text carries most of the answer: the captions state the target's changed attributes (and, for
-  one change, an attribute that stays), two of its three attributes, which leave a small share of
-  the gallery;
-- the image still matters: the attribute neither caption mentions is the reference's, so only
-  the reference says what it is (text alone ties every rendering that matches the captions).
+- text carries most of the answer: the captions state two of the target's three attributes, which
+  leave a small share of the gallery;
+- the image helps only half the time: the attribute neither caption mentions is the reference's in
+  the other half of the triplets, and there only the reference says what it is (text alone ties
+  every rendering that matches the captions). Where it differs, the reference's look-alikes pull an
+  image + text query away from the target; FashionIQ's zero-shot text-only baseline beats image + text
+  for the same reason.
 
 With two changes the captions split them (c1 one, c2 the other), so both captions are needed;
 with one change one caption says it and the other an attribute that stays, so a query
@@ -63,8 +67,8 @@ from cirlib.data.synth.meta import meta_path, peek_meta, read_meta, write_meta
 GENERATOR = "cirlib.data.synth.fashion/1"
 # Part of the fingerprint. 2: captions say each attribute once, in one mood. 3: the target is another item of
 # the same category, not the reference re-rendered; every split's gallery has one shape (random renderings
-# per item); sizes count queries per category.
-VERSION = 3
+# per item); sizes count queries per category. 4: in half the triplets the attribute no caption mentions differs too.
+VERSION = 4
 CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CLASS_OF: dict[str, int] = {cat: label for label, cat in fashion_mnist.FASHIONIQ_CATEGORIES.items()}
@@ -112,7 +116,13 @@ class FashionBenchConfig:
     test: SplitSizes = SplitSizes(items=300, renderings_per_item=3, queries=150)
     seed: int = 0
     long_side: int = 128
-    two_change_prob: float = 0.5  # share of triplets whose target differs in two attributes
+    two_change_prob: float = 0.5  # share of triplets whose captions state two changes
+    incidental_prob: float = 0.5  # share whose target also differs in the attribute no caption mentions
+
+    def __post_init__(self) -> None:
+        for name in ("two_change_prob", "incidental_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
 
     @classmethod
     def quick(cls) -> FashionBenchConfig:
@@ -256,20 +266,27 @@ def _kept_phrases(attr: str, value: str, mood: int) -> list[str]:
 _PHRASERS = {"colour": _colour_phrases, "pattern": _pattern_phrases, "logo": _logo_phrases}
 
 
-def relative_captions(ref: dict[str, str], tgt: dict[str, str], rng: np.random.Generator) -> list[str]:
+def relative_captions(
+    ref: dict[str, str], tgt: dict[str, str], rng: np.random.Generator, unsaid: str | None = None
+) -> list[str]:
     """Two FashionIQ-style captions for a change of one or two of colour/pattern/logo.
 
     Two changes: one caption each, so both are needed. One change: one caption says it, the
     other says an attribute that stays (never the same attribute twice). Both captions share a
-    mood, and their order is random.
+    mood, and their order is random. ``unsaid`` is the attribute neither caption may mention, which
+    may differ between ``ref`` and ``tgt`` (a difference the annotator left out); None: any attribute
+    that stays.
     """
-    changed = [a for a in ATTRIBUTES if ref[a] != tgt[a]]
+    if unsaid is not None and unsaid not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {unsaid!r}; choose one of {ATTRIBUTES}")
+    changed = [a for a in ATTRIBUTES if ref[a] != tgt[a] and a != unsaid]
     if not 1 <= len(changed) <= 2:
-        raise ValueError(f"a triplet changes one or two attributes, got {changed}")
+        raise ValueError(f"the captions state one or two changes, got {changed}"
+                         + (f" besides the unsaid {unsaid}" if unsaid else ""))
     mood = _IMPERATIVE if rng.random() < P_IMPERATIVE else _DESCRIPTIVE
     options = [_PHRASERS[a](ref[a], tgt[a], mood) for a in changed]
     if len(changed) == 1:
-        kept = [a for a in ATTRIBUTES if a not in changed]
+        kept = [a for a in ATTRIBUTES if a not in changed and a != unsaid]
         attr = kept[int(rng.integers(len(kept)))]
         options.append(_kept_phrases(attr, tgt[attr], mood))
     captions = [str(phrases[int(rng.integers(len(phrases)))]) for phrases in options]
@@ -371,7 +388,7 @@ def _plan_category(
         if items[pos].add(combo):
             rendered.append((pos, combo))
 
-    plans: list[tuple[int, Combo, int, Combo]] = []
+    plans: list[tuple[int, Combo, int, Combo, str]] = []  # (..., the attribute no caption mentions)
     used_pairs: set[tuple[int, Combo, int, Combo]] = set()
     while len(plans) < sizes.queries:
         if rendered and rng.random() < 0.5:  # FashionIQ references recur across triplets
@@ -379,9 +396,14 @@ def _plan_category(
         else:
             ref_pos, ref = int(rng.integers(len(items))), _random_combo(rng)
         n_changes = 2 if rng.random() < config.two_change_prob else 1
+        said = sorted(rng.choice(len(ATTRIBUTES), n_changes, replace=False))
         tgt = ref
-        for i in sorted(rng.choice(len(ATTRIBUTES), n_changes, replace=False)):
+        for i in said:
             tgt = _change(tgt, ATTRIBUTES[i], rng)
+        rest = [a for i, a in enumerate(ATTRIBUTES) if i not in said]
+        unsaid = rest[int(rng.integers(len(rest)))]  # for one change, the other caption says what stays
+        if rng.random() < config.incidental_prob:
+            tgt = _change(tgt, unsaid, rng)
         tgt_pos = int(rng.integers(len(items) - 1))
         tgt_pos += tgt_pos >= ref_pos  # another item of the same category
         if (ref_pos, ref, tgt_pos, tgt) in used_pairs:
@@ -389,7 +411,7 @@ def _plan_category(
         used_pairs.add((ref_pos, ref, tgt_pos, tgt))
         add(ref_pos, ref)
         add(tgt_pos, tgt)
-        plans.append((ref_pos, ref, tgt_pos, tgt))
+        plans.append((ref_pos, ref, tgt_pos, tgt, unsaid))
     for pos, item in enumerate(items):
         while len(item.combos) < sizes.renderings_per_item:
             add(pos, _random_combo(rng))
@@ -418,9 +440,9 @@ def _plan_category(
             seeds[name] = int(rng.integers(2**31))
 
     triplets = []
-    for ref_pos, ref, tgt_pos, tgt in plans:
+    for ref_pos, ref, tgt_pos, tgt, unsaid in plans:
         ref_name, tgt_name = names[(ref_pos, ref)], names[(tgt_pos, tgt)]
-        captions = relative_captions(attributes[ref_name], attributes[tgt_name], rng)
+        captions = relative_captions(attributes[ref_name], attributes[tgt_name], rng, unsaid)
         entry = {"target": tgt_name, "candidate": ref_name, "captions": captions}
         if split == "test":
             del entry["target"]
@@ -566,8 +588,13 @@ def _read_json(path: Path) -> list:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+DIFFERENCE_COLUMNS: tuple[str, ...] = ("one_difference", "two_differences", "three_differences")
+
+
 def summary(root: str | os.PathLike) -> pd.DataFrame:
-    """Per split/category counts: queries, one/two-attribute changes, gallery images, items, mean w/h."""
+    """Per split/category counts: queries, triplets by how many attributes differ between reference
+    and target (the captions state one or two changes; an attribute they leave out may differ too),
+    gallery images, items, mean w/h."""
     root = Path(root)
     attributes = load_meta(root)["attributes"]
     rows = []
@@ -575,7 +602,7 @@ def summary(root: str | os.PathLike) -> pd.DataFrame:
         for category in CATEGORIES:
             trip = _read_json(root / "captions" / f"cap.{category}.{split}.json")
             gallery = _read_json(root / "image_splits" / f"split.{category}.{split}.json")
-            n_changes = [
+            n_differ = [
                 sum(attributes[t["candidate"]][a] != attributes[t["target"]][a] for a in ATTRIBUTES)
                 for t in trip
                 if "target" in t
@@ -586,14 +613,13 @@ def summary(root: str | os.PathLike) -> pd.DataFrame:
                     "split": split,
                     "category": category,
                     "queries": len(trip),
-                    "one_change": n_changes.count(1) if n_changes else None,
-                    "two_changes": n_changes.count(2) if n_changes else None,
+                    **{col: n_differ.count(k) if n_differ else None for k, col in enumerate(DIFFERENCE_COLUMNS, 1)},
                     "gallery": len(gallery),
                     "items": len({attributes[n]["item"] for n in gallery}),
                     "mean_aspect": float(np.mean(aspects)),
                 }
             )
-    return pd.DataFrame(rows).astype({"one_change": "Int64", "two_changes": "Int64"})  # <NA> on test
+    return pd.DataFrame(rows).astype(dict.fromkeys(DIFFERENCE_COLUMNS, "Int64"))  # <NA> on test
 
 
 def main(argv: list[str] | None = None) -> None:
