@@ -126,6 +126,7 @@ def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Pa
     attrs = meta["attributes"]
     counts = {1: 0, 2: 0}
     incidental = n = 0
+    left_out: set[str] = set()  # the attributes seen differing without a caption saying so
     for category in bf.CATEGORIES:
         for split in ("train", "val"):
             triplets = read(quick_root, "captions", category, split)
@@ -145,11 +146,14 @@ def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Pa
                 counts[len(said)] += 1
                 incidental += ref[unsaid] != tgt[unsaid]
                 n += 1
+                if ref[unsaid] != tgt[unsaid]:
+                    left_out.add(unsaid)
                 for a in said:  # the caption names the target's value (or the removal)
                     assert mentions(c1, a, tgt[a]) or mentions(c2, a, tgt[a]), t
     assert counts[1] > 10 and counts[2] > 10
     # incidental_prob = 0.5: a binomial share of n (about 240 triplets) within 4.5 standard deviations
     assert abs(incidental / n - 0.5) < 4.5 * (0.25 / n) ** 0.5, (incidental, n)
+    assert left_out == set(bf.ATTRIBUTES)  # any attribute can be the one left out
     # references recur across triplets, as in FashionIQ
     references = [t["candidate"] for c in bf.CATEGORIES for t in read(quick_root, "captions", c, "train")]
     assert len(set(references)) < len(references)
@@ -202,7 +206,7 @@ def test_summary_counts(quick_root: Path) -> None:
             assert row["gallery"] >= sizes.items * sizes.renderings_per_item
             if split != "test":
                 assert sum(row[c] for c in bf.DIFFERENCE_COLUMNS) == row["queries"]
-                assert row["one_difference"] > 0 and row["three_differences"] > 0 or sizes.queries < 20
+                assert (row["one_difference"] > 0 and row["three_differences"] > 0) or sizes.queries < 20
 
 
 def test_idempotent(quick_root: Path) -> None:
@@ -269,6 +273,10 @@ def test_relative_captions() -> None:
         assert [("plain" in c or "pattern" in c) for c in captions].count(True) == 1, captions  # what stays
         c1, c2 = bf.relative_captions(ref, {**tgt, "pattern": "dots"}, rng, unsaid="logo")
         assert ("yellow" in c1 and "dot" in c2) or ("dot" in c1 and "yellow" in c2), (c1, c2)
+        kept = bf.relative_captions(ref, {**ref, "colour": "yellow"}, rng, unsaid="logo")  # logo the same, unsaid
+        assert not any("print" in c or "logo" in c or "front" in c for c in kept), kept
+        assert sorted("yellow" in c for c in kept) == [False, True], kept  # the change, and ...
+        assert any("plain" in c or "pattern" in c for c in kept), kept  # ... the pattern that stays
     with pytest.raises(ValueError, match="one or two changes, got \\[\\] besides the unsaid logo"):
         bf.relative_captions(ref, {**ref, "logo": "star"}, rng, unsaid="logo")
     with pytest.raises(ValueError, match="unknown attribute 'size'"):

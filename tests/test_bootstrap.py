@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cirlib.evaluation.bootstrap import (
+    NOT_REVERSED,
     Claim,
     Interval,
     PerQuery,
@@ -109,11 +110,33 @@ def test_claims_and_interval_tables() -> None:
     assert claims.loc[("cirr", "a > b"), "better"].startswith("30.0 [")
     check_asserted(claims)  # the reversed claim is printed, not asserted
     claims.loc[("cirr", "b > a"), "asserted"] = True
-    with pytest.raises(AssertionError, match=r"cirr: b > a on R@1: difference -30.00"):
+    with pytest.raises(AssertionError, match=r"cirr: b > a on R@1: difference -30.00 .*\(reversed; asserted: holds\)"):
         check_asserted(claims)
     table = interval_table(results, {"cirr": ["R@1"], "fashioniq": ["R@10"]})
     assert list(table.columns) == ["cirr R@1"] and table.loc["b", "cirr R@1"] == "0.0 [0.0, 0.0]"
     assert Interval(1.0, -1.0, 2.0).verdict() == "within noise"
+
+
+def test_not_reversed_claims_fail_only_when_reversed() -> None:
+    """``a`` and ``b`` tie within noise (10 hits each, 5 of them the same queries); ``c`` has none."""
+    a = _single([100.0] * 10 + [0.0] * 90)
+    b = _single([100.0] * 5 + [0.0] * 10 + [100.0] * 5 + [0.0] * 80)
+    c = _single([0.0] * 100)
+    results = {("cirr", "a"): a, ("cirr", "b"): b, ("cirr", "c"): c}
+    level = Claim("cirr", ("a",), ("b",), "R@1", asserted=NOT_REVERSED)
+    claims = claims_table([level, Claim("cirr", ("a",), ("c",), "R@1", asserted=NOT_REVERSED)], results)
+    assert claims.loc[("cirr", "a > b"), "verdict"] == "within noise"
+    assert claims.loc[("cirr", "a > c"), "verdict"] == "holds"
+    assert list(claims["asserted"]) == [NOT_REVERSED, NOT_REVERSED]  # the table says what is checked
+    check_asserted(claims)  # within noise and holds both pass
+    claims = claims_table([level, Claim("cirr", ("c",), ("a",), "R@1", asserted=NOT_REVERSED)], results)
+    with pytest.raises(AssertionError, match=r"c > a on R@1: difference -10.00 .*\(reversed; asserted: not reversed\)"):
+        check_asserted(claims)
+    strict = claims_table([Claim("cirr", ("a",), ("b",), "R@1", asserted=True)], results)
+    with pytest.raises(AssertionError, match=r"a > b .*\(within noise; asserted: holds\)"):
+        check_asserted(strict)  # the same ordering asserted to hold fails within noise
+    with pytest.raises(ValueError, match="asserted is True, False or 'not reversed', got 'yes'"):
+        Claim("cirr", ("a",), ("b",), "R@1", asserted="yes")  # type: ignore[arg-type]
 
 
 def test_mean_over_seeds_averages_each_query() -> None:
@@ -175,7 +198,7 @@ def test_seed_claims_need_the_bootstrap_and_every_seed() -> None:
     assert c["difference"] == pytest.approx(30.0) and c["95% low"] > 0  # the bootstrap alone: holds
     assert c["seeds ahead"] == 2 and c["seeds holding"] == 2 and c["verdict"] == "within noise"
     assert claims.loc[("cirr", "b > a"), "verdict"] == "reversed"
-    with pytest.raises(AssertionError, match=r"cirr: c > b on R@1: difference 30.00 .*\(within noise\)"):
+    with pytest.raises(AssertionError, match=r"c > b on R@1: difference 30.00 .*\(within noise; asserted: holds\)"):
         check_asserted(claims)
     with pytest.raises(ValueError, match="pair the same seeds"):
         seed_claims_table([Claim("cirr", ("a",), ("d",), "R@1")], results)

@@ -19,11 +19,11 @@ splits, and no item is rendered twice with the same attributes. What each modali
   the reference (the reference itself and the other renderings of its item) are not the answer;
 - text carries most of the answer: the captions state two of the target's three attributes, which
   leave a small share of the gallery;
-- the image helps only half the time: the attribute neither caption mentions is the reference's in
-  the other half of the triplets, and there only the reference says what it is (text alone ties
-  every rendering that matches the captions). Where it differs, the reference's look-alikes pull an
-  image + text query away from the target; FashionIQ's zero-shot text-only baseline beats image + text
-  for the same reason.
+- the image helps in half the triplets only: there the attribute neither caption mentions is the
+  reference's, and only the reference says what it is (text alone ties every rendering that
+  matches the captions). In the other half it differs, and the reference's look-alikes pull an
+  image + text query away from the target, which is one reason why FashionIQ's zero-shot text-only
+  baseline can beat image + text.
 
 With two changes the captions split them (c1 one, c2 the other), so both captions are needed;
 with one change one caption says it and the other an attribute that stays, so a query
@@ -269,7 +269,7 @@ _PHRASERS = {"colour": _colour_phrases, "pattern": _pattern_phrases, "logo": _lo
 def relative_captions(
     ref: dict[str, str], tgt: dict[str, str], rng: np.random.Generator, unsaid: str | None = None
 ) -> list[str]:
-    """Two FashionIQ-style captions for a change of one or two of colour/pattern/logo.
+    """Two FashionIQ-style captions stating a change of one or two of colour/pattern/logo.
 
     Two changes: one caption each, so both are needed. One change: one caption says it, the
     other says an attribute that stays (never the same attribute twice). Both captions share a
