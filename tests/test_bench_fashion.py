@@ -138,11 +138,12 @@ def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Pa
                 assert ref["category"] == tgt["category"] == category  # ... of the same category
                 assert ref["split"] == tgt["split"] == split
                 c1, c2 = t["captions"]
-                stated = [_stated(c, ref, tgt) for c in (c1, c2)]
+                stated = [bf.stated_attributes(c, ref, tgt) for c in (c1, c2)]
                 assert all(len(x) == 1 for x in stated) and stated[0] != stated[1], t  # one attribute each
                 said = [a for a in bf.ATTRIBUTES if {a} in stated and ref[a] != tgt[a]]
                 assert said, t  # at least one change is stated
-                (unsaid,) = [a for a in bf.ATTRIBUTES if {a} not in stated]
+                unsaid = bf.unsaid_attribute(t["captions"], ref, tgt)
+                assert {unsaid} not in stated, t
                 counts[len(said)] += 1
                 incidental += ref[unsaid] != tgt[unsaid]
                 n += 1
@@ -157,14 +158,6 @@ def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Pa
     # references recur across triplets, as in FashionIQ
     references = [t["candidate"] for c in bf.CATEGORIES for t in read(quick_root, "captions", c, "train")]
     assert len(set(references)) < len(references)
-
-
-def _stated(caption: str, ref: dict, tgt: dict) -> set[str]:
-    """The attributes whose phrasings (a change from ``ref`` to ``tgt``, or a value that stays) include
-    ``caption``, in either mood."""
-    moods = (bf._DESCRIPTIVE, bf._IMPERATIVE)
-    return {a for a in bf.ATTRIBUTES for m in moods
-            if caption in (bf._PHRASERS[a](ref[a], tgt[a], m) if ref[a] != tgt[a] else bf._kept_phrases(a, tgt[a], m))}
 
 
 def test_one_gallery_shape_for_every_split(quick_root: Path, meta: dict) -> None:
@@ -281,6 +274,35 @@ def test_relative_captions() -> None:
         bf.relative_captions(ref, {**ref, "logo": "star"}, rng, unsaid="logo")
     with pytest.raises(ValueError, match="unknown attribute 'size'"):
         bf.relative_captions(ref, tgt, rng, unsaid="size")
+
+
+def test_stated_and_unsaid_attributes_read_the_phrasebook() -> None:
+    """Hand-written captions: a change, a value that stays, and the attribute left unsaid."""
+    ref = {"colour": "black", "pattern": "plain", "logo": "none"}
+    tgt = {"colour": "yellow", "pattern": "plain", "logo": "heart"}
+    assert bf.stated_attributes("is yellow", ref, tgt) == {"colour"}
+    assert bf.stated_attributes("make it yellow", ref, tgt) == {"colour"}  # either mood
+    assert bf.stated_attributes("is still plain", ref, tgt) == {"pattern"}  # the value that stays
+    assert bf.stated_attributes("has a heart print", ref, tgt) == {"logo"}
+    assert bf.stated_attributes("is black", ref, tgt) == set()  # the reference's colour is no change to it
+    assert bf.stated_attributes("is still yellow", ref, tgt) == set()  # the colour does not stay
+    assert bf.stated_attributes("is a yellow dress", ref, tgt) == set()  # not one of the generator's phrasings
+    # the logo differs and neither caption says so: an incidental difference
+    assert bf.unsaid_attribute(["is yellow", "is still plain"], ref, tgt) == "logo"
+    # two changes stated: the pattern is unsaid, and here it stays
+    assert bf.unsaid_attribute(("has a heart print", "turn it yellow"), ref, tgt) == "pattern"
+    with pytest.raises(ValueError, match=r"state \['colour'\] of"):
+        bf.unsaid_attribute(["is yellow", "is a yellow dress"], ref, tgt)
+    with pytest.raises(ValueError, match="state no attribute"):
+        bf.unsaid_attribute(["has stripes", "is red"], ref, tgt)
+    # the generator's own triplets, unsaid attribute kept or not, always read back
+    rng = np.random.default_rng(3)
+    for unsaid in bf.ATTRIBUTES:
+        for changed in ({**ref, "colour": "red", unsaid: tgt[unsaid]}, {**ref, "pattern": "dots"}):
+            if all(changed[a] == ref[a] for a in bf.ATTRIBUTES if a != unsaid):
+                continue  # nothing to state besides the unsaid attribute
+            captions = bf.relative_captions(ref, changed, rng, unsaid=unsaid)
+            assert bf.unsaid_attribute(captions, ref, changed) == unsaid, captions
 
 
 def test_too_many_items_is_a_clear_error(tmp_path: Path) -> None:

@@ -83,6 +83,18 @@ def test_one_split_of_a_result() -> None:
         result.split("toptee")
 
 
+def test_a_subset_of_queries_keeps_its_splits_weights() -> None:
+    result = PerQuery.from_splits({"dress": {"R@10": [100.0, 0.0, 0.0]}, "shirt": {"R@10": [0.0, 100.0]}})
+    part = result.subset(np.array([True, True, False, False, True]))
+    assert part.strata.tolist() == [0, 0, 1] and part.names == ("dress", "shirt")
+    assert part.mean("R@10") == pytest.approx((50.0 + 100.0) / 2)  # split means averaged, not the 3 queries
+    assert result.subset([False, False, False, True, True]).mean("R@10") == pytest.approx(50.0)  # one split left
+    with pytest.raises(ValueError, match="boolean mask of the 5 queries"):
+        result.subset(np.array([0, 1, 4]))
+    with pytest.raises(ValueError, match="boolean mask of the 5 queries"):
+        result.subset(np.ones(4, dtype=bool))
+
+
 def test_cirr_avg_is_derived_per_query() -> None:
     result = PerQuery.from_splits({"cirr": {"R@5": [100.0, 0.0], "Rsubset@1": [0.0, 0.0], "R@1": [0.0, 0.0]}})
     assert result.values["avg"].tolist() == [50.0, 0.0]

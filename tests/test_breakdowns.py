@@ -11,7 +11,15 @@ import pytest
 from cirlib.data.datasets import CIRSplit, Query
 from cirlib.data.synth import scenes
 from cirlib.evaluation.bootstrap import PerQuery
-from cirlib.evaluation.breakdowns import EDIT_TYPES, breakdown, caption_oracle, false_negatives, query_edits
+from cirlib.evaluation.breakdowns import (
+    EDIT_TYPES,
+    UNSAID_GROUPS,
+    breakdown,
+    caption_oracle,
+    false_negatives,
+    query_edits,
+    unsaid_differences,
+)
 
 GRID = (2, 2)
 
@@ -180,6 +188,48 @@ def test_breakdown_of_several_models_side_by_side() -> None:
         breakdown({**models, "Sum": PerQuery({"R@1": np.zeros(3)}, np.zeros(3, dtype=int))}, ["a"] * 4)
     with pytest.raises(KeyError, match="'R@5' not computed"):
         breakdown(models, ["add"] * 4, ["R@5"])
+
+
+# ------------------------------------------------------------------------- unsaid differences
+
+
+def fashion_case() -> tuple[dict[str, CIRSplit], dict]:
+    """Two dress queries and one shirt query; the first leaves a differing print unsaid."""
+    def garment(colour: str, pattern: str = "plain", logo: str = "none") -> dict:
+        return {"colour": colour, "pattern": pattern, "logo": logo}
+
+    attributes = {"d0": garment("black"), "d1": garment("yellow", logo="heart"), "d2": garment("black", "stripes"),
+                  "s0": garment("red", "dots"), "s1": garment("navy blue", "plain")}
+    dress = [Query("d0", ("is yellow", "is still plain"), "d1", category="dress"),  # logo differs, unsaid
+             Query("d0", ("has stripes", "keeps the black color"), "d2", category="dress")]  # logo kept, unsaid
+    shirt = [Query("s0", ("make it navy blue", "make it plain"), "s1", category="shirt")]  # logo unsaid and kept
+    splits = {f"fashioniq/{c}": CIRSplit("fashioniq", "val", Path("."), qs, [], {}, 0)
+              for c, qs in (("dress", dress), ("shirt", shirt))}
+    return splits, {"attributes": attributes}
+
+
+def test_unsaid_differences_label_each_query_in_split_order() -> None:
+    splits, meta = fashion_case()
+    kept, differs = UNSAID_GROUPS
+    assert unsaid_differences(splits, meta) == [differs, kept, kept]
+    assert unsaid_differences(splits["fashioniq/shirt"], meta) == [kept]
+    per_query = PerQuery.from_splits({"dress": {"R@10": [0.0, 100]}, "shirt": {"R@10": [100.0]}})
+    table = breakdown(per_query, unsaid_differences(splits, meta), ["R@10"])
+    assert table.loc[differs, "R@10"] == 0.0 and table.loc[kept, "n"] == 2
+
+
+def test_unsaid_differences_refuse_what_they_cannot_read() -> None:
+    splits, meta = fashion_case()
+    dress = splits["fashioniq/dress"]
+    with pytest.raises(ValueError, match="need labelled FashionIQ-format splits"):
+        unsaid_differences(replace(dress, dataset="cirr"), meta)
+    with pytest.raises(ValueError, match="need labelled FashionIQ-format splits"):
+        unsaid_differences(replace(dress, queries=[replace(q, target=None) for q in dress.queries]), meta)
+    with pytest.raises(ValueError, match=r"query 1 of .*has no rendering \['d2'\]"):
+        unsaid_differences(dress, {"attributes": {k: v for k, v in meta["attributes"].items() if k != "d2"}})
+    written = replace(dress, queries=[replace(dress.queries[0], captions=("is a yellow dress", "with a heart"))])
+    with pytest.raises(ValueError, match="query 0 of .*state no attribute"):
+        unsaid_differences(written, meta)
 
 
 # --------------------------------------------------------------------------- false negatives

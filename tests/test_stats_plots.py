@@ -101,6 +101,22 @@ def test_bars_by_group_keeps_the_order_of_each_group() -> None:
     plt.close(fig)
 
 
+def test_breakdown_bars_draw_each_model_with_its_interval() -> None:
+    table = pd.DataFrame({"n": [3, 5], "text R@10": [8.0, 7.0], "text R@10 95% low": [6.0, 5.0],
+                          "text R@10 95% high": [10.0, 9.0], "sum R@10": [3.0, 12.0], "sum R@10 95% low": [2.0, 9.0],
+                          "sum R@10 95% high": [5.0, 15.0]}, index=["differs", "kept"])
+    fig = plots.breakdown_bars(table, "R@10", title="by group")
+    ax = fig.axes[0]
+    assert [p.get_height() for p in ax.patches] == [8.0, 7.0, 3.0, 12.0]  # model by model, groups in row order
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["differs\n(n = 3)", "kept\n(n = 5)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["text", "sum"]
+    sum_errors = ax.collections[1].get_segments()  # the sum's error bars, group by group
+    assert [tuple(segment[:, 1]) for segment in sum_errors] == [(2.0, 5.0), (9.0, 15.0)]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no 'R@1' column"):
+        plots.breakdown_bars(table, "R@1")
+
+
 def test_missing_values_shown_as_a_mark(tmp_path: Path) -> None:
     """A metric one benchmark lacks is blank in the CSV and "—" in the markdown and the display copy;
     by default markdown keeps printing "nan", as every saved table did before."""

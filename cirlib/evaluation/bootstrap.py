@@ -87,6 +87,15 @@ class PerQuery:
         keep = self.strata == self.names.index(name)
         return PerQuery({k: v[keep] for k, v in self.values.items()}, np.zeros(int(keep.sum()), dtype=int), (name,))
 
+    def subset(self, keep: np.ndarray | Sequence[bool]) -> PerQuery:
+        """The queries the boolean mask ``keep`` selects, each still in its split's stratum: a group of
+        queries (an edit type, a kind of triplet) keeps its splits' weights in the mean."""
+        keep = np.asarray(keep)
+        if keep.dtype != bool or keep.shape != self.strata.shape:
+            raise ValueError(f"keep must be a boolean mask of the {len(self.strata)} queries, "
+                             f"got {keep.dtype} of shape {keep.shape}")
+        return PerQuery({k: v[keep] for k, v in self.values.items()}, self.strata[keep], self.names)
+
     def _metric(self, metric: str) -> np.ndarray:
         if metric not in self.values:
             raise KeyError(f"metric {metric!r} not computed; available: {sorted(self.values)}")

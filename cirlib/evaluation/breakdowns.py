@@ -1,11 +1,14 @@
-"""Where a model's recall comes from, and which of its misses are not misses, on the ``scenes`` benchmark.
+"""Where a model's recall comes from, and which of its misses are not misses, on the generated benchmarks.
 
 A benchmark number averages over very different queries; the generated ``scenes`` benchmark keeps
-every image's scene graph and every query's constraints (``cirlib_meta.json``), so it can say
+every image's scene graph and every query's constraints, and ``fashion`` every rendering's
+attributes (``cirlib_meta.json``), so they can say
 
 - what each query asks to change (:func:`query_edits`): recolour, resize, replace, move, a count
   change, an added or removed kind of object, the background or the view, read from the
   differences between the reference and target graphs that the caption's constraints depend on;
+- whether a FashionIQ-format triplet's unmentioned attribute is the reference's or differs too
+  (:func:`unsaid_differences`): what decides whether the reference image helps a query;
 - how a metric splits over those edit types, or over any other per-query grouping such as the
   FashionIQ categories (:func:`breakdown`, with bootstrap intervals from
   :mod:`cirlib.evaluation.bootstrap`);
@@ -25,14 +28,14 @@ import pandas as pd
 import torch
 
 from cirlib.data.datasets import CIRSplit
-from cirlib.data.synth import scenes
+from cirlib.data.synth import fashion, scenes
 from cirlib.data.synth.scenes.captions import concept_name
 from cirlib.data.synth.scenes.graph import satisfies
 from cirlib.evaluation.bootstrap import Interval, PerQuery
 from cirlib.evaluation.protocols import per_query_score_metrics
 
-__all__ = ["EDIT_TYPES", "FalseNegatives", "QueryEdit", "breakdown", "caption_oracle", "false_negatives",
-           "query_edits"]
+__all__ = ["EDIT_TYPES", "UNSAID_GROUPS", "FalseNegatives", "QueryEdit", "breakdown", "caption_oracle",
+           "false_negatives", "query_edits", "unsaid_differences"]
 
 EDIT_TYPES: tuple[str, ...] = ("recolour", "resize", "replace", "move", "count", "add", "remove", "background",
                                "view")
@@ -249,12 +252,46 @@ def query_edits(split: CIRSplit, meta: Mapping | None = None) -> list[QueryEdit]
     return edits
 
 
+# ------------------------------------------------------------------------- unsaid differences
+
+UNSAID_GROUPS: tuple[str, str] = ("unsaid attribute kept", "unsaid attribute differs")
+"""A FashionIQ-format triplet's captions state two of a garment's three attributes; the third is the
+reference's (kept: only the reference image says what it is) or differs too (left out by the annotator:
+the reference's look-alikes mislead)."""
+
+
+def unsaid_differences(splits: CIRSplit | Mapping[str, CIRSplit], meta: Mapping | None = None) -> list[str]:
+    """One :data:`UNSAID_GROUPS` label per query of the generated ``fashion`` benchmark's ``splits``,
+    in the order :func:`~cirlib.evaluation.protocols.per_query_splits` concatenates them (the
+    mapping's order), for :func:`breakdown`.
+
+    Which attribute the captions leave out is read back from them
+    (:func:`cirlib.data.synth.fashion.unsaid_attribute`), whether it differs from the rendering
+    attributes in ``meta`` (default: the first split root's metadata file).
+    """
+    group = {"": splits} if isinstance(splits, CIRSplit) else dict(splits)
+    wrong = [repr(s) for s in group.values() if s.dataset != "fashioniq" or s.queries and s.queries[0].target is None]
+    if wrong:
+        raise ValueError(f"unsaid differences need labelled FashionIQ-format splits, got {', '.join(wrong)}")
+    if not group:
+        return []
+    attributes = (fashion.load_meta(next(iter(group.values())).root) if meta is None else meta)["attributes"]
+    labels = []
+    for split in group.values():
+        for i, q in enumerate(split.queries):
+            missing = [name for name in (q.reference, q.target) if name not in attributes]
+            if missing:
+                raise ValueError(f"query {i} of {split!r}: meta['attributes'] has no rendering {missing}")
+            ref, tgt = attributes[q.reference], attributes[q.target]
+            try:
+                unsaid = fashion.unsaid_attribute(q.captions, ref, tgt)
+            except ValueError as err:
+                raise ValueError(f"query {i} of {split!r}: {err}") from None
+            labels.append(UNSAID_GROUPS[ref[unsaid] != tgt[unsaid]])
+    return labels
+
+
 # ------------------------------------------------------------------------------ breakdowns
-
-
-def _subset(per_query: PerQuery, keep: np.ndarray) -> PerQuery:
-    """The queries ``keep`` selects, each still in its split's stratum."""
-    return PerQuery({k: v[keep] for k, v in per_query.values.items()}, per_query.strata[keep], per_query.names)
 
 
 def _groups(per_query: PerQuery, groups: Sequence[str | Sequence[str]] | None) -> dict[str, np.ndarray]:
@@ -298,7 +335,7 @@ def breakdown(
     for group, keep in masks.items():
         row: dict[str, float] = {"n": int(keep.sum())}
         for name, result in models.items():
-            part = _subset(result, keep)
+            part = result.subset(keep)
             for metric in metrics:
                 interval = part.interval(metric, seed)
                 column = f"{name} {metric}".strip()

@@ -123,6 +123,31 @@ def bars_by_group(frame: pd.DataFrame, column: str, title: str = "", ylabel: str
     return fig
 
 
+def breakdown_bars(table: pd.DataFrame, metric: str, title: str = "") -> matplotlib.figure.Figure:
+    """A :func:`cirlib.evaluation.breakdowns.breakdown` table as grouped bars: one group per row (query
+    group), one bar per model, each with its 95 % interval as an error bar and its query count under
+    the group's name."""
+    models = [c[: -len(metric)].strip() for c in table.columns if c.endswith(metric)]
+    if not models:
+        raise ValueError(f"the table has no {metric!r} column; it has {list(table.columns)}")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(models) * len(table), 3.2))
+    width = 0.8 / len(models)
+    x = np.arange(len(table))
+    for i, model in enumerate(models):
+        column = f"{model} {metric}".strip()
+        value = table[column].to_numpy(dtype=float)
+        errors = np.stack([value - table[f"{column} 95% low"].to_numpy(dtype=float),
+                           table[f"{column} 95% high"].to_numpy(dtype=float) - value])
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, value, width, yerr=errors, capsize=3, label=model or metric)
+    ax.set_xticks(x, [f"{g}\n(n = {n})" for g, n in zip(table.index, table["n"])], fontsize=8)
+    ax.set_ylabel(metric)
+    if len(models) > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def histogram(
     values: np.ndarray, xlabel: str, bins: int | Sequence[float] = 20, title: str = ""
 ) -> matplotlib.figure.Figure:

@@ -293,6 +293,34 @@ def relative_captions(
     return [captions[i] for i in rng.permutation(2)]
 
 
+def stated_attributes(caption: str, ref: dict[str, str], tgt: dict[str, str]) -> set[str]:
+    """The attributes one relative caption from ``ref`` to ``tgt`` states, in either mood: a change
+    where the two differ, the value that stays where they agree.
+
+    Read from this generator's own phrasings (exact matches), so analyses can tell which
+    difference a triplet leaves unsaid without the benchmark's files recording it, as FashionIQ's
+    do not; a caption written any other way states nothing here.
+    """
+    return {a for a in ATTRIBUTES for mood in (_DESCRIPTIVE, _IMPERATIVE)
+            if caption in (_PHRASERS[a](ref[a], tgt[a], mood) if ref[a] != tgt[a]
+                           else _kept_phrases(a, tgt[a], mood))}
+
+
+def unsaid_attribute(captions: list[str] | tuple[str, ...], ref: dict[str, str], tgt: dict[str, str]) -> str:
+    """The attribute neither of a triplet's captions states (:func:`relative_captions`' ``unsaid``);
+    it differs between ``ref`` and ``tgt`` in the triplets whose annotator left a difference out.
+
+    Raises ValueError unless the captions state exactly two attributes between them, which every
+    triplet this generator writes does.
+    """
+    stated = set().union(*(stated_attributes(c, ref, tgt) for c in captions))
+    unsaid = [a for a in ATTRIBUTES if a not in stated]
+    if len(unsaid) != 1:
+        raise ValueError(f"captions {list(captions)} state {sorted(stated) or 'no attribute'} of "
+                         f"{ATTRIBUTES} for {ref} -> {tgt}; this generator's triplets state exactly two")
+    return unsaid[0]
+
+
 def absolute_caption(attrs: dict) -> str:
     """Plain description of one rendering, e.g. ``"a red striped dress with a star print"``."""
     noun = CATEGORY_NOUNS[attrs["category"]]
