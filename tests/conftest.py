@@ -30,6 +30,23 @@ def fixture_splits():
         }
 
 
+@pytest.fixture(scope="session")
+def quick_fashion_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded ``fashion`` benchmark at its quick size, generated once for every test that reads it
+    (read only: a test that changes files generates its own)."""
+    from cirlib.data.synth import fashion
+
+    return fashion.generate_fashion(tmp_path_factory.mktemp("fashion"), fashion.FashionBenchConfig.quick(), workers=1)
+
+
+@pytest.fixture(scope="session")
+def quick_scenes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded ``scenes`` benchmark (CIRR and CIRCO formats) at its quick size, generated once (read only)."""
+    from cirlib.data.synth import scenes
+
+    return scenes.generate_scenes(tmp_path_factory.mktemp("scenes"), scenes.ScenesBenchConfig.quick())
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Unit tests use small tensors: a second thread gains little and, on a shared 2-core CPU,

@@ -55,59 +55,54 @@ def read(root: Path, kind: str, category: str, split: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def quick_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bf.generate_fashion(tmp_path_factory.mktemp("fashion"), FashionBenchConfig.quick(), workers=1)
+def meta(quick_fashion_root: Path) -> dict:
+    return bf.load_meta(quick_fashion_root)
 
 
-@pytest.fixture(scope="module")
-def meta(quick_root: Path) -> dict:
-    return bf.load_meta(quick_root)
-
-
-def test_exact_fashioniq_layout(quick_root: Path, meta: dict) -> None:
+def test_exact_fashioniq_layout(quick_fashion_root: Path, meta: dict) -> None:
     expected = {f"captions/cap.{c}.{s}.json" for c in bf.CATEGORIES for s in bf.SPLITS}
     expected |= {f"image_splits/split.{c}.{s}.json" for c in bf.CATEGORIES for s in bf.SPLITS}
-    json_files = {str(p.relative_to(quick_root)) for p in quick_root.rglob("*.json")}
+    json_files = {str(p.relative_to(quick_fashion_root)) for p in quick_fashion_root.rglob("*.json")}
     assert json_files == expected | {META_FILE}
     for category in bf.CATEGORIES:
         for split in bf.SPLITS:
-            captions = read(quick_root, "captions", category, split)
+            captions = read(quick_fashion_root, "captions", category, split)
             keys = ["candidate", "captions"] if split == "test" else ["target", "candidate", "captions"]
             assert captions and all(list(t) == keys for t in captions), (category, split)
             for t in captions:
                 assert len(t["captions"]) == 2
                 assert all(isinstance(c, str) and c == c.strip() and c for c in t["captions"])
-            gallery = read(quick_root, "image_splits", category, split)
+            gallery = read(quick_fashion_root, "image_splits", category, split)
             assert isinstance(gallery, list) and len(gallery) == len(set(gallery))
             assert all(isinstance(n, str) for n in gallery)
     assert set(meta) == {"generator", "version", "seed", "sizes", "fingerprint", "attributes"}
     assert meta["seed"] == 0 and meta["sizes"]["val"]["items"] == FashionBenchConfig.quick().val.items
-    names = {p.stem for p in (quick_root / "images").iterdir()}
-    assert {p.suffix for p in (quick_root / "images").iterdir()} == {".png"}
+    names = {p.stem for p in (quick_fashion_root / "images").iterdir()}
+    assert {p.suffix for p in (quick_fashion_root / "images").iterdir()} == {".png"}
     assert names == set(meta["attributes"])
 
 
-def test_attributes_and_images_agree(quick_root: Path, meta: dict) -> None:
+def test_attributes_and_images_agree(quick_fashion_root: Path, meta: dict) -> None:
     keys = {"item", "category", "colour", "pattern", "logo", "split", "width", "height"}
     for name, attrs in list(meta["attributes"].items())[::17]:
         assert set(attrs) == keys
-        with Image.open(quick_root / "images" / f"{name}.png") as img:
+        with Image.open(quick_fashion_root / "images" / f"{name}.png") as img:
             assert img.format == "PNG" and img.mode == "RGB" and img.size == (attrs["width"], attrs["height"])
         assert max(attrs["width"], attrs["height"]) == 128
     for category in bf.CATEGORIES:
         for split in bf.SPLITS:
-            gallery = read(quick_root, "image_splits", category, split)
+            gallery = read(quick_fashion_root, "image_splits", category, split)
             placed = {(meta["attributes"][n]["split"], meta["attributes"][n]["category"]) for n in gallery}
             assert placed == {(split, category)}
 
 
-def test_triplets_are_in_gallery_and_on_disk(quick_root: Path) -> None:
+def test_triplets_are_in_gallery_and_on_disk(quick_fashion_root: Path) -> None:
     for category in bf.CATEGORIES:
         for split in bf.SPLITS:
-            gallery = set(read(quick_root, "image_splits", category, split))
-            for t in read(quick_root, "captions", category, split):
+            gallery = set(read(quick_fashion_root, "image_splits", category, split))
+            for t in read(quick_fashion_root, "captions", category, split):
                 for name in (t["candidate"], t.get("target", t["candidate"])):
-                    assert name in gallery and (quick_root / "images" / f"{name}.png").is_file()
+                    assert name in gallery and (quick_fashion_root / "images" / f"{name}.png").is_file()
 
 
 def test_items_disjoint_across_splits(meta: dict) -> None:
@@ -120,7 +115,7 @@ def test_items_disjoint_across_splits(meta: dict) -> None:
         assert len(items[split]) == 3 * cfg.sizes(split).items
 
 
-def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Path, meta: dict) -> None:
+def test_target_is_another_item_the_captions_state_two_attributes(quick_fashion_root: Path, meta: dict) -> None:
     """Captions state one or two changes (and, for one, an attribute that stays); about half the
     targets also differ in the third attribute, which no caption mentions."""
     attrs = meta["attributes"]
@@ -129,7 +124,7 @@ def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Pa
     left_out: set[str] = set()  # the attributes seen differing without a caption saying so
     for category in bf.CATEGORIES:
         for split in ("train", "val"):
-            triplets = read(quick_root, "captions", category, split)
+            triplets = read(quick_fashion_root, "captions", category, split)
             pairs = [(t["candidate"], t["target"]) for t in triplets]
             assert len(set(pairs)) == len(pairs), (category, split)
             for t in triplets:
@@ -156,11 +151,11 @@ def test_target_is_another_item_the_captions_state_two_attributes(quick_root: Pa
     assert abs(incidental / n - 0.5) < 4.5 * (0.25 / n) ** 0.5, (incidental, n)
     assert left_out == set(bf.ATTRIBUTES)  # any attribute can be the one left out
     # references recur across triplets, as in FashionIQ
-    references = [t["candidate"] for c in bf.CATEGORIES for t in read(quick_root, "captions", c, "train")]
+    references = [t["candidate"] for c in bf.CATEGORIES for t in read(quick_fashion_root, "captions", c, "train")]
     assert len(set(references)) < len(references)
 
 
-def test_one_gallery_shape_for_every_split(quick_root: Path, meta: dict) -> None:
+def test_one_gallery_shape_for_every_split(quick_fashion_root: Path, meta: dict) -> None:
     """Every item has at least ``renderings_per_item`` renderings, each with its own attributes, in every split."""
     attrs = meta["attributes"]
     cfg = FashionBenchConfig.quick()
@@ -168,7 +163,7 @@ def test_one_gallery_shape_for_every_split(quick_root: Path, meta: dict) -> None
     for split in bf.SPLITS:
         per_item: dict[tuple[str, int], list[tuple[str, str, str]]] = {}
         for category in bf.CATEGORIES:
-            for name in read(quick_root, "image_splits", category, split):
+            for name in read(quick_fashion_root, "image_splits", category, split):
                 a = attrs[name]
                 per_item.setdefault((category, a["item"]), []).append(tuple(a[x] for x in bf.ATTRIBUTES))
         assert len(per_item) == len(bf.CATEGORIES) * cfg.sizes(split).items
@@ -179,15 +174,15 @@ def test_one_gallery_shape_for_every_split(quick_root: Path, meta: dict) -> None
     assert abs(mean_per_item["train"] - mean_per_item["val"]) < 0.25 * mean_per_item["val"], mean_per_item
 
 
-def test_aspect_ratio_by_category(quick_root: Path) -> None:
-    table = bf.summary(quick_root).groupby("category")["mean_aspect"].mean()
+def test_aspect_ratio_by_category(quick_fashion_root: Path) -> None:
+    table = bf.summary(quick_fashion_root).groupby("category")["mean_aspect"].mean()
     assert table["dress"] < table["shirt"] < table["toptee"]
     assert 0.55 <= table["dress"] <= 0.8 and 0.85 <= table["toptee"] <= 1.15
 
 
-def test_summary_counts(quick_root: Path) -> None:
+def test_summary_counts(quick_fashion_root: Path) -> None:
     cfg = FashionBenchConfig.quick()
-    df = bf.summary(quick_root).set_index(["split", "category"])
+    df = bf.summary(quick_fashion_root).set_index(["split", "category"])
     assert len(df) == 9
     for split in bf.SPLITS:
         for category in bf.CATEGORIES:
@@ -195,20 +190,20 @@ def test_summary_counts(quick_root: Path) -> None:
             sizes = cfg.sizes(split)
             assert row["queries"] == sizes.queries
             assert row["items"] == sizes.items
-            assert row["gallery"] == len(read(quick_root, "image_splits", category, split))
+            assert row["gallery"] == len(read(quick_fashion_root, "image_splits", category, split))
             assert row["gallery"] >= sizes.items * sizes.renderings_per_item
             if split != "test":
                 assert sum(row[c] for c in bf.DIFFERENCE_COLUMNS) == row["queries"]
                 assert (row["one_difference"] > 0 and row["three_differences"] > 0) or sizes.queries < 20
 
 
-def test_idempotent(quick_root: Path) -> None:
-    files = sorted(quick_root.rglob("*"))
+def test_idempotent(quick_fashion_root: Path) -> None:
+    files = sorted(quick_fashion_root.rglob("*"))
     mtimes = [p.stat().st_mtime_ns for p in files]
     start = time.perf_counter()
-    assert bf.generate_fashion(quick_root, FashionBenchConfig.quick(), workers=1) == quick_root
+    assert bf.generate_fashion(quick_fashion_root, FashionBenchConfig.quick(), workers=1) == quick_fashion_root
     assert time.perf_counter() - start < 3.0
-    assert sorted(quick_root.rglob("*")) == files and [p.stat().st_mtime_ns for p in files] == mtimes
+    assert sorted(quick_fashion_root.rglob("*")) == files and [p.stat().st_mtime_ns for p in files] == mtimes
 
 
 def test_deterministic_and_seeded(tmp_path: Path) -> None:

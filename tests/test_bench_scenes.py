@@ -20,11 +20,6 @@ from cirlib.data.synth.scenes.captions import CLAUSE_STARTS, partial_caption
 QUICK = ScenesBenchConfig.quick()
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bs.generate_scenes(tmp_path_factory.mktemp("scenes"), QUICK)
-
-
 def read(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -92,8 +87,8 @@ CIRR_NAME = re.compile(r"^(train|dev|test1)-\d+-[0-2]-img[01]$")
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test1"])
-def test_cirr_layout_and_fields(root: Path, split: str) -> None:
-    cirr = root / "CIRR"
+def test_cirr_layout_and_fields(quick_scenes_root: Path, split: str) -> None:
+    cirr = quick_scenes_root / "CIRR"
     captions = read(cirr / "cirr" / "captions" / f"cap.rc2.{split}.json")
     name_to_rel = read(cirr / "cirr" / "image_splits" / f"split.rc2.{split}.json")
     assert len(captions) == QUICK.cirr_queries[split]
@@ -122,12 +117,12 @@ def test_cirr_layout_and_fields(root: Path, split: str) -> None:
         assert isinstance(q["pairid"], int) and q["caption"].strip()
 
 
-def test_cirr_pairids_unique_and_sets_are_variations_of_one_scene(root: Path) -> None:
-    meta = bs.load_meta(root / "CIRR")
+def test_cirr_pairids_unique_and_sets_are_variations_of_one_scene(quick_scenes_root: Path) -> None:
+    meta = bs.load_meta(quick_scenes_root / "CIRR")
     ids = [q["pairid"] for s in ("train", "val", "test1")
-           for q in read(root / "CIRR" / "cirr" / "captions" / f"cap.rc2.{s}.json")]
+           for q in read(quick_scenes_root / "CIRR" / "cirr" / "captions" / f"cap.rc2.{s}.json")]
     assert len(ids) == len(set(ids))
-    for q in read(root / "CIRR" / "cirr" / "captions" / "cap.rc2.val.json"):
+    for q in read(quick_scenes_root / "CIRR" / "cirr" / "captions" / "cap.rc2.val.json"):
         sizes = {(meta["attributes"][m]["width"], meta["attributes"][m]["height"]) for m in q["img_set"]["members"]}
         assert len(sizes) == 1  # one canvas: the members are edits of one base scene
         assert all(meta["attributes"][m]["split"] == "val" for m in q["img_set"]["members"])
@@ -145,13 +140,14 @@ def _families(attributes: dict, prefix: str) -> dict[int, list[dict]]:
     return out
 
 
-def test_cirr_captions_single_out_their_target_in_its_family(root: Path) -> None:
+def test_cirr_captions_single_out_their_target_in_its_family(quick_scenes_root: Path) -> None:
     """No other image of the set (Recall_subset) or of the look-alike sets drawn from the same base fits."""
-    meta = bs.load_meta(root / "CIRR")
+    meta = bs.load_meta(quick_scenes_root / "CIRR")
     attrs = meta["attributes"]
     absolute = 0
     for split in ("train", "val", "test1"):
-        captions = {q["pairid"]: q for q in read(root / "CIRR" / "cirr" / "captions" / f"cap.rc2.{split}.json")}
+        path = quick_scenes_root / "CIRR" / "cirr" / "captions" / f"cap.rc2.{split}.json"
+        captions = {q["pairid"]: q for q in read(path)}
         prefix = bs.CIRR_SPLITS[split]
         family_of = {n: int(n.split("-")[1]) // QUICK.cirr_family for n in attrs if n.startswith(prefix + "-")}
         for record in meta["queries"][split]:
@@ -168,10 +164,10 @@ def test_cirr_captions_single_out_their_target_in_its_family(root: Path) -> None
     assert 0.5 * n < absolute < n  # most captions name the target's content, as many of CIRR's do; not all
 
 
-def test_fashion_mnist_items_are_disjoint_across_splits(root: Path) -> None:
+def test_fashion_mnist_items_are_disjoint_across_splits(quick_scenes_root: Path) -> None:
     used: dict[str, set[tuple[str, int]]] = {}
     for name, sub in (("CIRR", None), ("CIRCO", "circo")):
-        for attrs in bs.load_meta(root / name)["attributes"].values():
+        for attrs in bs.load_meta(quick_scenes_root / name)["attributes"].values():
             part = sub or attrs["split"]
             used.setdefault(part, set()).update((attrs["fmnist"], o["item"]) for o in attrs["objects"] if "item" in o)
     assert {f for f, _ in used["train"]} == {"train"}
@@ -182,8 +178,8 @@ def test_fashion_mnist_items_are_disjoint_across_splits(root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ CIRCO
-def test_circo_layout_and_fields(root: Path) -> None:
-    circo = root / "CIRCO"
+def test_circo_layout_and_fields(quick_scenes_root: Path) -> None:
+    circo = quick_scenes_root / "CIRCO"
     info = read(circo / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
     ids = [img["id"] for img in info["images"]]
     assert len(ids) == len(set(ids)) >= QUICK.circo_gallery
@@ -213,8 +209,8 @@ def test_circo_layout_and_fields(root: Path) -> None:
         assert q["reference_img_id"] in gallery
 
 
-def test_circo_ground_truths_are_every_gallery_image_that_satisfies_the_query(root: Path) -> None:
-    meta = bs.load_meta(root / "CIRCO")
+def test_circo_ground_truths_are_every_gallery_image_that_satisfies_the_query(quick_scenes_root: Path) -> None:
+    meta = bs.load_meta(quick_scenes_root / "CIRCO")
     gallery = meta["attributes"]
     n_gts = []
     for split in ("val", "test"):
@@ -224,16 +220,16 @@ def test_circo_ground_truths_are_every_gallery_image_that_satisfies_the_query(ro
             assert record["gt_img_ids"][0] == record["target_img_id"]
             assert not holds(gallery[str(record["reference_img_id"])], record["constraints"])
             n_gts.append(len(expected))
-    val = read(root / "CIRCO" / "annotations" / "val.json")
+    val = read(quick_scenes_root / "CIRCO" / "annotations" / "val.json")
     assert [q["gt_img_ids"] for q in val] == [r["gt_img_ids"] for r in meta["queries"]["val"]]
     assert np.mean(n_gts) > 2 and max(n_gts) >= 4  # several true positives, as in CIRCO
 
 
-def test_circo_subject_comes_from_the_reference(root: Path) -> None:
+def test_circo_subject_comes_from_the_reference(quick_scenes_root: Path) -> None:
     """The shared concept is an object of the reference that every ground truth shows and the caption
     never names; the index set holds look-alikes of the reference (they show it too) that are not
     ground truths."""
-    meta = bs.load_meta(root / "CIRCO")
+    meta = bs.load_meta(quick_scenes_root / "CIRCO")
     gallery = meta["attributes"]
     look_alikes = []
     for record in meta["queries"]["val"]:
@@ -253,9 +249,9 @@ def _noun(kind: str) -> str:
     return "pair of trousers" if kind == "trousers" else kind
 
 
-def test_circo_gallery_holds_hard_negatives(root: Path) -> None:
+def test_circo_gallery_holds_hard_negatives(quick_scenes_root: Path) -> None:
     """Most queries have near misses: gallery images failing exactly one of the query's constraints."""
-    meta = bs.load_meta(root / "CIRCO")
+    meta = bs.load_meta(quick_scenes_root / "CIRCO")
     gallery = meta["attributes"].values()
     with_near_miss = 0
     for record in meta["queries"]["val"]:
@@ -265,9 +261,9 @@ def test_circo_gallery_holds_hard_negatives(root: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- aspects etc.
-def test_all_nine_aspects_occur_and_coverage_table(root: Path) -> None:
-    val = read(root / "CIRCO" / "annotations" / "val.json")
-    splits = {"CIRCO val": datasets.load_circo(root / "CIRCO", "val")}
+def test_all_nine_aspects_occur_and_coverage_table(quick_scenes_root: Path) -> None:
+    val = read(quick_scenes_root / "CIRCO" / "annotations" / "val.json")
+    splits = {"CIRCO val": datasets.load_circo(quick_scenes_root / "CIRCO", "val")}
     counts = stats.aspect_coverage(splits)
     assert list(counts.index) == list(bs.ASPECTS)
     by_hand = {a: sum(a in q["semantic_aspects"] for q in val) for a in bs.ASPECTS}
@@ -277,13 +273,13 @@ def test_all_nine_aspects_occur_and_coverage_table(root: Path) -> None:
         assert ("statement_with_conjunction" in q["semantic_aspects"]) == (" and " in q["relative_caption"])
 
 
-def test_loaders_read_the_generated_layouts(root: Path) -> None:
-    cirr = datasets.load_cirr(root / "CIRR", "val")
+def test_loaders_read_the_generated_layouts(quick_scenes_root: Path) -> None:
+    cirr = datasets.load_cirr(quick_scenes_root / "CIRR", "val")
     assert cirr.n_missing == 0 and len(cirr.queries) == QUICK.cirr_queries["val"]
     assert all(len(q.group) == 6 and q.target in q.group for q in cirr.queries)
-    circo = datasets.load_circo(root / "CIRCO", "val")
+    circo = datasets.load_circo(quick_scenes_root / "CIRCO", "val")
     assert circo.n_missing == 0 and all(q.target == q.ground_truths[0] for q in circo.queries)
-    assert datasets.load_circo(root / "CIRCO", "test").queries[0].target is None
+    assert datasets.load_circo(quick_scenes_root / "CIRCO", "test").queries[0].target is None
 
 
 # ---------------------------------------------------------------- determinism and idempotence
@@ -292,9 +288,9 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_deterministic_idempotent_and_regenerated_on_change(root: Path, tmp_path: Path) -> None:
+def test_deterministic_idempotent_and_regenerated_on_change(quick_scenes_root: Path, tmp_path: Path) -> None:
     again = bs.generate_scenes(tmp_path / "again", QUICK)
-    assert _digest(again) == _digest(root)
+    assert _digest(again) == _digest(quick_scenes_root)
     meta = again / "CIRR" / "cirlib_meta.json"
     before = meta.stat().st_mtime_ns
     bs.generate_scenes(again, QUICK)  # same fingerprint: nothing is rewritten

@@ -115,11 +115,6 @@ def test_fashion_check_catches_the_reported_captions() -> None:
     assert not fashion_errors("is red", "has a star print")
 
 
-@pytest.fixture(scope="module")
-def fashion_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bf.generate_fashion(tmp_path_factory.mktemp("fashion"), bf.FashionBenchConfig.quick(), workers=1)
-
-
 def _fashion_pairs(root: Path) -> list[tuple[str, str]]:
     return [tuple(t["captions"]) for c in bf.CATEGORIES for s in bf.SPLITS
             for t in read(root / "captions" / f"cap.{c}.{s}.json")]
@@ -138,15 +133,15 @@ def _sampled_fashion_pairs(n: int) -> list[tuple[str, str]]:
 
 
 @needs_fmnist
-def test_every_fashion_caption_is_clean(fashion_root: Path) -> None:
-    pairs = _fashion_pairs(fashion_root) + _sampled_fashion_pairs(3000)
+def test_every_fashion_caption_is_clean(quick_fashion_root: Path) -> None:
+    pairs = _fashion_pairs(quick_fashion_root) + _sampled_fashion_pairs(3000)
     bad = {pair: e for pair in pairs if (e := fashion_errors(*pair))}
     assert not bad, f"{len(bad)} of {len(pairs)} queries, e.g. {list(bad.items())[:5]}"
 
 
 @needs_fmnist
-def test_fashion_captions_are_varied(fashion_root: Path) -> None:
-    pairs = _fashion_pairs(fashion_root)
+def test_fashion_captions_are_varied(quick_fashion_root: Path) -> None:
+    pairs = _fashion_pairs(quick_fashion_root)
     queries = {" and ".join(p) for p in pairs}
     forms = {" and ".join(fashion_form(c) for c in p) for p in pairs}
     assert len(queries) >= 0.9 * len(pairs) and len(forms) >= 0.75 * len(pairs), (len(pairs), len(queries), len(forms))
@@ -223,11 +218,6 @@ def test_scene_check_catches_bad_captions() -> None:
     assert not scene_errors("the bag is red, add a star below the bag and zoom in")
 
 
-@pytest.fixture(scope="module")
-def scenes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bs.generate_scenes(tmp_path_factory.mktemp("scenes"), bs.ScenesBenchConfig.quick())
-
-
 def _cirr_captions(root: Path, absolute: bool = False) -> list[str]:
     """CIRR captions of the change (or, with ``absolute``, those naming the target's content)."""
     meta = bs.load_meta(root / "CIRR")
@@ -255,13 +245,14 @@ def sampled_changes(n: int, seed: int = 0, style: str = "cirr") -> list[bs.Chang
     return out
 
 
-def test_every_scene_caption_is_clean(scenes_root: Path) -> None:
-    cirr = _cirr_captions(scenes_root)
-    circo = [q["relative_caption"] for q in _circo_queries(scenes_root)]
+def test_every_scene_caption_is_clean(quick_scenes_root: Path) -> None:
+    cirr = _cirr_captions(quick_scenes_root)
+    circo = [q["relative_caption"] for q in _circo_queries(quick_scenes_root)]
     sampled = [c.caption for c in sampled_changes(3000) + sampled_changes(2000, style="circo")]
     bad = Counter(c for c in [*map(_change_part, cirr), *circo, *sampled] if scene_errors(c))
     assert not bad, f"{len(bad)} distinct bad captions, e.g. {[(c, scene_errors(c)) for c in list(bad)[:5]]}"
-    absolute = _cirr_captions(scenes_root, absolute=True)  # descriptions list objects: only the surface is checked
+    # descriptions list objects: only the surface is checked
+    absolute = _cirr_captions(quick_scenes_root, absolute=True)
     bad = Counter(c for c in absolute + cirr if grammar_errors(c) + count_errors(c))
     assert absolute and not bad, f"{len(bad)} bad descriptions, e.g. {list(bad)[:5]}"
     for c in cirr + absolute:  # CIRR: short sentences
@@ -270,8 +261,8 @@ def test_every_scene_caption_is_clean(scenes_root: Path) -> None:
         assert c == c.lower() and not c.endswith(".") and c.startswith(CLAUSE_STARTS), c
 
 
-def test_circo_captions_do_not_name_the_shared_concept(scenes_root: Path) -> None:
-    queries = _circo_queries(scenes_root) + [{"shared_concept": c.shared_concept, "relative_caption": c.caption}
+def test_circo_captions_do_not_name_the_shared_concept(quick_scenes_root: Path) -> None:
+    queries = _circo_queries(quick_scenes_root) + [{"shared_concept": c.shared_concept, "relative_caption": c.caption}
                                              for c in sampled_changes(1000, style="circo")]
     for q in queries:
         noun = _NOUN.search(q["shared_concept"])
@@ -279,8 +270,8 @@ def test_circo_captions_do_not_name_the_shared_concept(scenes_root: Path) -> Non
         assert _kind_of(noun.group(0)) not in {_kind_of(n.group(0)) for n in _NOUN.finditer(q["relative_caption"])}, q
 
 
-def test_scene_captions_are_varied(scenes_root: Path) -> None:
-    cirr = _cirr_captions(scenes_root)
+def test_scene_captions_are_varied(quick_scenes_root: Path) -> None:
+    cirr = _cirr_captions(quick_scenes_root)
     assert len({scene_form(c) for c in cirr}) >= 0.6 * len(cirr)
     sampled = [c.caption for c in sampled_changes(3000)]
     assert len({scene_form(c) for c in sampled}) >= 1200
