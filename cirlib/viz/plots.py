@@ -130,7 +130,7 @@ def breakdown_bars(table: pd.DataFrame, metric: str, title: str = "") -> matplot
     models = [c[: -len(metric)].strip() for c in table.columns if c.endswith(metric)]
     if not models:
         raise ValueError(f"the table has no {metric!r} column; it has {list(table.columns)}")
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(models) * len(table), 3.2))
+    fig, ax = plt.subplots(figsize=(1.5 + max(1.1, 0.35 * len(models)) * len(table), 3.6))
     width = 0.8 / len(models)
     x = np.arange(len(table))
     for i, model in enumerate(models):
@@ -139,7 +139,8 @@ def breakdown_bars(table: pd.DataFrame, metric: str, title: str = "") -> matplot
         errors = np.stack([value - table[f"{column} 95% low"].to_numpy(dtype=float),
                            table[f"{column} 95% high"].to_numpy(dtype=float) - value])
         ax.bar(x + (i - (len(models) - 1) / 2) * width, value, width, yerr=errors, capsize=3, label=model or metric)
-    ax.set_xticks(x, [f"{g}\n(n = {n})" for g, n in zip(table.index, table["n"])], fontsize=8)
+    names = [textwrap.fill(str(g).replace("_", " "), 14) for g in table.index]  # CIRCO's aspects are snake_case
+    ax.set_xticks(x, [f"{g}\n(n = {n})" for g, n in zip(names, table["n"])], fontsize=8)
     ax.set_ylabel(metric)
     if len(models) > 1:
         ax.legend(fontsize=8)
