@@ -127,7 +127,7 @@ def breakdown_bars(table: pd.DataFrame, metric: str, title: str = "") -> matplot
     """A :func:`cirlib.evaluation.breakdowns.breakdown` table as grouped bars: one group per row (query
     group), one bar per model, each with its 95 % interval as an error bar and its query count under
     the group's name."""
-    models = [c[: -len(metric)].strip() for c in table.columns if c.endswith(metric)]
+    models = [c[: -len(metric)].strip() for c in table.columns if c == metric or c.endswith(f" {metric}")]
     if not models:
         raise ValueError(f"the table has no {metric!r} column; it has {list(table.columns)}")
     fig, ax = plt.subplots(figsize=(1.5 + max(1.1, 0.35 * len(models)) * len(table), 3.6))
