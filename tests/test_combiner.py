@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -279,7 +280,8 @@ def test_other_config_or_data_retrains(tmp_path: Path) -> None:
     train, val_fn = _synthetic()
     train_combiner(train, val_fn, FAST, tmp_path / "c.pt")
     calls = []
-    with pytest.warns(UserWarning, match="another configuration or data"):
+    changed = re.escape(f"another configuration or data (changed: config.lr: {FAST.lr} -> 0.001)")
+    with pytest.warns(UserWarning, match=changed):
         train_combiner(train, lambda c: calls.append(1) or val_fn(c), replace(FAST, lr=1e-3), tmp_path / "c.pt")
     assert len(calls) == 6
 

@@ -1,5 +1,6 @@
-"""The shared training loop: keep-last runs, LR schedules, accumulation, time budgets, resume, and
-data-parallel training on two CPU processes (gloo) against one process with the same global batch."""
+"""The shared training loop: keep-last runs, LR schedules, accumulation, time budgets, resume, the
+record of a run's inputs that names what changed when a checkpoint is retrained, and data-parallel
+training on two CPU processes (gloo) against one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cirlib.core import distributed
-from cirlib.core.training import TrainingLoop, checkpoint_history, load_kept, optimizer_step, step_batches
+from cirlib.core.io import fingerprint
+from cirlib.core.training import (
+    TrainingLoop,
+    changed_inputs,
+    checkpoint_history,
+    describe_inputs,
+    load_kept,
+    optimizer_step,
+    step_batches,
+)
 from cirlib.methods.combiner_training import CombinerConfig, CombinerData, train_combiner
 from cirlib.methods.losses import batch_contrastive_loss
 
@@ -49,7 +59,8 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient() -> None:
     torch.testing.assert_close(steps[1][1], steps[2][1])
 
 
-def _regression_loop(tmp_path: Path, epochs: int = 4, **kw) -> tuple[TrainingLoop, nn.Module, callable]:
+def _regression_loop(tmp_path: Path, epochs: int = 4, inputs: str | dict = "fp",
+                     **kw) -> tuple[TrainingLoop, nn.Module, callable]:
     """A linear regression trained with AdamW and a step LR schedule, 4 steps per epoch."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
@@ -58,7 +69,7 @@ def _regression_loop(tmp_path: Path, epochs: int = 4, **kw) -> tuple[TrainingLoo
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1))
     y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
-    loop = TrainingLoop({"model": model}, opt, scaler, tmp_path / "ckpt.pt", "fp", epochs, seed=0,
+    loop = TrainingLoop({"model": model}, opt, scaler, tmp_path / "ckpt.pt", inputs, epochs, seed=0,
                         scheduler=sched, progress=False, **kw)
 
     def train_epoch(epoch: int) -> float:
@@ -164,6 +175,42 @@ def test_checkpoint_history_reads_a_finished_run(tmp_path: Path) -> None:
     assert checkpoint_history(tmp_path / "ckpt.pt") == history and len(history) == 3
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         checkpoint_history(tmp_path / "missing.pt")
+
+
+def test_describe_inputs_flattens_and_hashes_long_values() -> None:
+    files = [f"image_{i:05d}.png" for i in range(40)]
+    record = describe_inputs({"config": {"lr": 3e-4, "merge": "half", "schedule": {"epochs": 3}},
+                              "precision": "bf16", "data": files, "gpt": None, "empty": {}})
+    assert record == {"config.lr": "0.0003", "config.merge": '"half"', "config.schedule.epochs": "3",
+                      "precision": '"bf16"', "data": f"<hash {fingerprint(files)}>", "gpt": "null", "empty": "{}"}
+
+
+def test_changed_inputs_names_each_difference() -> None:
+    old = {"config.lr": "0.0003", "precision": '"bf16"', "data": "<hash a>", "removed": "1"}
+    new = {"config.lr": "0.0003", "precision": '"fp32"', "data": "<hash b>", "added": "2"}
+    assert changed_inputs(old, new) == ('added: (absent) -> 2; data: <hash a> -> <hash b>; '
+                                        'precision: "bf16" -> "fp32"; removed: 1 -> (absent)')
+    assert changed_inputs(old, new, shown=2) == "added: (absent) -> 2; data: <hash a> -> <hash b>; and 2 more"
+    assert changed_inputs(old, dict(old)) == ""
+
+
+def test_a_retrain_names_the_inputs_that_changed(tmp_path: Path) -> None:
+    inputs = {"config": {"lr": 0.05, "epochs": 2}, "precision": "fp32"}
+    loop, _, train_epoch = _regression_loop(tmp_path, epochs=2, inputs=inputs)
+    history = loop.run(train_epoch)
+    assert loop.fingerprint == fingerprint(inputs), "the digest of the mapping: checkpoints keyed by it still load"
+    again, _, _ = _regression_loop(tmp_path, epochs=2, inputs=fingerprint(inputs))
+    assert again.finished and again.run(lambda e: pytest.fail("retrained")) == history
+
+    with pytest.warns(UserWarning, match=r'changed: config\.lr: 0\.05 -> 0\.1; precision: "fp32" -> "bf16"\)'):
+        other, _, other_epoch = _regression_loop(tmp_path, epochs=2, inputs={**inputs, "precision": "bf16",
+                                                                          "config": {"lr": 0.1, "epochs": 2}})
+    assert not other.finished and len(other.run(other_epoch)) == 2
+    # a checkpoint written before runs recorded their inputs: only the digests can be compared
+    old, _, old_epoch = _regression_loop(tmp_path / "old", epochs=1)
+    old.run(old_epoch)
+    with pytest.warns(UserWarning, match=f"fingerprint fp != {fingerprint(inputs)}"):
+        assert not _regression_loop(tmp_path / "old", epochs=1, inputs=inputs)[0].finished
 
 
 def test_min_delta_stops_a_creeping_curve_but_keeps_its_best_epoch(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ together (end to end), and is meant for any later model trained by gradient step
 on cached features, a re-ranker). It runs in epochs of ``train_epoch`` + ``validate``: an epoch is
 whatever a stage validates after, a pass over its data or a fixed number of steps. The loop
 reseeds every epoch, keeps the best epoch by a metric (or the last one), stops early, and writes
-one atomic, resumable checkpoint keyed by a fingerprint of the run. It runs the same in one
+one atomic, resumable checkpoint keyed by a fingerprint of the run (and, when the run names its
+inputs, a readable record of them, so that a retrain can say which input changed). It runs the same in one
 process and data-parallel under ``torchrun`` (:mod:`cirlib.core.distributed`): callers train on
 their share of each batch (:func:`step_batches`), losses are averaged over processes, and only
 rank 0 validates, writes the checkpoint and shows progress.
@@ -14,6 +15,7 @@ rank 0 validates, writes the checkpoint and shows progress.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 
 from cirlib.core import distributed
 from cirlib.core.io import atomic_path
+from cirlib.core.io import fingerprint as digest
 from cirlib.core.tensors import eval_mode
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -114,6 +117,35 @@ def checkpoint_history(ckpt_path: Path | str) -> list[dict]:
     return list(torch.load(ckpt_path, map_location="cpu", weights_only=True)["history"])
 
 
+_SHORT = 60  # characters: longer values (file lists, configs of configs) are recorded by their hash
+
+
+def describe_inputs(inputs: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A flat, readable record of what a run depends on: ``{"config.lr": "0.0003", "precision": "\"bf16\""}``.
+
+    Nested mappings become dotted keys; each leaf is its JSON text when short and its hash when
+    not, so a checkpoint stays small and two records differ exactly where the inputs differ.
+    """
+    record: dict[str, str] = {}
+    for key, value in inputs.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            record |= describe_inputs(value, f"{name}.")
+            continue
+        text = json.dumps(value, sort_keys=True, default=str)
+        record[name] = text if len(text) <= _SHORT else f"<hash {digest(value)}>"
+    return record
+
+
+def changed_inputs(old: Mapping[str, str], new: Mapping[str, str], shown: int = 6) -> str:
+    """What differs between two :func:`describe_inputs` records, e.g. ``precision: "bf16" -> "fp32"``."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    parts = [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys[:shown]]
+    if len(keys) > shown:
+        parts.append(f"and {len(keys) - shown} more")
+    return "; ".join(parts)
+
+
 def _cpu_copy(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
     return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
 
@@ -131,8 +163,11 @@ class TrainingLoop:
     After every epoch rank 0 writes one checkpoint (atomically) holding the current (and, when
     selecting, the best) weights of ``modules``, the optimizer, grad-scaler and scheduler states,
     the history and the stopping counters, under a ``fingerprint`` of everything the run depends
-    on. A later call with the same fingerprint resumes after the last finished epoch, or, if the
-    run had finished, only loads the kept weights. Each epoch reseeds torch from ``(seed, epoch)``,
+    on. Given as the mapping it is computed from (rather than its digest), the loop also records
+    the inputs readably (:func:`describe_inputs`) and, when a checkpoint belongs to other inputs,
+    its warning names the entries that changed (a precision, a learning rate, the data). A later
+    call with the same fingerprint resumes after the last finished epoch, or, if the run had
+    finished, only loads the kept weights. Each epoch reseeds torch from ``(seed, epoch)``,
     so an interrupted and resumed run gives the same result as an uninterrupted one.
     """
 
@@ -140,7 +175,7 @@ class TrainingLoop:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ckpt_path: Path | None
-    fingerprint: str
+    fingerprint: str | Mapping[str, Any]  # a digest, or the inputs it is computed from (a digest after init)
     epochs: int
     seed: int
     main_metric: str | None = None
@@ -151,6 +186,7 @@ class TrainingLoop:
     desc: str = "training"
     progress: bool = True
     meta: dict = field(default_factory=dict)
+    _inputs: dict[str, str] | None = field(default=None, init=False, repr=False)
     _state: dict | None = field(default=None, init=False, repr=False)
     _epoch_start: float | None = field(default=None, init=False, repr=False)
 
@@ -161,6 +197,9 @@ class TrainingLoop:
             raise ValueError(f"patience must be >= 1 and needs a main metric, got {self.patience}")
         if self.min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
+        if isinstance(self.fingerprint, Mapping):
+            self._inputs = describe_inputs(self.fingerprint)
+            self.fingerprint = digest(self.fingerprint)
         self._state = distributed.broadcast(self._load() if distributed.is_main() else None)
 
     def _load(self) -> dict | None:
@@ -173,11 +212,11 @@ class TrainingLoop:
             warnings.warn(f"checkpoint {self.ckpt_path} is unreadable ({err}); training from scratch", stacklevel=3)
             return None
         if state.get("fingerprint") != self.fingerprint:
-            warnings.warn(
-                f"checkpoint {self.ckpt_path} belongs to another configuration or data "
-                f"(fingerprint {state.get('fingerprint')} != {self.fingerprint}); training from scratch",
-                stacklevel=3,
-            )
+            recorded = state.get("inputs")
+            what = (f"changed: {changed_inputs(recorded, self._inputs)}" if recorded and self._inputs
+                    else f"fingerprint {state.get('fingerprint')} != {self.fingerprint}")
+            warnings.warn(f"checkpoint {self.ckpt_path} belongs to another configuration or data ({what}); "
+                          "training from scratch", stacklevel=3)
             return None
         return state
 
@@ -256,9 +295,9 @@ class TrainingLoop:
         """A fresh state, or the checkpoint's with ``modules``, optimizer and schedule restored from it."""
         if resume is None:
             return {
-                "fingerprint": self.fingerprint, "meta": self.meta, "epoch": 0, "history": [], "best_epoch": 0,
-                "best_score": -math.inf, "plateau_score": -math.inf, "bad_epochs": 0, "finished": False,
-                "best_modules": None,
+                "fingerprint": self.fingerprint, "inputs": self._inputs, "meta": self.meta, "epoch": 0,
+                "history": [], "best_epoch": 0, "best_score": -math.inf, "plateau_score": -math.inf, "bad_epochs": 0,
+                "finished": False, "best_modules": None,
                 "train_seconds": 0.0,
             }
         for name, module in self.modules.items():

@@ -21,7 +21,6 @@ from torch import Tensor
 
 from cirlib.core import distributed
 from cirlib.core.device import autocast, get_device, grad_scaler, precision
-from cirlib.core.io import fingerprint
 from cirlib.core.training import TrainingLoop, batch_slices, epoch_seed, optimizer_step, step_batches
 from cirlib.data.datasets import CIRSplit, Query, query_text
 from cirlib.data.preprocess import DEFAULT_TARGET_RATIO, TransformKind
@@ -223,8 +222,8 @@ def _combiner_loop(
         optimizer=torch.optim.AdamW(combiner.parameters(), lr=config.lr, weight_decay=config.weight_decay),
         scaler=grad_scaler(device, config.amp),
         ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint=fingerprint({"stage": "combiner", "config": config_dict, "data": train.fingerprint(),
-                                 "precision": precision(device, config.amp)}),
+        fingerprint={"stage": "combiner", "config": config_dict, "data": train.fingerprint(),
+                     "precision": precision(device, config.amp)},
         epochs=config.epochs,
         patience=config.patience,
         main_metric=config.main_metric or main_metric_for(train.dataset),

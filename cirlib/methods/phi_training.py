@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cirlib.core.device import autocast, get_device, grad_scaler, precision
-from cirlib.core.io import fingerprint, tensor_digest
+from cirlib.core.io import tensor_digest
 from cirlib.core.training import TrainingLoop, epoch_seed, optimizer_step
 from cirlib.methods.losses import clip_loss, cosine_loss, distillation_loss, norm_penalty
 from cirlib.methods.oti import ConceptSpec, PhraseSampler, Regularisation
@@ -214,11 +214,11 @@ def train_phi(
         optimizer=torch.optim.AdamW(phi.parameters(), lr=config.lr, weight_decay=config.weight_decay),
         scaler=grad_scaler(device, config.amp),
         ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint=fingerprint({
+        fingerprint={
             "stage": "phi", "config": config_dict, "data": tensor_digest(image_features, oti_tokens),
             "gpt": [backbone.fingerprint, concepts, phrases] if use_gpt else None,
             "precision": precision(device, config.amp),
-        }),
+        },
         epochs=config.epochs,
         seed=config.seed,
         desc="phi",

@@ -148,11 +148,14 @@ class PretrainConfig:
         """A short schedule for quick runs and tests: every code path, little learning."""
         return cls(steps=60, batch_size=32, warmup_steps=10, eval_every=30, eval_items=128)
 
-    def fingerprint(self, corpus_key: str) -> str:
-        """Hash of the config, the corpus and the trainer version: equal means same training."""
+    def inputs(self, corpus_key: str) -> dict[str, Any]:
+        """What a run depends on: the config, the corpus, the trainer version and the arithmetic."""
         arithmetic = precision(get_device(self.device), self.amp)
-        return fingerprint({"config": asdict(self), "corpus": corpus_key, "trainer": TRAINER_VERSION,
-                            "precision": arithmetic})
+        return {"config": asdict(self), "corpus": corpus_key, "trainer": TRAINER_VERSION, "precision": arithmetic}
+
+    def fingerprint(self, corpus_key: str) -> str:
+        """Hash of :meth:`inputs`: equal means same training."""
+        return fingerprint(self.inputs(corpus_key))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -521,8 +524,8 @@ def _history_rows(rounds: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _training_loop(backbone: Backbone, config: PretrainConfig, config_fp: str, state_path: Path, progress: bool,
-                   corpus: dict[str, Any]) -> TrainingLoop:
+def _training_loop(backbone: Backbone, config: PretrainConfig, inputs: dict[str, Any], state_path: Path,
+                   progress: bool, corpus: dict[str, Any]) -> TrainingLoop:
     """The shared loop with CLIP's optimiser (AdamW, open_clip's decay groups) and warm-up + cosine schedule."""
     optimizer = torch.optim.AdamW(
         _param_groups(backbone.model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
@@ -532,7 +535,7 @@ def _training_loop(backbone: Backbone, config: PretrainConfig, config_fp: str, s
         optimizer=optimizer,
         scaler=grad_scaler(backbone.device, config.amp),
         ckpt_path=state_path,
-        fingerprint=config_fp,
+        fingerprint=inputs,
         epochs=math.ceil(config.steps / config.eval_every),
         seed=config.seed,
         scheduler=torch.optim.lr_scheduler.LambdaLR(
@@ -568,7 +571,8 @@ def pretrain(
     train_items = build_corpus(roots, "train", config.partial_captions, config.seed)
     if len(train_items) < 2:
         raise ValueError(f"the train splits of {[str(r) for r in roots]} hold {len(train_items)} images; need >= 2")
-    config_fp = config.fingerprint(_corpus_key(roots, train_items))
+    corpus_key = _corpus_key(roots, train_items)
+    config_fp = config.fingerprint(corpus_key)
 
     provenance = _read_provenance(checkpoint)
     if provenance is not None and provenance.get("config_fingerprint") == config_fp and provenance.get("finished"):
@@ -584,7 +588,7 @@ def pretrain(
             val = _prepare([CorpusPair(it.path, it.caption, it) for it in val_items], backbone, config,
                            out_dir / "cache", progress)
     corpus = {"roots": [str(r) for r in roots], "pairs": len(train_items), "captions": len(train.captions)}
-    loop = _training_loop(backbone, config, config_fp, state_path, progress, corpus)
+    loop = _training_loop(backbone, config, config.inputs(corpus_key), state_path, progress, corpus)
     resumed_from = loop.history[-1]["step"] if loop.resumed else None
     validate = (lambda: _validation(backbone, val, val_items, config)) if val is not None else None
     rounds = loop.run(_Rounds(backbone, train, config, loop), validate)

@@ -710,10 +710,10 @@ def train_filter(
         optimizer=optimizer,
         scaler=grad_scaler(device, config.amp),
         ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint=fingerprint({
+        fingerprint={
             "stage": "candidate-filter", "config": _config_key(config), "backbone": backbone.fingerprint,
             "data": train.fingerprint(), "val": _val_key(val), "precision": precision(device, config.amp),
-        }),
+        },
         epochs=config.epochs,
         seed=config.seed,
         main_metric=config.main_metric or main_metric_for(dataset),
@@ -805,11 +805,11 @@ def train_reranker(
         optimizer=optimizer,
         scaler=grad_scaler(device, config.amp),
         ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint=fingerprint({
+        fingerprint={
             "stage": "reranker", "config": _config_key(config), "backbone": backbone.fingerprint,
             "filter": state_digest(filt), "data": train.fingerprint(), "val": _val_key(val) if validating else None,
             "precision": precision(device, config.amp),
-        }),
+        },
         epochs=config.epochs,
         seed=config.seed,
         main_metric=(config.main_metric or main_metric_for(dataset)) if validating else None,

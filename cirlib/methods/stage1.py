@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -139,10 +139,10 @@ def trainable_parameters(model: nn.Module, encoders: Encoders) -> dict[str, nn.P
     return chosen
 
 
-def _run_fingerprint(
+def _run_inputs(
     backbone: "Backbone", splits: Sequence[CIRSplit], config: Stage1Config, combiner: Combiner | None,
     validated: bool = True,
-) -> str:
+) -> dict[str, Any]:
     data = [
         (s.dataset, s.split, str(s.root), [(q.reference, q.target, list(q.captions)) for q in s.queries])
         for s in splits
@@ -152,17 +152,15 @@ def _run_fingerprint(
         if config_key[key] == default:  # absent at its default: runs from before the option keep their checkpoints
             del config_key[key]
     selection = {} if validated else {"selection": "last epoch"}  # validated runs keep their older keys
-    return fingerprint(
-        {
-            **selection,
-            "stage": "end-to-end" if combiner is not None else "stage1",
-            "config": config_key,
-            "backbone": backbone.fingerprint,
-            "combiner": combiner.hparams if combiner is not None else None,
-            "precision": precision(backbone.device, config.amp),
-            "data": fingerprint(data),
-        }
-    )
+    return {
+        **selection,
+        "stage": "end-to-end" if combiner is not None else "stage1",
+        "config": config_key,
+        "backbone": backbone.fingerprint,
+        "combiner": combiner.hparams if combiner is not None else None,
+        "precision": precision(backbone.device, config.amp),
+        "data": fingerprint(data),
+    }
 
 
 @contextlib.contextmanager
@@ -347,9 +345,9 @@ def finetune(
         modules["combiner"] = combiner.to(backbone.device)
     stage = "end-to-end" if combiner is not None else "stage1"
     validated = val_fn is not None
-    run_fingerprint = _run_fingerprint(backbone, splits, config, combiner, validated)
+    run_inputs = _run_inputs(backbone, splits, config, combiner, validated)
     provenance = {
-        "stage": stage, "run": run_fingerprint, "base_backbone": backbone.fingerprint, "config": asdict(config)
+        "stage": stage, "run": fingerprint(run_inputs), "base_backbone": backbone.fingerprint, "config": asdict(config)
     }
     optimizer = _optimizer(params, config, combiner)
     loop = TrainingLoop(
@@ -357,7 +355,7 @@ def finetune(
         optimizer=optimizer,
         scaler=grad_scaler(backbone.device, config.amp),
         ckpt_path=out_dir / "checkpoint.pt",
-        fingerprint=run_fingerprint,
+        fingerprint=run_inputs,
         epochs=config.epochs,
         patience=config.patience if validated else None,
         min_delta=config.min_delta,
