@@ -6,8 +6,8 @@ on cached features, a re-ranker). It runs in epochs of ``train_epoch`` + ``valid
 whatever a stage validates after, a pass over its data or a fixed number of steps. The loop
 reseeds every epoch, keeps the best epoch by a metric (or the last one), stops early, and writes
 one atomic, resumable checkpoint keyed by a fingerprint of the run (and, when the run names its
-inputs, a readable record of them, so that a retrain can say which input changed). It runs the same in one
-process and data-parallel under ``torchrun`` (:mod:`cirlib.core.distributed`): callers train on
+inputs, a readable record of them, so that a retrain can say which input changed). It runs the
+same in one process and data-parallel under ``torchrun`` (:mod:`cirlib.core.distributed`): callers train on
 their share of each batch (:func:`step_batches`), losses are averaged over processes, and only
 rank 0 validates, writes the checkpoint and shows progress.
 """
