@@ -129,6 +129,23 @@ def test_claims_and_interval_tables() -> None:
     assert Interval(1.0, -1.0, 2.0).verdict() == "within noise"
 
 
+def test_one_ordering_on_two_metrics_keeps_both_rows() -> None:
+    """Keyed by benchmark and name alone, the second metric's row used to replace the first silently."""
+    a = PerQuery.from_splits({"val": {"R@1": [100.0] * 30 + [0.0] * 70, "R@5": [100.0] * 40 + [0.0] * 60}})
+    b = PerQuery.from_splits({"val": {"R@1": [0.0] * 100, "R@5": [100.0] * 60 + [0.0] * 40}})
+    results = {("cirr", "a"): a, ("cirr", "b"): b, ("fashioniq", "a"): a, ("fashioniq", "b"): b}
+    claims = claims_table([Claim("cirr", ("a",), ("b",), "R@1"), Claim("cirr", ("a",), ("b",), "R@5"),
+                           Claim("fashioniq", ("a",), ("b",), "R@1")], results)
+    assert list(claims.index) == [("cirr", "a > b (R@1)"), ("cirr", "a > b (R@5)"), ("fashioniq", "a > b")]
+    assert claims.loc[("cirr", "a > b (R@1)"), "verdict"] == "holds"
+    assert claims.loc[("cirr", "a > b (R@5)"), "difference"] == pytest.approx(-20.0)
+    with pytest.raises(ValueError, match="'a > b' on cirr R@1 is listed twice"):
+        claims_table([Claim("cirr", ("a",), ("b",), "R@1"), Claim("cirr", ("a",), ("b",), "R@1", asserted=True)], results)
+    seeded = seed_claims_table([Claim("cirr", ("a",), ("b",), "R@1"), Claim("cirr", ("a",), ("b",), "R@5")],
+                               {k: {0: v} for k, v in results.items()})
+    assert list(seeded.index) == [("cirr", "a > b (R@1)"), ("cirr", "a > b (R@5)")]
+
+
 def test_not_reversed_claims_fail_only_when_reversed() -> None:
     """``a`` and ``b`` tie within noise (10 hits each, 5 of them the same queries); ``c`` has none."""
     a = _single([100.0] * 10 + [0.0] * 90)

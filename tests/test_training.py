@@ -23,6 +23,7 @@ from cirlib.core.training import (
     load_kept,
     optimizer_step,
     step_batches,
+    still_rising,
 )
 from cirlib.methods.combiner_training import CombinerConfig, CombinerData, train_combiner
 from cirlib.methods.losses import batch_contrastive_loss
@@ -293,3 +294,20 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path: Path) -> None
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
         assert b["recall_mean"] == pytest.approx(a["recall_mean"], rel=1e-4, abs=1e-5)
     assert one[-1]["loss"] < 0.95 * one[0]["loss"]  # it learns, so the curves compare something
+
+
+def test_still_rising_counts_only_a_last_epoch_rise_beyond_min_delta() -> None:
+    # the stage-1 histories of notebook 04: fashioniq/image gained 0.17 in its last epoch, under the
+    # quarter point early stopping treats as flat; fashioniq/both gained 2.17
+    image = [{"average": 17.78}, {"average": 19.94}, {"average": 22.44}, {"average": 22.61}]
+    both = [{"average": 19.72}, {"average": 20.56}, {"average": 23.89}, {"average": 26.06}]
+    assert still_rising(image, "average") and not still_rising(image, "average", min_delta=0.25)
+    assert still_rising(both, "average", min_delta=0.25) and not still_rising(both, "average", min_delta=2.2)
+    # the last epoch must beat every earlier one, not only the one before it
+    dip = [{"R@1": 30.0}, {"R@1": 20.0}, {"R@1": 29.0}]
+    assert not still_rising(dip, "R@1")
+    assert not still_rising([{"R@1": 30.0}], "R@1") and not still_rising([], "R@1")
+    with pytest.raises(ValueError, match="min_delta"):
+        still_rising(both, "average", min_delta=-1.0)
+    with pytest.raises(KeyError):
+        still_rising(both, "R@1")

@@ -109,6 +109,20 @@ def best_epoch(history: Sequence[Mapping[str, float]], metric: str) -> int:
     return best
 
 
+def still_rising(history: Sequence[Mapping[str, float]], metric: str, min_delta: float = 0.0) -> bool:
+    """Whether the last epoch beat every earlier one on ``metric`` by more than ``min_delta``.
+
+    A run cut by its epoch budget while this holds is a lower bound on what its schedule can reach. A
+    rise of ``min_delta`` or less is what early stopping treats as a flat curve, so it does not count;
+    a single epoch shows no trend and does not count either.
+    """
+    if min_delta < 0:
+        raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+    if len(history) < 2:
+        return False
+    return history[-1][metric] > max(row[metric] for row in history[:-1]) + min_delta
+
+
 def checkpoint_history(ckpt_path: Path | str) -> list[dict]:
     """The per-epoch history saved in a :class:`TrainingLoop` checkpoint (epochs, metrics, seconds),
     e.g. to state what an earlier notebook's run cost without re-running it."""

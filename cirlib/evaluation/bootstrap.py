@@ -171,17 +171,31 @@ class Claim:
         return f"{' + '.join(self.better)} > {' + '.join(self.worse)}"
 
 
+def _row_keys(claims: Sequence[Claim]) -> list[tuple[str, str]]:
+    """``(benchmark, name)`` per claim, the name carrying the metric where one benchmark checks the same
+    ordering on several metrics, so that no row of a claims table replaces another."""
+    seen: set[tuple[str, str, str]] = set()
+    for claim in claims:
+        if (claim.benchmark, claim.name, claim.metric) in seen:
+            raise ValueError(f"claim {claim.name!r} on {claim.benchmark} {claim.metric} is listed twice")
+        seen.add((claim.benchmark, claim.name, claim.metric))
+    plain = [(c.benchmark, c.name) for c in claims]
+    return [(c.benchmark, f"{c.name} ({c.metric})" if plain.count(key) > 1 else c.name) for c, key in zip(claims, plain)]
+
+
 def claims_table(claims: Sequence[Claim], results: Mapping[Label, PerQuery], seed: int = 0) -> pd.DataFrame:
     """One row per claim: both sides with intervals, the paired difference and the verdict.
 
     The verdict is *holds* when the whole interval of ``better - worse`` is above zero,
-    *reversed* when it is below, *within noise* otherwise.
+    *reversed* when it is below, *within noise* otherwise. Rows are keyed by benchmark and claim name;
+    an ordering checked on several metrics of one benchmark is named with its metric on each row
+    (``"text > image (R@1)"``), so no row replaces another. The same claim twice is an error.
     """
     rows = {}
-    for claim in claims:
+    for claim, key in zip(claims, _row_keys(claims)):
         better, worse = results[(claim.benchmark, *claim.better)], results[(claim.benchmark, *claim.worse)]
         diff = better.difference(worse, claim.metric, seed)
-        rows[claim.benchmark, claim.name] = {
+        rows[key] = {
             "metric": claim.metric,
             "better": str(better.interval(claim.metric, seed)),
             "worse": str(worse.interval(claim.metric, seed)),
@@ -286,10 +300,10 @@ def seed_claims_table(claims: Sequence[Claim], results: Mapping[Label, SeedResul
     (:func:`mean_over_seeds`). The ``verdict`` is *holds* only when both say so: the interval lies above
     zero **and** ``better`` is ahead in every seed; *reversed* when the interval lies below zero and
     ``better`` is behind in every seed; *within noise* otherwise. :func:`check_asserted` reads it like any
-    claims table.
+    claims table, and names its rows as :func:`claims_table` does.
     """
     rows = {}
-    for claim in claims:
+    for claim, key in zip(claims, _row_keys(claims)):
         better, worse = results[(claim.benchmark, *claim.better)], results[(claim.benchmark, *claim.worse)]
         if sorted(better) != sorted(worse):
             raise ValueError(f"{claim.name}: seeds {sorted(better)} against {sorted(worse)}; pair the same seeds")
@@ -303,7 +317,7 @@ def seed_claims_table(claims: Sequence[Claim], results: Mapping[Label, SeedResul
                    VERDICTS[2] if diff.high < 0 and behind == len(seeds) else VERDICTS[1])
         better_values = [better[s].mean(claim.metric) for s in seeds]
         worse_values = [worse[s].mean(claim.metric) for s in seeds]
-        rows[claim.benchmark, claim.name] = {
+        rows[key] = {
             "metric": claim.metric,
             "better mean": float(np.mean(better_values)),
             "better std": _std(better_values),
