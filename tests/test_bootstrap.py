@@ -140,7 +140,8 @@ def test_one_ordering_on_two_metrics_keeps_both_rows() -> None:
     assert claims.loc[("cirr", "a > b (R@1)"), "verdict"] == "holds"
     assert claims.loc[("cirr", "a > b (R@5)"), "difference"] == pytest.approx(-20.0)
     with pytest.raises(ValueError, match="'a > b' on cirr R@1 is listed twice"):
-        claims_table([Claim("cirr", ("a",), ("b",), "R@1"), Claim("cirr", ("a",), ("b",), "R@1", asserted=True)], results)
+        claims_table([Claim("cirr", ("a",), ("b",), "R@1"), Claim("cirr", ("a",), ("b",), "R@1", asserted=True)],
+                     results)
     seeded = seed_claims_table([Claim("cirr", ("a",), ("b",), "R@1"), Claim("cirr", ("a",), ("b",), "R@5")],
                                {k: {0: v} for k, v in results.items()})
     assert list(seeded.index) == [("cirr", "a > b (R@1)"), ("cirr", "a > b (R@5)")]

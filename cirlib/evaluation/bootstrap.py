@@ -180,7 +180,8 @@ def _row_keys(claims: Sequence[Claim]) -> list[tuple[str, str]]:
             raise ValueError(f"claim {claim.name!r} on {claim.benchmark} {claim.metric} is listed twice")
         seen.add((claim.benchmark, claim.name, claim.metric))
     plain = [(c.benchmark, c.name) for c in claims]
-    return [(c.benchmark, f"{c.name} ({c.metric})" if plain.count(key) > 1 else c.name) for c, key in zip(claims, plain)]
+    return [(c.benchmark, f"{c.name} ({c.metric})" if plain.count(key) > 1 else c.name)
+            for c, key in zip(claims, plain)]
 
 
 def claims_table(claims: Sequence[Claim], results: Mapping[Label, PerQuery], seed: int = 0) -> pd.DataFrame:
