@@ -116,11 +116,12 @@ class Course:
         schedule = {"epochs": 2, "batch_size": 16, "epoch_size": None} if self.quick else {}
         return FilterConfig.for_tiny(**{"seed": self.seed, "progress": False, **schedule, **overrides})
 
-    def reranker_config(self, **overrides) -> RerankerConfig:
-        """The re-ranker's schedule in notebook 08 (see :meth:`RerankerConfig.for_tiny`); quick: one
-        epoch of 64 triplets in batches of 8."""
+    def reranker_config(self, benchmark: str | None = None, **overrides) -> RerankerConfig:
+        """The re-ranker's schedule in notebook 08 for ``benchmark`` (see :meth:`RerankerConfig.for_tiny`),
+        or without one the budget schedule, which its ablations share; quick: one epoch of 64 triplets in
+        batches of 8 for every benchmark."""
         schedule = {"epochs": 1, "batch_size": 8, "epoch_size": 64} if self.quick else {}
-        return RerankerConfig.for_tiny(**{"seed": self.seed, "progress": False, **schedule, **overrides})
+        return RerankerConfig.for_tiny(benchmark, **{"seed": self.seed, "progress": False, **schedule, **overrides})
 
 
 def setup_course(

@@ -73,3 +73,10 @@ def test_reranking_schedules_are_the_tiny_ones_and_quick_is_smaller(course) -> N
     assert quick.epochs * quick.epoch_size < full.reranker_config().epochs * full.reranker_config().epoch_size
     assert quick.keep == full.reranker_config().keep == "last"  # the full run's path, shorter
     assert course.reranker_config(merge="linear").merge == "linear"
+    # fashion's re-ranker trains longer (TINY_SCHEDULES); CIRR and the ablations keep the budget schedule
+    budget, fiq, cirr = full.reranker_config(), full.reranker_config("fashioniq"), full.reranker_config("cirr")
+    assert (fiq.epochs, fiq.epoch_size) == (6, 1500) and (budget.epochs, budget.epoch_size) == (3, 480)
+    assert cirr == budget
+    assert replace(fiq, epochs=3, epoch_size=480) == budget  # nothing else differs
+    assert course.reranker_config("fashioniq") == course.reranker_config()  # quick: one short schedule for all
+    assert full.reranker_config("fashioniq", epochs=2).epochs == 2
