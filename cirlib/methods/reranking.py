@@ -626,10 +626,9 @@ class RerankerConfig:
         epochs on embedded CIRR, chance being ln 16 = 2.77), at 3e-4 it fell to 0.92. Even so the re-ranker
         stays below the filter at this budget (fp32, full validation sets: ``fashion`` R@10 6.3 against the
         filter's 10.9 at K = 100, CIRR R@1 5.8 against 28.6 at K = 50): the paper trains it 5 to 8 times longer
-        than the filter. Measured at 6 epochs of 1,500 triplets (2 and 4 minutes on that CPU): ``fashion``
-        reaches its filter (R@10 10.4), CIRR does not (R@1 21.4, its in-batch loss down to 0.20); CIRR gets
-        there with the filter's 8 top-ranked training images as each query's extra negatives
-        (``hard_negatives=8``) over 12 epochs, which on ``fashion`` lower R@10 instead (7.4)."""
+        than the filter. :data:`TINY_SCHEDULES` says what a longer schedule buys on each benchmark; the
+        filter's 8 top-ranked training images as each query's extra negatives (``hard_negatives=8``) bring
+        CIRR level with its filter over 12 epochs, but lower ``fashion``'s R@10 instead (7.4)."""
         tiny = {"layers": 2, "lr": 3e-4, "epochs": 3, "epoch_size": 480, "keep": "last",
                 **TINY_SCHEDULES.get(dataset or "", {})}
         return cls(**{**tiny, **overrides})
