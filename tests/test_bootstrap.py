@@ -16,6 +16,7 @@ from cirlib.evaluation.bootstrap import (
     mean_over_seeds,
     seed_claims_table,
     seed_table,
+    verdicts_line,
 )
 
 
@@ -145,6 +146,8 @@ def test_one_ordering_on_two_metrics_keeps_both_rows() -> None:
     seeded = seed_claims_table([Claim("cirr", ("a",), ("b",), "R@1"), Claim("cirr", ("a",), ("b",), "R@5")],
                                {k: {0: v} for k, v in results.items()})
     assert list(seeded.index) == [("cirr", "a > b (R@1)"), ("cirr", "a > b (R@5)")]
+    assert verdicts_line(claims) == ("a > b (R@1) (cirr): holds; a > b (R@5) (cirr): reversed; "
+                                    "a > b (fashioniq R@1): holds")
 
 
 def test_not_reversed_claims_fail_only_when_reversed() -> None:

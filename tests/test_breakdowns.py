@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cirlib.data.datasets import CIRSplit, Query
 from cirlib.data.synth import scenes
@@ -20,6 +21,7 @@ from cirlib.evaluation.breakdowns import (
     query_edits,
     unsaid_differences,
 )
+from cirlib.evaluation.metrics import per_aspect
 
 GRID = (2, 2)
 
@@ -162,6 +164,16 @@ def test_breakdown_files_a_query_under_each_of_its_types() -> None:
     table = breakdown(per_query, [("resize", "background"), ("background",), "other"])
     assert table["n"].to_dict() == {"resize": 1, "background": 2, "other": 1, "all": 3}
     assert table.loc["background", "R@1"] == pytest.approx(50.0)
+
+
+def test_breakdown_by_circo_aspect_has_per_aspects_rows_and_means() -> None:
+    values = np.array([10.0, 20.0, 30.0, 40.0])
+    aspects = [("negation", "cardinality"), ("negation",), ("addition",), ("cardinality", "addition")]
+    table = breakdown(PerQuery({"mAP@10": values}, np.zeros(4, dtype=int)), aspects, metrics=["mAP@10"])
+    means = per_aspect(torch.tensor(values), aspects)
+    assert list(table.index) == [*means.index, "all"] == ["cardinality", "addition", "negation", "all"]
+    assert table["mAP@10"].iloc[:-1].tolist() == pytest.approx(means["value"].tolist())
+    assert table["n"].iloc[:-1].tolist() == means["queries"].tolist()
 
 
 def test_breakdown_by_split_is_per_category() -> None:

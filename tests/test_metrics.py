@@ -17,6 +17,7 @@ from cirlib.evaluation.metrics import (
     IndexLike,
     average_precision,
     fashioniq_average,
+    group_members,
     index_lists,
     indices_of,
     name_index,
@@ -286,6 +287,15 @@ def test_fashioniq_average():
         fashioniq_average({"dress": {"R@10": 1.0}, "shirt": {"R@50": 1.0}})
     with pytest.raises(ValueError, match="at least one"):
         fashioniq_average({})
+
+
+def test_group_members_orders_named_groups_first_and_files_queries_under_each_label():
+    groups = group_members(["b", ("a", "c"), (), ("c", "c")], order=("c", "x"))
+    assert list(groups) == ["c", "a", "b"]  # the order's names present, then the rest sorted
+    assert groups["c"].tolist() == [False, True, False, True]
+    assert groups["a"].tolist() == [False, True, False, False]
+    assert groups["b"].tolist() == [True, False, False, False]
+    assert group_members([]) == {}
 
 
 def test_per_aspect_counts_a_query_in_each_of_its_aspects():

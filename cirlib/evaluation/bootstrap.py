@@ -209,6 +209,17 @@ def claims_table(claims: Sequence[Claim], results: Mapping[Label, PerQuery], see
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["benchmark", "claim"])
 
 
+def verdicts_line(claims: pd.DataFrame) -> str:
+    """A claims table's verdicts in one sentence for a notebook's summary: ``"a > b (cirr R@1): holds; ..."``.
+
+    A claim whose name already carries its metric (see :func:`claims_table`) is followed by its benchmark
+    alone, so the metric is not said twice.
+    """
+    return "; ".join(
+        f"{name} ({benchmark}{'' if name.endswith(f'({row.metric})') else ' ' + row.metric}): {row.verdict}"
+        for (benchmark, name), row in claims.iterrows())
+
+
 def check_asserted(claims: pd.DataFrame) -> None:
     """Fail, naming each one, when a claim of :func:`claims_table` (or :func:`seed_claims_table`) asserted
     to hold does not hold beyond its interval, or one asserted :data:`NOT_REVERSED` is reversed."""

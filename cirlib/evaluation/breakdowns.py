@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cirlib.data.datasets import CIRSplit
+from cirlib.data.datasets import CIRCO_ASPECTS, CIRSplit
 from cirlib.data.synth import fashion, scenes
 from cirlib.data.synth.scenes.captions import concept_name
 from cirlib.data.synth.scenes.graph import satisfies
 from cirlib.evaluation.bootstrap import Interval, PerQuery
+from cirlib.evaluation.metrics import group_members
 from cirlib.evaluation.protocols import per_query_score_metrics
 
 __all__ = ["EDIT_TYPES", "UNSAID_GROUPS", "FalseNegatives", "QueryEdit", "breakdown", "caption_oracle",
@@ -295,17 +296,14 @@ def unsaid_differences(splits: CIRSplit | Mapping[str, CIRSplit], meta: Mapping 
 
 
 def _groups(per_query: PerQuery, groups: Sequence[str | Sequence[str]] | None) -> dict[str, np.ndarray]:
-    """Group name -> mask of its queries: the splits when ``groups`` is None, else each query's label(s);
-    edit types come in :data:`EDIT_TYPES` order, other labels sorted."""
+    """Group name -> mask of its queries: the splits when ``groups`` is None, else each query's label(s),
+    edit types in :data:`EDIT_TYPES` order and CIRCO aspects in the official order before other labels."""
     n = len(per_query.strata)
     if groups is None:
         return {name: per_query.strata == s for s, name in enumerate(per_query.names)}
     if len(groups) != n:
         raise ValueError(f"{len(groups)} group labels for {n} queries: need one label (or tuple of labels) per query")
-    labels = [(g,) if isinstance(g, str) else tuple(g) for g in groups]
-    names = sorted({name for ls in labels for name in ls},
-                   key=lambda g: (EDIT_TYPES.index(g), "") if g in EDIT_TYPES else (len(EDIT_TYPES), g))
-    return {name: np.array([name in ls for ls in labels]) for name in names}
+    return {name: mask.numpy() for name, mask in group_members(groups, (*EDIT_TYPES, *CIRCO_ASPECTS)).items()}
 
 
 def breakdown(

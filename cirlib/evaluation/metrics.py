@@ -266,26 +266,33 @@ def fashioniq_average(per_category: Mapping[str, Mapping[str, float]]) -> dict[s
     return out
 
 
+def group_members(labels: Sequence[str | Sequence[str]], order: Sequence[str] = CIRCO_ASPECTS) -> dict[str, Tensor]:
+    """Group name -> boolean mask over the queries, from one label (or a sequence of labels) per query.
+
+    A query with several labels belongs to each of their groups, so groups may overlap; one with none
+    belongs to no group. Groups named in ``order`` come first, in that order, then the others sorted:
+    tables by CIRCO aspect then read in the official order whatever the queries hold.
+    """
+    sets = [(g,) if isinstance(g, str) else tuple(g) for g in labels]
+    found = {name for names in sets for name in names}
+    names = [g for g in order if g in found] + sorted(found - set(order))
+    return {name: torch.tensor([name in s for s in sets], dtype=torch.bool) for name in names}
+
+
 def per_aspect(values: Tensor | Mapping[str, Tensor], aspects: Sequence[Sequence[str]]) -> pd.DataFrame:
     """Mean per-query metric for each semantic aspect; a query counts in each of its aspects.
 
     ``values`` is one ``[Q]`` tensor (column ``value``) or ``{metric: [Q] tensor}``. Rows follow
-    CIRCO's official aspect order, then any other aspect alphabetically; ``queries`` = row size.
+    CIRCO's official aspect order, then any other aspect alphabetically (:func:`group_members`);
+    ``queries`` = row size.
     """
     columns = {"value": values} if isinstance(values, Tensor) else dict(values)
     columns = {name: v.detach().double().cpu().reshape(-1) for name, v in columns.items()}
     for name, v in columns.items():
         if len(v) != len(aspects):
             raise ValueError(f"{name} has {len(v)} values for {len(aspects)} queries' aspects")
-    members: dict[str, list[int]] = {}
-    for query, query_aspects in enumerate(aspects):
-        for aspect in dict.fromkeys(query_aspects):
-            members.setdefault(aspect, []).append(query)
-    order = [a for a in CIRCO_ASPECTS if a in members] + sorted(set(members) - set(CIRCO_ASPECTS))
-    rows = {}
-    for aspect in order:
-        idx = torch.tensor(members[aspect])
-        rows[aspect] = {name: float(v[idx].mean()) for name, v in columns.items()} | {"queries": len(idx)}
+    rows = {aspect: {name: float(v[mask].mean()) for name, v in columns.items()} | {"queries": int(mask.sum())}
+            for aspect, mask in group_members(aspects).items()}
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*columns, "queries"])
     frame.index.name = "aspect"
     return frame
