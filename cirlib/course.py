@@ -17,7 +17,7 @@ from cirlib.data.datasets import CIRSplit
 from cirlib.data.preprocess import TransformKind
 from cirlib.evaluation.protocols import CachedEvaluator
 from cirlib.methods.combiner_training import CombinerConfig, build_combiner_data, train_combiner
-from cirlib.methods.reranking import FilterConfig, RerankerConfig
+from cirlib.methods.reranking import FilterConfig, MatchingConfig, RerankerConfig
 from cirlib.methods.stage1 import Stage1Config
 from cirlib.models.backbone import TINY_MODEL, Backbone
 from cirlib.models.combiner import Combiner
@@ -116,12 +116,21 @@ class Course:
         schedule = {"epochs": 2, "batch_size": 16, "epoch_size": None} if self.quick else {}
         return FilterConfig.for_tiny(**{"seed": self.seed, "progress": False, **schedule, **overrides})
 
-    def reranker_config(self, benchmark: str | None = None, **overrides) -> RerankerConfig:
-        """The re-ranker's schedule in notebook 08 for ``benchmark`` (see :meth:`RerankerConfig.for_tiny`),
-        or without one the budget schedule, which its ablations share; quick: one epoch of 64 triplets in
-        batches of 8 for every benchmark."""
+    def reranker_config(self, benchmark: str | None = None, matched: bool = False, **overrides) -> RerankerConfig:
+        """The re-ranker's schedule in notebook 08 for ``benchmark`` (see :meth:`RerankerConfig.for_tiny`;
+        ``matched``: after matching pretraining), or without one the budget schedule, which its ablations
+        share; quick: one epoch of 64 triplets in batches of 8 for every benchmark."""
         schedule = {"epochs": 1, "batch_size": 8, "epoch_size": 64} if self.quick else {}
-        return RerankerConfig.for_tiny(benchmark, **{"seed": self.seed, "progress": False, **schedule, **overrides})
+        return RerankerConfig.for_tiny(benchmark, matched,
+                                       **{"seed": self.seed, "progress": False, **schedule, **overrides})
+
+    def matching_config(self, **overrides) -> MatchingConfig:
+        """Image-text matching pretraining in notebook 08 (its ``matching`` parameter): the re-ranker's
+        two blocks per encoder, :class:`MatchingConfig`'s 400 steps of 24 images; quick: one epoch of 48
+        images in batches of 8."""
+        schedule = {"epochs": 1, "batch_size": 8, "epoch_size": 48} if self.quick else {}
+        return MatchingConfig(**{"layers": RerankerConfig.for_tiny().layers, "seed": self.seed, "progress": False,
+                                 **schedule, **overrides})
 
 
 def setup_course(

@@ -80,3 +80,20 @@ def test_reranking_schedules_are_the_tiny_ones_and_quick_is_smaller(course) -> N
     assert replace(fiq, epochs=3, epoch_size=480) == budget  # nothing else differs
     assert course.reranker_config("fashioniq") == course.reranker_config()  # quick: one short schedule for all
     assert full.reranker_config("fashioniq", epochs=2).epochs == 2
+    # after matching pretraining CIRR trains longer, with the filter's negatives (MATCHED_SCHEDULES)
+    matched = full.reranker_config("cirr", matched=True)
+    assert (matched.epochs, matched.epoch_size, matched.hard_negatives) == (6, 1500, 8)
+    assert full.reranker_config("fashioniq", matched=True) == fiq
+    assert course.reranker_config("cirr", matched=True).epoch_size == 64  # quick: still the short schedule
+
+
+def test_matching_pretraining_config(course) -> None:
+    from cirlib.methods.reranking import MatchingConfig, RerankerConfig
+
+    full = replace(course, quick=False)
+    assert full.matching_config() == MatchingConfig(layers=RerankerConfig.for_tiny().layers, seed=course.seed,
+                                                    progress=False)
+    assert full.matching_config().layers == full.reranker_config().layers == 2  # the depth the re-ranker starts from
+    quick = course.matching_config()
+    assert quick.epochs * quick.epoch_size < full.matching_config().epochs * full.matching_config().epoch_size
+    assert course.matching_config(lr=1e-3).lr == 1e-3

@@ -114,6 +114,33 @@ def test_clip_loss_matches_hand_computed_values() -> None:
     assert torch.allclose(clip_loss(img, txt, torch.tensor(10.0), torch.arange(5)), reference)
 
 
+def test_matching_loss_by_hand() -> None:
+    from cirlib.methods.losses import matching_loss
+
+    # caption 0 scores image 0 at 1 and image 1 at 0; caption 1 scores both at 0 (a scorer, not a dot product:
+    # the matrix need not be symmetric). t2i: (log(1 + e^-1) + log 2) / 2; i2t, the columns:
+    # image 0 sees (1, 0) -> log(1 + e^-1), image 1 sees (0, 0) -> log 2; the mean of both directions.
+    logits = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    expected = (math.log(1 + math.exp(-1)) + math.log(2)) / 2
+    assert matching_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    # the same caption twice: caption 0's target is half image 0, half image 1 (and likewise each image's)
+    # -> t2i row 0: -(log p00 + log p01) / 2 with p = softmax(1, 0); row 1: log 2
+    p0 = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    row0 = -(p0.log().sum() / 2).item()
+    assert matching_loss(logits, torch.tensor([3, 3])).item() == pytest.approx((row0 + math.log(2)) / 2, rel=1e-6)
+    # distinct groups are CLIP's cross-entropy form, here on a non-symmetric score matrix
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 5, generator=g)
+    ce = torch.nn.functional.cross_entropy
+    reference = (ce(scores, torch.arange(5)) + ce(scores.T, torch.arange(5))) / 2
+    assert torch.allclose(matching_loss(scores.to(torch.bfloat16)), reference, atol=0.05)
+    assert torch.allclose(matching_loss(scores), reference)
+    with pytest.raises(ValueError, match=r"square \[B, B\]"):
+        matching_loss(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="groups must be"):
+        matching_loss(scores, torch.arange(4))
+
+
 # Textual inversion losses (iSEARLE), each against numbers worked out by hand.
 
 

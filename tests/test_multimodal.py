@@ -145,6 +145,39 @@ def test_reranker_layers_merge_and_shared_feedforward(tiny: Backbone) -> None:
     assert sum(p.numel() for p in dual.parameters()) == n_shared + 2 * ff
 
 
+def test_reranker_initialised_from_a_matching_encoder(tiny: Backbone) -> None:
+    """Every stream starts from the matcher's weights; the feed-forward stays one shared tensor; the head stays new."""
+    matcher = DualEncoderReranker.from_backbone(tiny, layers=2, encoders="t")
+    with torch.no_grad():
+        for p in matcher.parameters():
+            p.add_(torch.randn_like(p))  # as if trained: unlike the text tower both start from
+    model = DualEncoderReranker.from_backbone(tiny, layers=2)
+    head = [p.clone() for p in model.head.parameters()]
+    model.initialise_from(matcher)
+    torch.testing.assert_close(model.token_embedding.weight, matcher.token_embedding.weight)
+    torch.testing.assert_close(model.positional_embedding, matcher.positional_embedding)
+    for mine, theirs in zip(model.layers, matcher.layers):
+        for stream in ("t", "z"):
+            torch.testing.assert_close(mine.self_attn[stream].attn.in_proj_weight,
+                                       theirs.self_attn["t"].attn.in_proj_weight)
+            torch.testing.assert_close(mine.cross_attn[stream].attn.out_proj.weight,
+                                       theirs.cross_attn["t"].attn.out_proj.weight)
+        assert mine.self_attn["t"].attn.in_proj_weight is not mine.self_attn["z"].attn.in_proj_weight
+        assert mine.feed_forward_other is None
+        torch.testing.assert_close(mine.feed_forward.mlp.c_fc.weight, theirs.feed_forward.mlp.c_fc.weight)
+    torch.testing.assert_close(model.ln_final["z"].weight, matcher.ln_final["t"].weight)
+    for new, old in zip(model.head.parameters(), head):
+        torch.testing.assert_close(new, old)
+    dual = DualEncoderReranker.from_backbone(tiny, layers=2, shared_feedforward=False)
+    dual.initialise_from(matcher)
+    torch.testing.assert_close(dual.layers[1].feed_forward_other.mlp.c_proj.weight,
+                               matcher.layers[1].feed_forward.mlp.c_proj.weight)
+    with pytest.raises(ValueError, match="1 layers .* this re-ranker 2"):
+        model.initialise_from(DualEncoderReranker.from_backbone(tiny, layers=1, encoders="t"))
+    with pytest.raises(ValueError, match="one-stream Encoder-t"):
+        model.initialise_from(dual)
+
+
 def test_merge_layers_by_hand(tiny: Backbone) -> None:
     """A layer adds the merged cross-attention outputs to both streams: their mean, or a linear map of both."""
     model = DualEncoderReranker.from_backbone(tiny, layers=2).eval()

@@ -12,18 +12,23 @@ import torch
 from PIL import Image
 
 from cirlib.data.datasets import CIRSplit, Query, query_text
+from cirlib.data.labels import load_attributed_images
 from cirlib.evaluation.protocols import per_query_metrics
 from cirlib.methods import reranking
 from cirlib.methods.reranking import (
+    MATCHED_SCHEDULES,
     PAPER_K,
     FilterConfig,
     FirstStage,
     ImageBank,
+    MatchingConfig,
     QuerySet,
     RerankerConfig,
     TrainingData,
     combine_stage,
     filter_stage,
+    image_captions,
+    pretrain_matching,
     ranking_features,
     rerank,
     train_filter,
@@ -252,6 +257,8 @@ def test_query_sets_and_training_data_read_image_files_through_the_caches(tiny: 
     # img1 again, read through the pixel cache in another batch
     torch.testing.assert_close(train.images.tokens[1].float(), qs.images.tokens[1].float(), rtol=1e-3, atol=1e-3)
     assert train.dataset == "cirr" and train.captions(torch.tensor([2]), None) == ["add a dog"]
+    # rows in first-seen order, each triplet's reference then its target
+    assert train.image_paths == tuple(paths[n] for n in ("img6", "img1", "img2", "img3", "img7", "img0"))
 
 
 def test_a_subset_keeps_queries_and_their_inputs_together(tiny: Backbone) -> None:
@@ -435,6 +442,48 @@ def test_rerank_scores_each_query_with_its_candidates(tiny: Backbone, tmp_path: 
         rerank(reranker, filt, qs, torch.full((5, 4), 10), progress=False)
 
 
+def test_matching_pretraining_learns_and_starts_the_reranker(tiny: Backbone, tmp_path: Path) -> None:
+    images = _bank(tiny, 12, 5)
+    captions = [f"a {COLOURS[i % 4]} thing" for i in range(8)] + [f"a {COLOURS[i]} thing with dots" for i in range(4)]
+    config = MatchingConfig(layers=1, lr=1e-3, weight_decay=0.0, batch_size=6, epochs=4, epoch_size=None,
+                            progress=False)
+    matcher, history = pretrain_matching(tiny, images, captions, config, tmp_path / "matcher.pt")
+    losses = [row["loss"] for row in history]
+    assert len(history) == 4 and losses[-1] < losses[0] and matcher.streams == ("t",) and not matcher.training
+    again, history_again = pretrain_matching(tiny, images, captions, config, tmp_path / "matcher.pt")  # loaded
+    assert history_again == history
+    torch.testing.assert_close(again.layers[0].cross_attn["t"].attn.out_proj.weight,
+                               matcher.layers[0].cross_attn["t"].attn.out_proj.weight)
+    # a re-ranker trained at learning rate 0 keeps what it started from: the matcher's weights, in both streams
+    train, val = _training(tiny), {"dress": _query_set(tiny)}
+    filt, _ = train_filter(tiny, train, val, FAST_FILTER, tmp_path / "filter.pt")
+    still = replace(FAST_RERANKER, lr=0.0, epochs=1, keep="last", k=None)
+    reranker, _ = train_reranker(tiny, filt, train, val, still, tmp_path / "reranker.pt", matcher=matcher)
+    for stream in ("t", "z"):
+        torch.testing.assert_close(reranker.layers[0].cross_attn[stream].attn.in_proj_weight,
+                                   matcher.layers[0].cross_attn["t"].attn.in_proj_weight)
+    plain, _ = train_reranker(tiny, filt, train, val, still, tmp_path / "plain.pt")
+    assert not torch.equal(plain.layers[0].cross_attn["z"].attn.in_proj_weight,
+                           reranker.layers[0].cross_attn["z"].attn.in_proj_weight)
+    with pytest.raises(ValueError, match="11 captions for 12 images"):
+        pretrain_matching(tiny, images, captions[:11], config)
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        MatchingConfig(batch_size=1)
+
+
+def test_image_captions_come_from_the_generated_attributes(tiny: Backbone, quick_fashion_root: Path) -> None:
+    items = load_attributed_images([quick_fashion_root], "train")[:5]
+    bank = _bank(tiny, 5, 0)
+    train = TrainingData(bank, torch.tensor([0, 2]), torch.tensor([1, 3]), [], "fashioniq",
+                         tuple(item.path for item in items))
+    assert image_captions(train, [quick_fashion_root]) == [item.caption for item in items]
+    elsewhere = replace(train, image_paths=(*train.image_paths[:4], Path("/nowhere/real.jpg")))
+    with pytest.raises(ValueError, match=r"1 of 5 training images have no generated attributes.*/nowhere/real.jpg"):
+        image_captions(elsewhere, [quick_fashion_root])
+    with pytest.raises(ValueError, match="lists no image paths"):
+        image_captions(replace(train, image_paths=()), [quick_fashion_root])
+
+
 def test_bad_training_inputs(tiny: Backbone) -> None:
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
         RerankerConfig(batch_size=1)
@@ -451,3 +500,9 @@ def test_tiny_configs() -> None:
     assert tiny_reranker.k == 20 and tiny_reranker.keep == "last" and tiny_reranker.patience is None
     assert tiny_reranker.batch_size == 16
     assert (RerankerConfig().batch_size, RerankerConfig().lr, FilterConfig().batch_size) == (16, 2e-5, 512)
+    matched = RerankerConfig.for_tiny("cirr", matched=True)
+    assert (matched.epochs, matched.epoch_size, matched.hard_negatives) == (6, 1500, 8) == tuple(
+        MATCHED_SCHEDULES["cirr"][k] for k in ("epochs", "epoch_size", "hard_negatives"))
+    # a benchmark without a matched schedule keeps its own; overrides still win
+    assert RerankerConfig.for_tiny("fashioniq", matched=True) == RerankerConfig.for_tiny("fashioniq")
+    assert RerankerConfig.for_tiny("cirr", matched=True, epochs=2).epochs == 2

@@ -51,6 +51,12 @@ def batch_contrastive_loss(query: Tensor, target: Tensor, scale: float = 100.0, 
     return F.cross_entropy(logits, labels)
 
 
+def _group_targets(rows: Tensor, groups: Tensor) -> Tensor:
+    """``[R, B]`` target distributions: row ``i`` spreads equally over the pairs sharing its group."""
+    targets = (rows.unsqueeze(1) == groups.unsqueeze(0)).float()
+    return targets / targets.sum(dim=1, keepdim=True)
+
+
 def clip_loss(
     image_features: Tensor,
     text_features: Tensor,
@@ -77,8 +83,7 @@ def clip_loss(
     if groups is None:
         groups = torch.arange(len(image_features), device=image_features.device)
     logits = logit_scale * image_features @ text_features.T
-    targets = (groups[rows].unsqueeze(1) == groups.unsqueeze(0)).float()
-    targets = targets / targets.sum(dim=1, keepdim=True)
+    targets = _group_targets(groups[rows], groups)
     classes = logits[rows]  # what each image's softmax runs over: the batch's texts, then its foil
     if foils is not None:
         rows_n, width = len(classes), image_features.shape[1]
@@ -93,6 +98,27 @@ def clip_loss(
     loss_i2t = -(targets * log_probs).sum(dim=1).mean()
     loss_t2i = -(targets * F.log_softmax(logits[:, rows].T, dim=1)).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def matching_loss(logits: Tensor, groups: Tensor | None = None) -> Tensor:
+    """Image-text matching as a batch contrast: ``logits[i, j]`` scores caption ``i`` with image ``j``.
+
+    :func:`clip_loss`'s symmetric cross-entropy, for a scorer that reads a caption and an image together
+    (cross-attention) instead of comparing two features: each caption must pick its image among the
+    batch's, and each image its caption. ``groups[i]`` identifies pair ``i``'s caption; pairs with
+    equal captions are positives of each other with equal weight (generated captions repeat). In fp32.
+    """
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1] or len(logits) < 2:
+        raise ValueError(f"matching needs a square [B, B] score matrix with B >= 2, got {tuple(logits.shape)}")
+    if groups is None:
+        groups = torch.arange(len(logits), device=logits.device)
+    if groups.shape != (len(logits),):
+        raise ValueError(f"groups must be [B] for B = {len(logits)}, got {tuple(groups.shape)}")
+    targets = _group_targets(groups, groups)
+    logits = logits.float()
+    loss_t2i = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    loss_i2t = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (loss_t2i + loss_i2t) / 2
 
 
 # Textual inversion (iSEARLE): a pseudo-word token per image, by optimisation (OTI) and by phi.

@@ -383,6 +383,34 @@ class DualEncoderReranker(nn.Module):
         pooled = [self.ln_final[s](x)[rows, eot] for s, x in zip(self.streams, xs)]
         return self.head(torch.cat(pooled, dim=-1)).squeeze(-1)
 
+    @torch.no_grad()
+    def initialise_from(self, matcher: "DualEncoderReranker") -> None:
+        """Start every stream from ``matcher``, a one-stream (Encoder-t) re-ranker of the same depth and widths
+        pretrained on image-text matching, as BLIP's encoders start from its pretrained text encoder.
+
+        Copied: the token and positional embeddings, each layer's self- and cross-attention (into every
+        stream), its feed-forward (into both when they are separate) and the final norm. The merges and the
+        scorer head stay new: matching has nothing to merge, and its head scores one stream.
+        """
+        if matcher.streams != ("t",):
+            raise ValueError(f"initialise_from takes a one-stream Encoder-t re-ranker, got streams {matcher.streams}")
+        theirs, mine = ((len(m.layers), m.width, m.image_width) for m in (matcher, self))
+        if theirs != mine:
+            raise ValueError(f"matcher has {theirs[0]} layers of width {theirs[1]} over images of width {theirs[2]}; "
+                             f"this re-ranker {mine[0]}, {mine[1]} and {mine[2]}")
+        if "t" in self.streams:
+            self.token_embedding.load_state_dict(matcher.token_embedding.state_dict())
+            self.positional_embedding.copy_(matcher.positional_embedding)
+        for mine, theirs in zip(self.layers, matcher.layers):
+            for stream in mine.streams:
+                mine.self_attn[stream].load_state_dict(theirs.self_attn["t"].state_dict())
+                mine.cross_attn[stream].load_state_dict(theirs.cross_attn["t"].state_dict())
+            for feed_forward in (mine.feed_forward, mine.feed_forward_other):
+                if feed_forward is not None:
+                    feed_forward.load_state_dict(theirs.feed_forward.state_dict())
+        for stream in self.streams:
+            self.ln_final[stream].load_state_dict(matcher.ln_final["t"].state_dict())
+
     def pairwise(self, tokens: Tensor, z_t: Tensor, candidate_tokens: Tensor) -> Tensor:
         """``[B, C]`` scores of each of ``B`` queries against each of ``C`` candidates.
 
