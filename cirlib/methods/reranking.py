@@ -649,7 +649,8 @@ well below its filter (R@10 6.3 against 10.9 at the budget) to level with it (10
 extra minute or two; twelve epochs move it no further beyond noise (11.6). CIRR's re-ranker gains as much
 from that schedule (R@1 5.8 to 21.4) but stays well below its filter (28.6) and costs twice as long (its
 captions are longer); it reaches its filter only with the filter's negatives over 12 epochs, about 17
-minutes, so CIRR keeps the budget schedule."""
+minutes, or beats it after matching pretraining (:data:`MATCHED_SCHEDULES`, about 9 minutes more), so
+CIRR keeps the budget schedule."""
 
 
 MATCHED_SCHEDULES: dict[str, dict[str, int]] = {"cirr": {"epochs": 6, "epoch_size": 1500, "hard_negatives": 8}}
@@ -711,6 +712,40 @@ def _optimizer_and_schedule(
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps), eta_min=0.0)
+
+
+def _training_loop(
+    name: str,
+    module: nn.Module,
+    config: FilterConfig | RerankerConfig | MatchingConfig,
+    n: int,
+    device: torch.device,
+    ckpt_path: Path | str | None,
+    inputs: Mapping[str, Any],
+    desc: str,
+    main_metric: str | None = None,
+    patience: int | None = None,
+) -> TrainingLoop:
+    """What every training here shares: AdamW with a cosine schedule to 0 over ``config``'s steps (epochs of
+    ``epoch_size`` of ``n`` items) and one resumable :class:`TrainingLoop` of ``module``, fingerprinted by
+    ``inputs`` plus the config and the precision."""
+    steps = config.epochs * _steps_per_epoch(n, config.epoch_size, config.batch_size)
+    optimizer, scheduler = _optimizer_and_schedule(module, config.lr, config.weight_decay, steps)
+    return TrainingLoop(
+        modules={name: module},
+        optimizer=optimizer,
+        scaler=grad_scaler(device, config.amp),
+        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
+        fingerprint={**inputs, "config": _config_key(config), "precision": precision(device, config.amp)},
+        epochs=config.epochs,
+        seed=config.seed,
+        main_metric=main_metric,
+        patience=patience,
+        scheduler=scheduler,
+        desc=desc,
+        progress=config.progress,
+        meta={"hparams": module.hparams, "config": _config_key(config)},
+    )
 
 
 def _steps_per_epoch(n: int, epoch_size: int | None, batch_size: int) -> int:
@@ -777,25 +812,11 @@ def train_filter(
         torch.manual_seed(config.seed)
         filt = CandidateFilter.from_backbone(backbone, config.layers, config.init_temperature)
     dataset = _one_dataset(val)
-    steps = config.epochs * _steps_per_epoch(len(train), config.epoch_size, config.batch_size)
-    optimizer, scheduler = _optimizer_and_schedule(filt, config.lr, config.weight_decay, steps)
-    loop = TrainingLoop(
-        modules={"filter": filt},
-        optimizer=optimizer,
-        scaler=grad_scaler(device, config.amp),
-        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint={
-            "stage": "candidate-filter", "config": _config_key(config), "backbone": backbone.fingerprint,
-            "data": train.fingerprint(), "val": _val_key(val), "precision": precision(device, config.amp),
-        },
-        epochs=config.epochs,
-        seed=config.seed,
-        main_metric=config.main_metric or main_metric_for(dataset),
-        patience=config.patience,
-        scheduler=scheduler,
-        desc="candidate filter",
-        progress=config.progress,
-        meta={"hparams": filt.hparams, "config": _config_key(config)},
+    loop = _training_loop(
+        "filter", filt, config, len(train), device, ckpt_path,
+        {"stage": "candidate-filter", "backbone": backbone.fingerprint, "data": train.fingerprint(),
+         "val": _val_key(val)},
+        "candidate filter", config.main_metric or main_metric_for(dataset), config.patience,
     )
 
     def batch_loss(rows: Tensor, texts: list[str]) -> Tensor:
@@ -866,24 +887,11 @@ def pretrain_matching(
         matcher = DualEncoderReranker.from_backbone(backbone, config.layers, encoders="t")
     tokens = backbone.tokenize(list(captions))
     groups = torch.from_numpy(np.unique(np.asarray(captions, dtype=object), return_inverse=True)[1].astype(np.int64))
-    steps = config.epochs * _steps_per_epoch(len(images), config.epoch_size, config.batch_size)
-    optimizer, scheduler = _optimizer_and_schedule(matcher, config.lr, config.weight_decay, steps)
-    loop = TrainingLoop(
-        modules={"matcher": matcher},
-        optimizer=optimizer,
-        scaler=grad_scaler(device, config.amp),
-        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint={
-            "stage": "image-text matching", "config": _config_key(config), "backbone": backbone.fingerprint,
-            "data": fingerprint([tensor_digest(images.features), list(captions)]),
-            "precision": precision(device, config.amp),
-        },
-        epochs=config.epochs,
-        seed=config.seed,
-        scheduler=scheduler,
-        desc="image-text matching",
-        progress=config.progress,
-        meta={"hparams": matcher.hparams, "config": _config_key(config)},
+    loop = _training_loop(
+        "matcher", matcher, config, len(images), device, ckpt_path,
+        {"stage": "image-text matching", "backbone": backbone.fingerprint,
+         "data": fingerprint([tensor_digest(images.features), list(captions)])},
+        "image-text matching",
     )
     no_z_t = torch.zeros(len(images), 1, 1)  # Encoder-t alone reads no z_t
 
@@ -940,27 +948,12 @@ def train_reranker(
                                                      config.shared_feedforward, config.encoders, config.reference)
     if matcher is not None:
         reranker.initialise_from(matcher)
-    steps = config.epochs * _steps_per_epoch(len(train), config.epoch_size, config.batch_size)
-    optimizer, scheduler = _optimizer_and_schedule(reranker, config.lr, config.weight_decay, steps)
-    loop = TrainingLoop(
-        modules={"reranker": reranker},
-        optimizer=optimizer,
-        scaler=grad_scaler(device, config.amp),
-        ckpt_path=Path(ckpt_path) if ckpt_path is not None else None,
-        fingerprint={
-            "stage": "reranker", "config": _config_key(config), "backbone": backbone.fingerprint,
-            "filter": state_digest(filt), "data": train.fingerprint(), "val": _val_key(val) if validating else None,
-            "precision": precision(device, config.amp),
-            **({"matcher": state_digest(matcher)} if matcher is not None else {}),  # older checkpoints stay valid
-        },
-        epochs=config.epochs,
-        seed=config.seed,
-        main_metric=(config.main_metric or main_metric_for(dataset)) if validating else None,
-        patience=config.patience,
-        scheduler=scheduler,
-        desc="re-ranker",
-        progress=config.progress,
-        meta={"hparams": reranker.hparams, "config": _config_key(config)},
+    loop = _training_loop(
+        "reranker", reranker, config, len(train), device, ckpt_path,
+        {"stage": "reranker", "backbone": backbone.fingerprint, "filter": state_digest(filt),
+         "data": train.fingerprint(), "val": _val_key(val) if validating else None,
+         **({"matcher": state_digest(matcher)} if matcher is not None else {})},  # older checkpoints stay valid
+        "re-ranker", (config.main_metric or main_metric_for(dataset)) if validating else None, config.patience,
     )
 
     hard = (filter_negatives(filt, backbone, train, config.hard_negatives, amp=config.amp)
