@@ -506,3 +506,28 @@ def test_tiny_configs() -> None:
     # a benchmark without a matched schedule keeps its own; overrides still win
     assert RerankerConfig.for_tiny("fashioniq", matched=True) == RerankerConfig.for_tiny("fashioniq")
     assert RerankerConfig.for_tiny("cirr", matched=True, epochs=2).epochs == 2
+
+
+@pytest.mark.slow
+def test_matching_pretraining_reads_a_generated_roots_training_images(tiny: Backbone, quick_scenes_root: Path,
+                                                                       tmp_path: Path) -> None:
+    """The chain notebook 08 runs with ``matching = True``, on a generated CIRR-format root: every training
+    image found among the generated attributes, the matcher trained, a re-ranker started from it."""
+    from cirlib.data.datasets import load_cirr
+
+    split = load_cirr(quick_scenes_root / "CIRR", "train")
+    train = TrainingData.build(tiny, split, cache_dir=tmp_path / "cache", progress=False)
+    captions = image_captions(train, [split.root])
+    assert len(captions) == len(train.images) == len(train.image_paths) and all(captions)
+    attributes = {item.path.name: item.caption for item in load_attributed_images([split.root], "train")}
+    assert captions[0] == attributes[train.image_paths[0].name]
+    config = MatchingConfig(layers=1, batch_size=8, epochs=1, epoch_size=32, progress=False)
+    matcher, history = pretrain_matching(tiny, train.images, captions, config, tmp_path / "matcher.pt")
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    val = {"cirr": QuerySet.build(tiny, load_cirr(split.root, "val"), cache_dir=tmp_path / "cache",
+                                  progress=False)}
+    filt, _ = train_filter(tiny, train, val, replace(FAST_FILTER, epochs=1), tmp_path / "filter.pt")
+    reranker, _ = train_reranker(tiny, filt, train, val, replace(FAST_RERANKER, epochs=1, keep="last", k=None,
+                                                                 epoch_size=16), tmp_path / "reranker.pt",
+                                 matcher=matcher)
+    assert reranker.streams == ("t", "z")
