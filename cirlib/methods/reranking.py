@@ -661,8 +661,9 @@ minutes), then 6 epochs of 1,500 triplets with the filter's 8 top-ranked trainin
 extra negatives (about 6 minutes) gave R@1 34.4 against the filter's 28.6 (+5.8 [2.3, 9.6]), the first
 re-ranker here to beat its filter beyond noise; 3 such epochs gave 23.8, and the budget schedule 10.6
 with matching pretraining (5.8 without). It costs about 9 minutes more than the budget schedule, so
-notebook 08 runs it only when asked (its ``matching`` parameter). On ``fashion`` matching pretraining
-left the budget schedule where it was (R@10 5.7 against 6.3), so it has no entry."""
+notebook 08 runs it only when asked (its ``matching`` parameter). On ``fashion`` matching pretraining did
+not help (R@10 5.7 against 6.3 at the budget schedule, 8.2 against 10.4 before 6 epochs of 1,500 in-batch
+triplets), so it has no entry."""
 
 
 @dataclass(frozen=True)
