@@ -659,11 +659,11 @@ On embedded CIRR (fp32, 2-core CPU, every validation query re-ranked at K = 50; 
 function existed, with its own draw of the matching batches) matching pretraining for 400 steps (about 3
 minutes), then 6 epochs of 1,500 triplets with the filter's 8 top-ranked training images as each query's
 extra negatives (about 6 minutes) gave R@1 34.4 against the filter's 28.6 (+5.8 [2.3, 9.6]), the first
-re-ranker here to beat its filter beyond noise; 3 such epochs gave 23.8, and the budget schedule 10.6
-with matching pretraining (5.8 without). It costs about 9 minutes more than the budget schedule, so
-notebook 08 runs it only when asked (its ``matching`` parameter). On ``fashion`` matching pretraining did
-not help (R@10 5.7 against 6.3 at the budget schedule, 8.2 against 10.4 before 6 epochs of 1,500 in-batch
-triplets), so it has no entry."""
+re-ranker here to beat its filter beyond noise (notebook 08 with ``matching = True``: 35.2, +6.6 [2.9,
+10.3]); 3 such epochs gave 23.8, and the budget schedule 10.6 with matching pretraining (5.8 without). It
+costs about 9 minutes more than the budget schedule, so notebook 08 runs it only when asked (its
+``matching`` parameter). On ``fashion`` matching pretraining did not help (R@10 5.7 against 6.3 at the
+budget schedule, 8.2 against 10.4 before 6 epochs of 1,500 in-batch triplets), so it has no entry."""
 
 
 @dataclass(frozen=True)
