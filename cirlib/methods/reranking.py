@@ -765,30 +765,31 @@ def _config_key(config: FilterConfig | RerankerConfig | MatchingConfig) -> dict:
 
 
 def _epochs(
-    train: TrainingData,
+    n: int,
     batch_size: int,
     epoch_size: int | None,
-    caption_augment: bool,
     seed: int,
     loop: TrainingLoop,
-    batch_loss: Callable[[Tensor, list[str]], Tensor],
+    batch_loss: Callable[..., Tensor],
     modules: Sequence[nn.Module],
     progress: bool,
+    captions: Callable[[Tensor, np.random.Generator], list[str]] | None = None,
 ) -> Callable[[int], float]:
-    """``train_epoch`` of both stages: a reseeded draw of ``epoch_size`` triplets in batches, one step each."""
+    """``train_epoch`` of every training here: a reseeded draw of ``epoch_size`` of ``n`` items in batches, one
+    step each; ``batch_loss(rows)``, or ``batch_loss(rows, captions(rows, rng))`` where the captions are drawn
+    (the triplets' own, FashionIQ's augmentation seeded per epoch)."""
 
     def train_epoch(epoch: int) -> float:
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         rng = np.random.default_rng(epoch_seed(seed, epoch))
-        order = torch.randperm(len(train), generator=gen)[:epoch_size]
+        order = torch.randperm(n, generator=gen)[:epoch_size]
         for module in modules:
             module.train()
         losses = []
         for batch in tqdm(list(batch_slices(order, batch_size)), desc=f"epoch {epoch}", leave=False,
                           disable=not progress):
-            texts = train.captions(batch, rng if caption_augment else None)
-            losses.append(optimizer_step(loop.optimizer, loop.scaler, [partial(batch_loss, batch, texts)],
-                                         loop.scheduler))
+            loss = partial(batch_loss, batch) if captions is None else partial(batch_loss, batch, captions(batch, rng))
+            losses.append(optimizer_step(loop.optimizer, loop.scaler, [loss], loop.scheduler))
         return float(np.mean(losses))
 
     return train_epoch
@@ -832,8 +833,9 @@ def train_filter(
         firsts = {name: filter_stage(filt, qs, amp=config.amp) for name, qs in val.items()}
         return two_stage_metrics(val, firsts, {}, None)
 
-    train_epoch = _epochs(train, config.batch_size, config.epoch_size, config.caption_augment, config.seed, loop,
-                          batch_loss, [filt], config.progress)
+    train_epoch = _epochs(len(train), config.batch_size, config.epoch_size, config.seed, loop, batch_loss, [filt],
+                          config.progress,
+                          lambda rows, rng: train.captions(rows, rng if config.caption_augment else None))
     history = loop.run(train_epoch, validate)
     filt.eval()
     return filt, history
@@ -902,14 +904,8 @@ def pretrain_matching(
                                       images.tokens[rows].to(device))
         return matching_loss(logits, groups[rows].to(device))
 
-    def train_epoch(epoch: int) -> float:
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch)))
-        matcher.train()
-        losses = [optimizer_step(loop.optimizer, loop.scaler, [partial(batch_loss, batch)], loop.scheduler)
-                  for batch in tqdm(list(batch_slices(order[:config.epoch_size], config.batch_size)),
-                                    desc=f"epoch {epoch}", leave=False, disable=not config.progress)]
-        return float(np.mean(losses))
-
+    train_epoch = _epochs(len(images), config.batch_size, config.epoch_size, config.seed, loop, batch_loss, [matcher],
+                          config.progress)
     history = loop.run(train_epoch, None)
     matcher.eval()
     return matcher, history
@@ -989,8 +985,9 @@ def train_reranker(
                                 config.amp, progress=False),
         )
 
-    train_epoch = _epochs(train, config.batch_size, config.epoch_size, config.caption_augment, config.seed, loop,
-                          batch_loss, [reranker], config.progress)
+    train_epoch = _epochs(len(train), config.batch_size, config.epoch_size, config.seed, loop, batch_loss, [reranker],
+                          config.progress,
+                          lambda rows, rng: train.captions(rows, rng if config.caption_augment else None))
     history = loop.run(train_epoch, validate if validating else None)
     reranker.eval()
     return reranker, history
