@@ -236,6 +236,17 @@ def test_split_repr_is_a_summary():
     assert repr(split).startswith("CIRSplit(cirr/val: 3 queries, 11 gallery images, 1 missing")
 
 
+def test_images_digest_follows_the_bytes_not_the_location(tmp_path):
+    original, _ = load_recording(load_cirr, CIRR, "val")
+    moved_root = copy_fixture(CIRR, tmp_path / "elsewhere")
+    moved, _ = load_recording(load_cirr, moved_root, "val")
+    assert moved.root != original.root
+    assert moved.images_digest() == original.images_digest()  # a moved dataset keeps its checkpoints
+    path = moved.image_paths[CIRR_SET_A[1]]
+    Image.eval(Image.open(path).convert("RGB"), lambda v: 255 - v).save(path)  # same name and folder, new pixels
+    assert load_recording(load_cirr, moved_root, "val")[0].images_digest() != original.images_digest()
+
+
 # ------------------------------------------------------------------------------------ query_text
 
 

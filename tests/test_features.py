@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,15 @@ def test_cache_key_ignores_batching_but_not_file_order(images):
     backbone = CountingBackbone()
     assert image_cache_key(backbone, images) == image_cache_key(backbone, [str(p) for p in images])
     assert image_cache_key(backbone, images) != image_cache_key(backbone, images[::-1])
+
+
+def test_cache_key_survives_moving_the_files(images, tmp_path):
+    backbone = CountingBackbone()
+    moved = Path(shutil.copytree(images[0].parent, tmp_path / "moved"))
+    copies = [moved / p.name for p in images]
+    assert image_cache_key(backbone, copies) == image_cache_key(backbone, images)
+    copies[3].write_bytes(images[4].read_bytes())  # one file's bytes differ: its entry is stale
+    assert image_cache_key(backbone, copies) != image_cache_key(backbone, images)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-key"])

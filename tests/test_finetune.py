@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -293,6 +294,23 @@ def test_finished_run_is_loaded_without_training(micro_models, toy, tmp_path: Pa
     assert not _changed(_state(first.model), _state(again.model))
     assert again.fingerprint == first.fingerprint
     assert (tmp_path / "backbone.safetensors").stat().st_mtime_ns == export_mtime
+
+
+def test_a_finished_run_survives_moving_the_data(micro_models, toy, tmp_path: Path, monkeypatch) -> None:
+    """The run's key holds the images' bytes, not their folder: a copied dataset loads the same checkpoint."""
+    train, val = toy
+    config = replace(FAST, epochs=1)
+    first, history = finetune(_backbone(), train, LiveEvaluator(val), config, tmp_path / "run")
+    moved = Path(shutil.copytree(train.root, tmp_path / "moved"))
+    paths = {name: moved / path.relative_to(train.root) for name, path in train.image_paths.items()}
+    moved_train = replace(train, root=moved, image_paths=paths)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run must neither decode images nor validate")
+
+    monkeypatch.setattr(PixelCache, "__init__", fail)
+    again, history2 = finetune(_backbone(), moved_train, fail, config, tmp_path / "run")
+    assert history2 == history and again.fingerprint == first.fingerprint
 
 
 def test_a_run_in_other_arithmetic_is_retrained(micro_models, toy, tmp_path: Path, monkeypatch) -> None:

@@ -2,10 +2,11 @@
 
 An entry is one file named by its key: the fingerprint of :data:`CACHE_VERSION`, of what the
 computation depends on (model, pipeline, precision) and of the file list, which gives each input's
-absolute path, size and content digest. Digests, not mtimes: a same-size rewrite that keeps the
-mtime (``cp -p``, ``rsync -t``, an extracted archive) must not serve stale values. Within a process
-each digest is remembered per (path, size, mtime, ctime, inode, device), which any rewrite changes,
-so repeated keys of one gallery hash it once.
+size and content digest in order. Not its path: the same bytes give the same values wherever they
+lie, so a moved project or dataset keeps its entries. Digests, not mtimes: a same-size rewrite that
+keeps the mtime (``cp -p``, ``rsync -t``, an extracted archive) must not serve stale values. Within a
+process each digest is remembered per (path, size, mtime, ctime, inode, device), which any rewrite
+changes, so repeated keys of one gallery hash it once.
 
 Entries are written atomically; one that cannot be read or fails its check is recomputed with a
 warning, never trusted.
@@ -28,7 +29,7 @@ from cirlib.core.io import atomic_path, fingerprint
 if TYPE_CHECKING:
     import torch
 
-CACHE_VERSION = 2  # 2: files keyed by content digest instead of mtime
+CACHE_VERSION = 3  # 2: files keyed by content digest instead of mtime; 3: and no longer by their path
 """Version of every on-disk cache entry. Bump it when decoding or extraction changes what a given
 file list yields, to orphan the entries written before."""
 
@@ -70,13 +71,10 @@ def content_digest(path: str | os.PathLike) -> str:
     return _sized_digest(os.path.abspath(path), path)[1]
 
 
-def file_list(paths: Sequence[Path | str]) -> list[tuple[str, int, str]]:
-    """(absolute path, size, content digest) per file: what makes a cache of these files stale."""
-    entries = []
-    for p in paths:
-        abspath = os.path.abspath(p)
-        entries.append((abspath, *_sized_digest(abspath, p)))
-    return entries
+def file_list(paths: Sequence[Path | str]) -> list[tuple[int, str]]:
+    """(size, content digest) per file: what makes a cache of these files stale. Not the path: values
+    computed from the same bytes are the same wherever the files lie, so a moved project keeps its caches."""
+    return [_sized_digest(os.path.abspath(p), p) for p in paths]
 
 
 def cache_key(inputs: dict[str, Any], paths: Sequence[Path | str]) -> str:

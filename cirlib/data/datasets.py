@@ -44,6 +44,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cirlib.core.cache import content_digest
+from cirlib.core.io import fingerprint
+
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FASHIONIQ_SPLITS = ("train", "val", "test")
 CIRR_SPLITS = ("train", "val", "test1")
@@ -137,6 +140,11 @@ class CIRSplit:
             f"CIRSplit({self.dataset}/{self.split}: {len(self.queries)} queries, "
             f"{len(self.gallery)} gallery images, {self.n_missing} missing, root={str(self.root)!r})"
         )
+
+    def images_digest(self) -> str:
+        """Fingerprint of the split's images (names and bytes), not of where they lie: a checkpoint trained on
+        them stays valid when the project or the dataset moves, and goes stale when an image changes."""
+        return fingerprint([(name, content_digest(path)) for name, path in sorted(self.image_paths.items())])
 
 
 # ----------------------------------------------------------------------------------- public API

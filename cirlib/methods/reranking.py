@@ -755,8 +755,10 @@ def _steps_per_epoch(n: int, epoch_size: int | None, batch_size: int) -> int:
 
 
 def _val_key(val: Mapping[str, QuerySet]) -> list:
-    """What of the validation data decides the kept epoch (split identity and queries)."""
-    return [(name, qs.split.dataset, qs.split.split, str(qs.split.root), len(qs), tensor_digest(qs.tokens))
+    """What of the validation data decides the kept epoch: split identity, images (by their features, so not
+    by where they lie) and queries."""
+    return [(name, qs.split.dataset, qs.split.split, len(qs),
+             tensor_digest(qs.tokens, qs.reference_rows, qs.images.features))
             for name, qs in sorted(val.items())]
 
 

@@ -144,7 +144,7 @@ def _run_inputs(
     validated: bool = True,
 ) -> dict[str, Any]:
     data = [
-        (s.dataset, s.split, str(s.root), [(q.reference, q.target, list(q.captions)) for q in s.queries])
+        (s.dataset, s.split, s.images_digest(), [(q.reference, q.target, list(q.captions)) for q in s.queries])
         for s in splits
     ]
     config_key = asdict(config)
