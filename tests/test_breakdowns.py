@@ -18,6 +18,7 @@ from cirlib.evaluation.breakdowns import (
     breakdown,
     caption_oracle,
     false_negatives,
+    lookalike_recall,
     query_edits,
     unsaid_differences,
 )
@@ -242,6 +243,53 @@ def test_unsaid_differences_refuse_what_they_cannot_read() -> None:
     written = replace(dress, queries=[replace(dress.queries[0], captions=("is a yellow dress", "with a heart"))])
     with pytest.raises(ValueError, match="query 0 of .*state no attribute"):
         unsaid_differences(written, meta)
+
+
+# ------------------------------------------------------------------------------- look-alikes
+
+
+def lookalike_case() -> tuple[CIRSplit, dict]:
+    """Six dresses: g0-g2 black plain (g2 with a heart), g3 black striped, g4 and g5 yellow plain."""
+    def dress(colour: str, pattern: str = "plain", logo: str = "none") -> dict:
+        return {"category": "dress", "colour": colour, "pattern": pattern, "logo": logo}
+
+    attributes = {"g0": dress("black"), "g1": dress("black"), "g2": dress("black", logo="heart"),
+                  "g3": dress("black", "stripes"), "g4": dress("yellow"), "g5": dress("yellow")}
+    queries = [Query("g4", ("is black",), "g0", category="dress"),  # look-alikes g0, g1; g2 too when logos are unread
+               Query("g0", ("has stripes",), "g3", category="dress")]  # g3 alone
+    split = CIRSplit("fashioniq", "val", Path("."), queries, list(attributes), {}, 0)
+    return split, {"attributes": attributes}
+
+
+def test_lookalike_recall_by_hand() -> None:
+    split, meta = lookalike_case()
+    ranked = torch.tensor([[1, 2, 0, 3], [0, 1, 2, 3]])  # query 0 finds a look-alike first, its target third
+    result = lookalike_recall({"dress": split}, {"dress": ranked}, ks=(1, 3), meta=meta)
+    assert result.values["R@1"].tolist() == [0.0, 0.0] and result.values["R@3"].tolist() == [100.0, 0.0]
+    assert result.values["look-alike R@1"].tolist() == [100.0, 0.0]
+    assert result.values["look-alike R@3"].tolist() == [100.0, 0.0]
+    assert result.values["look-alikes"].tolist() == [2.0, 1.0]
+    assert result.values["ceiling R@1"].tolist() == [50.0, 100.0]  # one in two look-alikes, then the only one
+    blind = lookalike_recall(split, ranked, ks=(1, 3), attributes=("category", "colour", "pattern"), meta=meta)
+    assert blind.values["look-alikes"].tolist() == [3.0, 1.0]  # the heart no longer tells g2 apart
+    assert blind.values["ceiling R@1"].tolist() == pytest.approx([100 / 3, 100.0])
+    assert blind.mean("ceiling R@3") == 100.0 and blind.names == ("val",)
+
+
+def test_lookalike_recall_refuses_what_it_cannot_read() -> None:
+    split, meta = lookalike_case()
+    ranked = torch.tensor([[1, 2, 0, 3], [0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="needs labelled FashionIQ-format splits"):
+        lookalike_recall(replace(split, dataset="cirr"), ranked, meta=meta)
+    with pytest.raises(ValueError, match=r"ranked must be \[2, >= 50\], got \(2, 4\)"):
+        lookalike_recall(split, ranked, meta=meta)
+    with pytest.raises(ValueError, match="rankings for splits"):
+        lookalike_recall({"dress": split}, {"shirt": ranked}, ks=(1,), meta=meta)
+    with pytest.raises(ValueError, match=r"has no rendering \['g5'\]"):
+        lookalike_recall(split, ranked, ks=(1,), meta={"attributes": {k: v for k, v in meta["attributes"].items()
+                                                                        if k != "g5"}})
+    with pytest.raises(ValueError, match=r"no attribute \['print'\]"):
+        lookalike_recall(split, ranked, ks=(1,), attributes=("colour", "print"), meta=meta)
 
 
 # --------------------------------------------------------------------------- false negatives

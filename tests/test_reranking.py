@@ -170,6 +170,14 @@ def test_two_stage_per_query_means_are_the_two_stage_metrics(tiny: Backbone) -> 
             assert pq.mean(metric) == pytest.approx(means[metric])
 
 
+def test_reorder_sorts_each_querys_candidates_by_score_ties_in_first_stage_order() -> None:
+    candidates = torch.tensor([[7, 3, 5, 1], [2, 4, 6, 8]])
+    scores = torch.tensor([[0.1, 0.9, 0.1, 0.5], [1.0, 1.0, 1.0, 2.0]])
+    assert reranking.reorder(candidates, scores).tolist() == [[3, 1, 7, 5], [8, 2, 4, 6]]
+    with pytest.raises(ValueError, match=r"must both be \[Q, K\]"):
+        reranking.reorder(candidates, scores[:, :3])
+
+
 def test_target_positions_coverage_and_rank_changes(tiny: Backbone) -> None:
     qs = _query_set(tiny, n_queries=4, n_images=10)
     targets = [int(q.target[3:]) for q in qs.split.queries]

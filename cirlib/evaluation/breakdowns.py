@@ -15,7 +15,10 @@ attributes (``cirlib_meta.json``), so they can say
 - which retrieved images meet every constraint of the caption without being a labelled target
   (:func:`false_negatives`): correct answers the benchmark counts as wrong;
 - how much a CIRCO-format caption alone can find (:func:`caption_oracle`): the text-only baseline's
-  ceiling, which tells a benchmark whose captions say too little from a model that cannot match them.
+  ceiling, which tells a benchmark whose captions say too little from a model that cannot match them;
+- whether a FashionIQ-format ranking found the target's attributes or the target itself
+  (:func:`lookalike_recall`): the gallery holds renderings of other garments with exactly the target's
+  attributes, which no caption can tell from it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from cirlib.data.datasets import CIRCO_ASPECTS, CIRSplit
 from cirlib.data.synth import fashion, scenes
@@ -35,8 +39,8 @@ from cirlib.evaluation.bootstrap import Interval, PerQuery
 from cirlib.evaluation.metrics import group_members
 from cirlib.evaluation.protocols import per_query_score_metrics
 
-__all__ = ["EDIT_TYPES", "UNSAID_GROUPS", "FalseNegatives", "QueryEdit", "breakdown", "caption_oracle",
-           "false_negatives", "query_edits", "unsaid_differences"]
+__all__ = ["EDIT_TYPES", "FASHION_LOOKS", "UNSAID_GROUPS", "FalseNegatives", "QueryEdit", "breakdown",
+           "caption_oracle", "false_negatives", "lookalike_recall", "query_edits", "unsaid_differences"]
 
 EDIT_TYPES: tuple[str, ...] = ("recolour", "resize", "replace", "move", "count", "add", "remove", "background",
                                "view")
@@ -453,3 +457,69 @@ def caption_oracle(split: CIRSplit, meta: Mapping | None = None, seed: int = 0) 
     order = torch.rand(described.shape, generator=torch.Generator().manual_seed(seed)) * 0.5
     per_query = per_query_score_metrics(split, described + order)
     return PerQuery.from_splits({split.split: {k: v.numpy() for k, v in per_query.items()}})
+
+
+# ------------------------------------------------------------------------------ look-alikes
+
+
+FASHION_LOOKS: tuple[str, ...] = ("category", "colour", "pattern", "logo")
+"""The rendering attributes of the generated ``fashion`` benchmark that its captions can speak of. Two
+renderings that agree on all of them differ only in the garment's shape, which no caption describes."""
+
+
+def lookalike_recall(
+    splits: CIRSplit | Mapping[str, CIRSplit],
+    ranked: Tensor | Mapping[str, Tensor],
+    ks: Sequence[int] = (10, 50),
+    attributes: Sequence[str] = FASHION_LOOKS,
+    meta: Mapping | None = None,
+) -> PerQuery:
+    """Per-query recall of the target and of its look-alikes in a FashionIQ-format ranking.
+
+    A look-alike is a gallery image with the target's ``attributes`` (the target itself included).
+    ``ranked[split]`` ``[Q, >= max(ks)]`` holds each query's best gallery indices, best first (a first
+    stage's candidates, or those re-ordered by a re-ranker). Metrics, in percent: ``R@k`` (the target in
+    the top k, the protocol's recall), ``look-alike R@k`` (any look-alike in the top k: the attributes
+    were found), ``ceiling R@k`` (``100 * min(1, k / n)`` for ``n`` look-alikes: the expected recall of a
+    ranking that puts every look-alike first in a random order, the best a model reading exactly
+    ``attributes`` can do) and ``look-alikes`` (``n`` itself, a count). Attributes come from ``meta``
+    (default: the first split root's ``cirlib_meta.json``).
+    """
+    group = {"": splits} if isinstance(splits, CIRSplit) else dict(splits)
+    rankings = {"": ranked} if isinstance(ranked, Tensor) else dict(ranked)
+    if set(rankings) != set(group):
+        raise ValueError(f"rankings for splits {sorted(rankings)}, but the splits are {sorted(group)}")
+    wrong = [repr(s) for s in group.values() if s.dataset != "fashioniq" or s.queries and s.queries[0].target is None]
+    if wrong:
+        raise ValueError(f"look-alike recall needs labelled FashionIQ-format splits, got {', '.join(wrong)}")
+    if not group:
+        raise ValueError("no splits to score")
+    table = (fashion.load_meta(next(iter(group.values())).root) if meta is None else meta)["attributes"]
+    per_split = {}
+    for name, split in group.items():
+        order = rankings[name]
+        if order.ndim != 2 or len(order) != len(split.queries) or order.shape[1] < max(ks):
+            raise ValueError(f"{split!r}: ranked must be [{len(split.queries)}, >= {max(ks)}], "
+                             f"got {tuple(order.shape)}")
+        unknown = [n for n in (*split.gallery, *(q.target for q in split.queries)) if n not in table]
+        if unknown:
+            raise ValueError(f"{split!r}: meta['attributes'] has no rendering {unknown[:3]}")
+        missing = [a for a in attributes if a not in table[split.gallery[0]]]
+        if missing:
+            raise ValueError(f"renderings have no attribute {missing}; they have {sorted(table[split.gallery[0]])}")
+        looks = [tuple(table[n][a] for a in attributes) for n in split.gallery]
+        index = {n: i for i, n in enumerate(split.gallery)}
+        values: dict[str, list[float]] = {m: [] for k in ks for m in (f"R@{k}", f"look-alike R@{k}", f"ceiling R@{k}")}
+        values["look-alikes"] = []
+        for q, row in zip(split.queries, order.tolist()):
+            wanted = tuple(table[q.target][a] for a in attributes)
+            alike = {i for i, look in enumerate(looks) if look == wanted}  # the target too, when in the gallery
+            values["look-alikes"].append(float(len(alike)))
+            for k in ks:
+                top = row[:k]
+                values[f"R@{k}"].append(100.0 * (index.get(q.target, -1) in top))
+                values[f"look-alike R@{k}"].append(100.0 * any(i in alike for i in top))
+                values[f"ceiling R@{k}"].append(100.0 * min(1.0, k / len(alike)) if alike else 0.0)
+        per_split[split.split if name == "" else name] = values
+    return PerQuery.from_splits(per_split)
+

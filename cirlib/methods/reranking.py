@@ -353,6 +353,16 @@ def rerank(
     return torch.cat(out) if out else torch.empty(0, k)
 
 
+def reorder(candidates: Tensor, scores: Tensor) -> Tensor:
+    """Each query's candidates ``[Q, K]`` re-ordered by the re-ranker's ``scores`` ``[Q, K]``, best first;
+    ties keep the first stage's order."""
+    if candidates.shape != scores.shape or candidates.ndim != 2:
+        raise ValueError(f"candidates and scores must both be [Q, K], got {tuple(candidates.shape)} "
+                         f"and {tuple(scores.shape)}")
+    order = scores.float().argsort(dim=1, descending=True, stable=True)
+    return candidates.long().gather(1, order.to(candidates.device))
+
+
 def ranking_features(first: FirstStage, candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """Query and gallery features whose cosine ranking is the two-stage ranking, for the protocols.
 
@@ -366,13 +376,9 @@ def ranking_features(first: FirstStage, candidates: Tensor, scores: Tensor) -> t
     order, on ``query @ gallery.T``) apply unchanged. Memory is ``Q x G + G x G`` floats: fine for
     validation galleries of thousands of images.
     """
-    if candidates.shape != scores.shape or candidates.ndim != 2:
-        raise ValueError(f"candidates and scores must both be [Q, K], got {tuple(candidates.shape)} "
-                         f"and {tuple(scores.shape)}")
+    ranked = reorder(candidates.cpu(), scores.cpu())
     full = first.scores().cpu()
     k = candidates.shape[1]
-    order = scores.float().argsort(dim=1, descending=True, stable=True)  # candidates arrive best first
-    ranked = candidates.long().cpu().gather(1, order.cpu())
     top = (2.0 + torch.arange(k, 0, -1, dtype=full.dtype)).expand(len(ranked), k)
     return full.scatter(1, ranked, top), torch.eye(full.shape[1])
 
@@ -426,10 +432,7 @@ def target_positions(queries: QuerySet, candidates: Tensor, scores: Tensor | Non
     The position in the first stage's top K is the target's rank in the full ranking (the list is
     that ranking's head), so one call gives the ground-truth coverage at every K' <= K (Fig. 6)."""
     if scores is not None:
-        if scores.shape != candidates.shape:
-            raise ValueError(f"scores {tuple(scores.shape)} and candidates {tuple(candidates.shape)} differ")
-        order = scores.float().argsort(dim=1, descending=True, stable=True)
-        candidates = candidates.long().gather(1, order.to(candidates.device))
+        candidates = reorder(candidates, scores)
     index = name_index(queries.split.gallery)
     targets = torch.tensor([index.get(q.target, -1) for q in queries.split.queries], dtype=torch.long)
     hit = candidates.long().cpu() == targets.view(-1, 1)
@@ -479,7 +482,7 @@ def ranked_names(queries: QuerySet, candidates: Tensor, scores: Tensor | None = 
     """Each query's top ``k`` gallery names, in the first stage's order or re-ordered by ``scores``
     (rows F and R of Figs. 4-5)."""
     if scores is not None:
-        candidates = candidates.long().gather(1, scores.float().argsort(dim=1, descending=True, stable=True))
+        candidates = reorder(candidates, scores)
     gallery = queries.split.gallery
     return [[gallery[int(i)] for i in row[:k]] for row in candidates]
 
@@ -999,6 +1002,6 @@ __all__ = [
     "MATCHED_SCHEDULES", "PAPER_K", "TINY_SCHEDULES", "FilterConfig", "FirstStage", "ImageBank", "MatchingConfig",
     "QuerySet", "RerankerConfig", "TrainingData", "combine_stage", "coverage", "encoder_z_input", "filter_negatives",
     "filter_stage", "gains_by_initial_rank", "image_captions", "inference_times", "pretrain_matching",
-    "query_sets", "rank_changes", "ranked_names", "ranking_features", "rerank", "target_positions", "train_filter",
-    "train_reranker", "two_stage_metrics", "two_stage_per_query",
+    "query_sets", "rank_changes", "ranked_names", "ranking_features", "reorder", "rerank", "target_positions",
+    "train_filter", "train_reranker", "two_stage_metrics", "two_stage_per_query",
 ]
