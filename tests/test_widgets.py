@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,7 @@ def test_multiturn_widget_upload(retriever) -> None:
     search = MultiTurnSearch(retriever, k=3, start=None)
     search.ask("is red")
     assert "Start from a gallery image" in search.message.value
+    assert search._uploads is None  # no folder until something is uploaded: a killed kernel leaves none behind
 
     buffer = io.BytesIO()
     Image.open(retriever.gallery_paths[0]).save(buffer, format="png")
@@ -100,6 +102,7 @@ def test_multiturn_widget_upload(retriever) -> None:
                             "content": memoryview(content), "last_modified": datetime.now(timezone.utc)},)
     reference = search.session.reference
     assert reference.index is None and reference.name == "my photo" and "my photo" in search.reference_label.value
+    assert Path(search._uploads.name, "my photo.png").read_bytes() == content
     search.ask("on a white background")
     assert _shown(search) == 3  # an outside image excludes nothing
     torch.testing.assert_close(retriever.encode_image(reference.image), retriever.gallery_features[0],

@@ -257,7 +257,8 @@ class MultiTurnSearch:
         self.retriever, self.k, self.figdir, self.name = retriever, k, figdir, name
         self.rng = np.random.default_rng(seed)
         self.session: Session | None = None
-        self._uploads = tempfile.TemporaryDirectory(prefix="cirlib-uploads-")
+        self._uploads: tempfile.TemporaryDirectory | None = None  # made on the first upload: a kernel that is
+        # killed runs no cleanup, and most sessions never upload
         n = len(retriever.gallery_names)
         self.start_index = w.BoundedIntText(value=0, min=0, max=n - 1, description="gallery #",
                                             layout=w.Layout(width="180px"))
@@ -340,6 +341,8 @@ class MultiTurnSearch:
         if not files:
             return None
         upload = files[-1]
+        if self._uploads is None:
+            self._uploads = tempfile.TemporaryDirectory(prefix="cirlib-uploads-")
         path = Path(self._uploads.name) / Path(upload["name"]).name
         path.write_bytes(bytes(upload["content"]))
         try:
