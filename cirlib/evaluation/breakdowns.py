@@ -522,4 +522,3 @@ def lookalike_recall(
                 values[f"ceiling R@{k}"].append(100.0 * min(1.0, k / len(alike)) if alike else 0.0)
         per_split[split.split if name == "" else name] = values
     return PerQuery.from_splits(per_split)
-
