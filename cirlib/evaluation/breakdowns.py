@@ -507,13 +507,14 @@ def lookalike_recall(
         missing = [a for a in attributes if a not in table[split.gallery[0]]]
         if missing:
             raise ValueError(f"renderings have no attribute {missing}; they have {sorted(table[split.gallery[0]])}")
-        looks = [tuple(table[n][a] for a in attributes) for n in split.gallery]
+        by_look: dict[tuple, set[int]] = {}  # gallery indices per combination of attributes
+        for i, n in enumerate(split.gallery):
+            by_look.setdefault(tuple(table[n][a] for a in attributes), set()).add(i)
         index = {n: i for i, n in enumerate(split.gallery)}
         values: dict[str, list[float]] = {m: [] for k in ks for m in (f"R@{k}", f"look-alike R@{k}", f"ceiling R@{k}")}
         values["look-alikes"] = []
         for q, row in zip(split.queries, order.tolist()):
-            wanted = tuple(table[q.target][a] for a in attributes)
-            alike = {i for i, look in enumerate(looks) if look == wanted}  # the target too, when in the gallery
+            alike = by_look.get(tuple(table[q.target][a] for a in attributes), set())  # the target too, if shown
             values["look-alikes"].append(float(len(alike)))
             for k in ks:
                 top = row[:k]
