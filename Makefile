@@ -101,6 +101,7 @@ perf: data
 	$(PY) tests/perf/perf_gpt_phrases.py
 	$(PY) tests/perf/perf_index.py
 	$(PY) tests/perf/perf_explore.py
+	$(PY) tests/perf/perf_digests.py
 
 clean-quick:
 	rm -rf data/quick

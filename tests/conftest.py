@@ -3,6 +3,7 @@ failure reports of the notebook tests."""
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -55,6 +56,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def throwaway_digest_index(tmp_path_factory: pytest.TempPathFactory):
+    """Tests hash temporary files: their digests go to an index of their own, not to the checkout's
+    ``data/digests.sqlite``, which would keep a row for every temporary path of every run."""
+    from cirlib.core import digests
+
+    saved = os.environ.get(digests.INDEX_ENV), digests._default
+    os.environ[digests.INDEX_ENV] = str(tmp_path_factory.getbasetemp() / "digests.sqlite")
+    digests._default = None
+    yield
+    env, digests._default = saved
+    if env is None:
+        os.environ.pop(digests.INDEX_ENV, None)
+    else:
+        os.environ[digests.INDEX_ENV] = env
 
 
 _SESSION_START = time.time()

@@ -153,13 +153,13 @@ def test_row_chunks_cover_rows_once_within_budget() -> None:
 
 
 def test_cache_key_entry_save_and_load(tmp_path: Path) -> None:
-    from cirlib.core import cache
+    from cirlib.core import cache, digests
 
     src = tmp_path / "a.bin"
     src.write_bytes(b"abc")
     key = cache.cache_key({"size": 3}, [src])
     # the key of every cache entry written since CACHE_VERSION 2: keeping it keeps old entries valid
-    assert key == io.fingerprint({"version": cache.CACHE_VERSION, "size": 3, "files": cache.file_list([src])})
+    assert key == io.fingerprint({"version": cache.CACHE_VERSION, "size": 3, "files": digests.sized_digests([src])})
     assert cache.cache_key({"size": 4}, [src]) != key
     entry = cache.cache_entry(tmp_path / "c", "test", "things", ".txt", {"size": 3}, [src])
     assert entry.file == tmp_path / "c" / f"things-{key}.txt" and entry.key == key

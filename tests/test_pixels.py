@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cirlib.core.cache import file_list
+from cirlib.core.digests import sized_digests
 from cirlib.data.pixels import PixelCache, normalise
 from cirlib.data.preprocess import build_transform
 
@@ -105,7 +105,7 @@ def test_missing_file_is_named(images, tmp_path):
     with pytest.raises(FileNotFoundError, match="gone.png"):
         PixelCache([*images, missing], 16, "squarepad", cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(FileNotFoundError, match="gone.png"):
-        file_list([missing])
+        sized_digests([missing])
 
 
 def test_corrupt_image_is_named(images, tmp_path):
@@ -130,14 +130,14 @@ def test_same_size_same_mtime_rewrite_is_decoded_again(images, tmp_path):
     assert fresh.tensor([0])[0, :, 8, 8].tolist() == [10, 10, 200]
 
 
-def test_file_list_keys_on_content_and_refuses_non_regular_files(images, tmp_path):
-    (size, digest), *_ = file_list(images)
+def test_sized_digests_key_on_content_and_refuse_non_regular_files(images, tmp_path):
+    (size, digest), *_ = sized_digests(images)
     assert size == images[0].stat().st_size and len(digest) == 32
     copy = tmp_path / "copy.png"
     copy.write_bytes(images[0].read_bytes())
-    assert file_list([copy]) == [(size, digest)]  # same bytes, same entry, wherever the file lives
-    assert file_list([images[1]]) != [(size, digest)]
+    assert sized_digests([copy]) == [(size, digest)]  # same bytes, same entry, wherever the file lives
+    assert sized_digests([images[1]]) != [(size, digest)]
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     with pytest.raises(OSError, match="pipe.png: not a regular file"):  # never opened: no hang
-        file_list([fifo])
+        sized_digests([fifo])

@@ -4,9 +4,9 @@ An entry is one file named by its key: the fingerprint of :data:`CACHE_VERSION`,
 computation depends on (model, pipeline, precision) and of the file list, which gives each input's
 size and content digest in order. Not its path: the same bytes give the same values wherever they
 lie, so a moved project or dataset keeps its entries. Digests, not mtimes: a same-size rewrite that
-keeps the mtime (``cp -p``, ``rsync -t``, an extracted archive) must not serve stale values. Within a
-process each digest is remembered per (path, size, mtime, ctime, inode, device), which any rewrite
-changes, so repeated keys of one gallery hash it once.
+keeps the mtime (``cp -p``, ``rsync -t``, an extracted archive) must not serve stale values. Digests
+are remembered across processes by each file's stat identity (:mod:`cirlib.core.digests`), so a
+cached gallery is not read again at every start.
 
 Entries are written atomically; one that cannot be read or fails its check is recomputed with a
 warning, never trusted.
@@ -14,16 +14,13 @@ warning, never trusted.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import stat
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cirlib.core.digests import sized_digests
 from cirlib.core.io import atomic_path, fingerprint
 
 if TYPE_CHECKING:
@@ -35,51 +32,10 @@ file list yields, to orphan the entries written before."""
 
 T = TypeVar("T")
 
-_digests: dict[tuple[str, int, int, int, int, int], str] = {}
-_digests_lock = threading.Lock()
-
-
-def _regular_stat(abspath: str, shown: str | os.PathLike) -> os.stat_result:
-    try:
-        st = os.stat(abspath)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"file not found: {shown}") from None
-    if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever
-        raise OSError(f"{shown}: not a regular file, so it cannot be read or cached")
-    return st
-
-
-def _sized_digest(abspath: str, shown: str | os.PathLike, chunk: int = 1 << 20) -> tuple[int, str]:
-    st = _regular_stat(abspath, shown)
-    memo = (abspath, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-    with _digests_lock:
-        known = _digests.get(memo)
-    if known is not None:
-        return st.st_size, known
-    h = hashlib.blake2b(digest_size=16)
-    with open(abspath, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    digest = h.hexdigest()
-    with _digests_lock:
-        _digests[memo] = digest
-    return st.st_size, digest
-
-
-def content_digest(path: str | os.PathLike) -> str:
-    """blake2b-128 of a regular file's bytes, remembered while its stat identity stays the same."""
-    return _sized_digest(os.path.abspath(path), path)[1]
-
-
-def file_list(paths: Sequence[Path | str]) -> list[tuple[int, str]]:
-    """(size, content digest) per file: what makes a cache of these files stale. Not the path: values
-    computed from the same bytes are the same wherever the files lie, so a moved project keeps its caches."""
-    return [_sized_digest(os.path.abspath(p), p) for p in paths]
-
 
 def cache_key(inputs: dict[str, Any], paths: Sequence[Path | str]) -> str:
     """Key of a value computed from the files ``paths`` (in this order) with the settings ``inputs``."""
-    return fingerprint({"version": CACHE_VERSION, **inputs, "files": file_list(paths)})
+    return fingerprint({"version": CACHE_VERSION, **inputs, "files": sized_digests(paths)})
 
 
 @dataclass(frozen=True)
@@ -130,7 +86,7 @@ def cache_entry(
     return CacheEntry(Path(cache_dir) / f"{prefix}-{key}{suffix}", key, kind)
 
 
-__all__ = ["CACHE_VERSION", "CacheEntry", "cache_entry", "cache_key", "content_digest", "file_list"]
+__all__ = ["CACHE_VERSION", "CacheEntry", "cache_entry", "cache_key"]
 
 
 def read_keyed_tensor(

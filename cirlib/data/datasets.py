@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cirlib.core.cache import content_digest
+from cirlib.core.digests import content_digest
 from cirlib.core.io import fingerprint
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")

@@ -30,8 +30,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from cirlib.core.cache import content_digest
 from cirlib.core.device import get_device
+from cirlib.core.digests import content_digest
 from cirlib.core.io import fingerprint
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's separator: ends every training sentence, stops generation
