@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cirlib.core.digests import content_digest
+from cirlib.core.digests import sized_digests
 from cirlib.core.io import fingerprint
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -144,7 +144,8 @@ class CIRSplit:
     def images_digest(self) -> str:
         """Fingerprint of the split's images (names and bytes), not of where they lie: a checkpoint trained on
         them stays valid when the project or the dataset moves, and goes stale when an image changes."""
-        return fingerprint([(name, content_digest(path)) for name, path in sorted(self.image_paths.items())])
+        names, paths = zip(*sorted(self.image_paths.items())) if self.image_paths else ((), ())
+        return fingerprint([(name, digest) for name, (_, digest) in zip(names, sized_digests(paths))])
 
 
 # ----------------------------------------------------------------------------------- public API
