@@ -12,12 +12,13 @@ from functools import cached_property
 from pathlib import Path
 
 from cirlib.core import artifacts, paths
+from cirlib.core.device import get_device
 from cirlib.data import benchmarks
 from cirlib.data.datasets import CIRSplit
 from cirlib.data.preprocess import TransformKind
 from cirlib.evaluation.protocols import CachedEvaluator
 from cirlib.methods.combiner_training import CombinerConfig, build_combiner_data, train_combiner
-from cirlib.methods.reranking import FilterConfig, MatchingConfig, RerankerConfig
+from cirlib.methods.reranking import MATCHED_SCHEDULES, FilterConfig, MatchingConfig, RerankerConfig
 from cirlib.methods.stage1 import Stage1Config
 from cirlib.models.backbone import TINY_MODEL, Backbone
 from cirlib.models.combiner import Combiner
@@ -123,6 +124,17 @@ class Course:
         schedule = {"epochs": 1, "batch_size": 8, "epoch_size": 64} if self.quick else {}
         return RerankerConfig.for_tiny(benchmark, matched,
                                        **{"seed": self.seed, "progress": False, **schedule, **overrides})
+
+    def matched_benchmarks(self, matching: bool | str = "auto") -> list[str]:
+        """The benchmarks whose re-ranker notebook 08 starts from image-text matching pretraining: those with a
+        :data:`~cirlib.methods.reranking.MATCHED_SCHEDULES` entry, when ``matching`` is True, or ``"auto"`` and
+        the course runs on an accelerator. On a GPU the longer path costs seconds; on a 2-core CPU about 9
+        minutes, more than notebook 08's budget, so ``"auto"`` leaves it off there."""
+        if matching not in (True, False, "auto"):
+            raise ValueError(f"matching must be True, False or 'auto', got {matching!r}")
+        if matching == "auto":
+            matching = get_device(self.device).type != "cpu"
+        return [b for b in self.trainable if matching and b in MATCHED_SCHEDULES]
 
     def matching_config(self, **overrides) -> MatchingConfig:
         """Image-text matching pretraining in notebook 08 (its ``matching`` parameter): the re-ranker's

@@ -97,3 +97,19 @@ def test_matching_pretraining_config(course) -> None:
     quick = course.matching_config()
     assert quick.epochs * quick.epoch_size < full.matching_config().epochs * full.matching_config().epoch_size
     assert course.matching_config(lr=1e-3).lr == 1e-3
+
+
+def test_matching_runs_where_it_is_asked_for_or_on_an_accelerator(course, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cirlib import course as course_module
+
+    assert course.matched_benchmarks(True) == ["cirr"]  # the one benchmark with a matched schedule
+    assert course.matched_benchmarks(False) == []
+    monkeypatch.setattr(course_module, "get_device", lambda preference: torch.device("cpu"))
+    assert course.matched_benchmarks("auto") == course.matched_benchmarks() == []  # 9 more minutes on a CPU
+    monkeypatch.setattr(course_module, "get_device", lambda preference: torch.device("cuda"))
+    assert course.matched_benchmarks("auto") == ["cirr"]
+    assert course.matched_benchmarks(False) == []
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        course.matched_benchmarks("yes")
